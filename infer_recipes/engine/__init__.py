@@ -1,0 +1,1 @@
+"""Requests, the generation loop and the offline `LLM` API."""

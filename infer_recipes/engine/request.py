@@ -1,0 +1,102 @@
+"""A request's state while it generates, and the output handed back to the caller."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from ..config import SamplingParams
+from ..tokenizer import IncrementalDetokenizer
+
+
+@dataclass
+class RequestOutput:
+    """What one prompt produced. finish_reason is "stop" (EOS, stop token or stop string) or "length"."""
+
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    text: str
+    token_ids: list[int]
+    finish_reason: str | None
+    logprobs: list[float] | None = None
+    top_logprobs: list[list[tuple[int, float]]] | None = None
+    metrics: dict = field(default_factory=dict)
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+@dataclass
+class Request:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    stop_ids: frozenset[int]
+    detok: IncrementalDetokenizer
+    max_len: int  # the context window: prompt + output may not exceed it
+    arrival: float = field(default_factory=time.perf_counter)
+    output_ids: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    top_logprobs: list = field(default_factory=list)
+    finish_reason: str | None = None
+    first_token_time: float | None = None
+    finish_time: float | None = None
+    text_cut: int | None = None  # where a stop string begins in detok.text
+
+    @property
+    def text(self) -> str:
+        return self.detok.text if self.text_cut is None else self.detok.text[: self.text_cut]
+
+    def append(self, token: int, logprob: float | None, top) -> str:
+        """Adds a sampled token; returns the new text it makes visible (held back while it may start a stop
+        string) and sets finish_reason when the request is done."""
+        now = time.perf_counter()
+        self.first_token_time = self.first_token_time or now
+        before = len(self.text)
+        self.output_ids.append(token)
+        if logprob is not None:
+            self.logprobs.append(logprob)
+            self.top_logprobs.append(top)
+        if token in self.stop_ids:
+            self.finish_reason = "stop"  # the stop token itself is not shown as text
+        else:
+            self.detok.add(token)
+            self._check_stop_strings()
+        if self.finish_reason is None and (len(self.output_ids) >= self.params.max_tokens
+                                           or len(self.prompt_token_ids) + len(self.output_ids) >= self.max_len):
+            self.finish_reason = "length"
+        if self.finish_reason is not None:
+            if self.text_cut is None and token not in self.stop_ids:
+                self.detok.flush()
+                self._check_stop_strings()
+            self.finish_time = now
+            return self.text[before:]
+        # hold back a tail that could still grow into a stop string
+        hold = max((len(s) - 1 for s in self.params.stop), default=0)
+        visible = len(self.text) - hold
+        return self.text[before:visible] if visible > before else ""
+
+    def _check_stop_strings(self) -> None:
+        if not self.params.stop or self.text_cut is not None:
+            return
+        text = self.detok.text
+        window = max(len(s) for s in self.params.stop) + 16
+        hits = [(text.find(s, max(0, len(text) - window)), s) for s in self.params.stop]
+        hits = [(i, s) for i, s in hits if i >= 0]
+        if hits:
+            i, s = min(hits)
+            self.text_cut = i + len(s) if self.params.include_stop_str_in_output else i
+            self.finish_reason = "stop"
+
+    def output(self) -> RequestOutput:
+        metrics = {"prompt_tokens": len(self.prompt_token_ids), "generated_tokens": len(self.output_ids)}
+        if self.first_token_time is not None:
+            metrics["ttft_s"] = self.first_token_time - self.arrival
+        if self.finish_time is not None:
+            metrics["e2e_s"] = self.finish_time - self.arrival
+            if len(self.output_ids) > 1:
+                metrics["tpot_s"] = (self.finish_time - self.first_token_time) / (len(self.output_ids) - 1)
+        return RequestOutput(self.request_id, self.prompt, self.prompt_token_ids, self.text, list(self.output_ids),
+                             self.finish_reason, self.logprobs or None, self.top_logprobs or None, metrics)

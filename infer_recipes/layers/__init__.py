@@ -1,0 +1,1 @@
+"""The math of a Llama-family block: norms, rotary embeddings, activations, attention."""

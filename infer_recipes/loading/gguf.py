@@ -1,0 +1,139 @@
+"""GGUF files through the `gguf` package: metadata -> ModelConfig, tensors dequantized to float.
+
+llama.cpp's converter renames tensors and, for the `llama` architecture, permutes the rows of the Q and K
+projections so that its interleaved rotary layout works; we undo both, so a GGUF file and the Hugging Face
+checkpoint it came from give the same model.
+"""
+from __future__ import annotations
+
+import functools
+import re
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+
+from ..config import ModelConfig
+from ..errors import ModelSourceError
+
+SUPPORTED_ARCHITECTURES = ("llama", "qwen2")
+
+_LAYER_NAMES = {
+    "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj", "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
+}
+_GLOBAL_NAMES = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
+                 "output.weight": "lm_head.weight"}
+_BLOCK = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)$")
+
+
+@functools.lru_cache(maxsize=4)
+def open_gguf(path: str):
+    """A cached `gguf.GGUFReader` (memory-mapped), with a clear error for truncated or corrupted files."""
+    import gguf
+
+    try:
+        reader = gguf.GGUFReader(path)
+    except Exception as e:  # the reader raises ValueError, struct.error, IndexError ... on bad files
+        raise ModelSourceError(f"{path} is not a readable GGUF file ({type(e).__name__}: {e}); it is truncated "
+                               "or corrupted: download or convert it again") from e
+    return reader
+
+
+def metadata(path: str) -> dict:
+    reader = open_gguf(path)
+    out = {}
+    for key, field in reader.fields.items():
+        if key.startswith("tokenizer.ggml.") and key.split(".")[-1] in ("tokens", "scores", "token_type", "merges"):
+            continue  # large arrays: read on demand by the tokenizer
+        try:
+            out[key] = field.contents()
+        except Exception:  # an exotic field type we do not need
+            continue
+    return out
+
+
+def array_field(path: str, key: str):
+    field = open_gguf(path).fields.get(key)
+    return None if field is None else field.contents()
+
+
+def read_config(path: str) -> ModelConfig:
+    meta = metadata(path)
+    arch = meta.get("general.architecture")
+    if arch not in SUPPORTED_ARCHITECTURES:
+        raise ModelSourceError(f"unsupported GGUF architecture {arch!r} in {path}: supported are "
+                               f"{', '.join(SUPPORTED_ARCHITECTURES)}")
+
+    def get(key, default=None):
+        value = meta.get(f"{arch}.{key}", default)
+        if value is None:
+            raise ModelSourceError(f"{path} lacks the metadata key {arch}.{key}: the file is incomplete")
+        return value
+
+    hidden, heads = int(get("embedding_length")), int(get("attention.head_count"))
+    names = {t.name for t in open_gguf(path).tensors}
+    vocab = meta.get(f"{arch}.vocab_size") or len(array_field(path, "tokenizer.ggml.tokens") or [])
+    rope_scaling = None
+    if "rope_freqs.weight" in names:
+        rope_scaling = {"rope_type": "freq_factors", "factors": tuple(float(x) for x in _tensor(path, "rope_freqs.weight"))}
+    eos = [meta.get("tokenizer.ggml.eos_token_id")]
+    eos += [meta.get(k) for k in ("tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id")]
+    eos_ids = tuple(dict.fromkeys(int(e) for e in eos if e is not None))
+    return ModelConfig(
+        vocab_size=int(vocab), hidden_size=hidden, intermediate_size=int(get("feed_forward_length")),
+        num_layers=int(get("block_count")), num_heads=heads,
+        num_kv_heads=int(get("attention.head_count_kv", heads)),
+        head_dim=int(meta.get(f"{arch}.attention.key_length", hidden // heads)),
+        max_position_embeddings=int(get("context_length")),
+        rms_norm_eps=float(get("attention.layer_norm_rms_epsilon", 1e-5)),
+        rope_theta=float(get("rope.freq_base", 10000.0)), rope_scaling=rope_scaling,
+        tie_word_embeddings="output.weight" not in names, attention_bias="blk.0.attn_q.bias" in names,
+        bos_token_id=meta.get("tokenizer.ggml.bos_token_id"), eos_token_ids=eos_ids, architecture=arch,
+        name=str(meta.get("general.name", "gguf")))
+
+
+def hf_name(gguf_name: str) -> str | None:
+    if gguf_name in _GLOBAL_NAMES:
+        return _GLOBAL_NAMES[gguf_name]
+    m = _BLOCK.match(gguf_name)
+    if m and m.group(2) in _LAYER_NAMES:
+        return f"model.layers.{m.group(1)}.{_LAYER_NAMES[m.group(2)]}.{m.group(3)}"
+    return None
+
+
+def unpermute_rows(w: np.ndarray, n_head: int) -> np.ndarray:
+    """Inverse of llama.cpp's Q/K permutation: rows (head, pair, half) -> (head, half, pair)."""
+    shape = w.shape
+    return w.reshape(n_head, shape[0] // n_head // 2, 2, *shape[1:]).swapaxes(1, 2).reshape(shape)
+
+
+def _tensor(path: str, name: str) -> np.ndarray:
+    from gguf.quants import dequantize
+
+    t = next(t for t in open_gguf(path).tensors if t.name == name)
+    return dequantize(t.data, t.tensor_type)
+
+
+def tensor_names(path: str) -> list[str]:
+    return [t.name for t in open_gguf(path).tensors if hf_name(t.name) is not None]
+
+
+def iter_tensors(path: str, config: ModelConfig) -> Iterator[tuple[str, torch.Tensor]]:
+    from gguf.quants import dequantize
+
+    for t in open_gguf(path).tensors:
+        name = hf_name(t.name)
+        if name is None:
+            continue  # e.g. rope_freqs.weight, already folded into the config
+        try:
+            w = dequantize(t.data, t.tensor_type)
+        except Exception as e:
+            raise ModelSourceError(f"cannot dequantize {t.name} ({t.tensor_type.name}) in {path}: {e}") from e
+        if config.architecture == "llama" and ".q_proj." in name:
+            w = unpermute_rows(w, config.num_heads)
+        elif config.architecture == "llama" and ".k_proj." in name:
+            w = unpermute_rows(w, config.num_kv_heads)
+        w = np.ascontiguousarray(w, dtype=np.float32)
+        yield name, torch.from_numpy(w if w.flags.writeable else w.copy())  # F32 tensors are read-only memmaps

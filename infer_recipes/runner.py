@@ -1,0 +1,84 @@
+"""Turning a batch of token lists into tensors, running the model on them, and keeping the KV cache.
+
+A batch is left-padded: every row's newest token sits in the same cache column, so one decode step writes one
+column for all rows. Pad columns are masked out of attention, and positions count real tokens only, so a padded
+row computes exactly what it would alone.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .layers.attention import AttentionMetadata, KVCache
+from .models.llama import LlamaForCausalLM
+
+
+@dataclass
+class BatchState:
+    """A static batch in flight: its KV cache, which columns hold real keys, and each row's length."""
+
+    cache: KVCache
+    key_valid: torch.Tensor  # [B, S] bool: column holds a real (non-pad) token
+    lengths: torch.Tensor  # [B] tokens so far (prompt + generated)
+    column: int  # next cache column to write
+    padded: bool  # any row shorter than the longest prompt
+
+
+class ModelRunner:
+    def __init__(self, model: LlamaForCausalLM, device: torch.device, dtype: torch.dtype):
+        self.model, self.device, self.dtype = model, device, dtype
+        self.config = model.config
+
+    def _meta(self, state: BatchState, q_len: int) -> AttentionMetadata:
+        start, end = state.column, state.column + q_len
+        cache_positions = torch.arange(start, end, device=self.device)
+        if not state.padded:
+            return AttentionMetadata(cache_positions, end, None)
+        causal = torch.ones(q_len, end, dtype=torch.bool, device=self.device).tril(diagonal=start)  # [T, S]
+        mask = causal.unsqueeze(0) & state.key_valid[:, None, :end]  # [B, T, S]
+        # a pad query sees only itself: its output is discarded, but an all-masked row would give NaN
+        mask[:, torch.arange(q_len), cache_positions] |= ~state.key_valid[:, start:end]
+        return AttentionMetadata(cache_positions, end, mask.unsqueeze(1))  # [B, 1, T, S]
+
+    @torch.inference_mode()
+    def prefill(self, prompts: list[list[int]], max_new_tokens: int) -> tuple[BatchState, torch.Tensor]:
+        """Left-pads the prompts, fills a fresh KV cache; returns the state and last-position logits [B, V]."""
+        B, P = len(prompts), max(len(p) for p in prompts)
+        cfg = self.config
+        cache = KVCache(cfg.num_layers, B, cfg.num_kv_heads, P + max_new_tokens, cfg.head_dim, self.dtype, self.device)
+        tokens = torch.zeros(B, P, dtype=torch.long)
+        key_valid = torch.zeros(B, P + max_new_tokens, dtype=torch.bool)
+        positions = torch.zeros(B, P, dtype=torch.long)
+        for i, p in enumerate(prompts):
+            pad = P - len(p)
+            tokens[i, pad:] = torch.tensor(p, dtype=torch.long)
+            positions[i, pad:] = torch.arange(len(p))
+            key_valid[i, pad:] = True
+        key_valid[:, P:] = True
+        lengths = torch.tensor([len(p) for p in prompts], dtype=torch.long)
+        state = BatchState(cache, key_valid.to(self.device), lengths.to(self.device), 0,
+                           any(len(p) != P for p in prompts))
+        meta = self._meta(state, P)
+        hidden = self.model(tokens.to(self.device), positions.to(self.device), meta, cache)
+        state.column = P
+        return state, self.model.compute_logits(hidden[:, -1])
+
+    @torch.inference_mode()
+    def decode(self, state: BatchState, tokens: list[int]) -> torch.Tensor:
+        """One new token per row -> next-token logits [B, V]."""
+        meta = self._meta(state, 1)
+        tok = torch.tensor(tokens, dtype=torch.long, device=self.device).unsqueeze(1)  # [B, 1]
+        positions = state.lengths.unsqueeze(1)  # [B, 1]
+        hidden = self.model(tok, positions, meta, state.cache)
+        state.column += 1
+        state.lengths += 1
+        return self.model.compute_logits(hidden[:, -1])
+
+    @torch.inference_mode()
+    def full_logits(self, token_ids: list[int]) -> torch.Tensor:
+        """Logits [T, V] for every position of one sequence (for evaluation and tests)."""
+        tokens = torch.tensor([token_ids], dtype=torch.long, device=self.device)
+        positions = torch.arange(len(token_ids), device=self.device).unsqueeze(0)
+        meta = AttentionMetadata(None, len(token_ids), None)
+        return self.model.compute_logits(self.model(tokens, positions, meta, None))[0]
