@@ -11,6 +11,8 @@ from .errors import InferRecipesError
 
 DTYPES = ("float32", "bfloat16", "float16")
 DEVICES = ("auto", "cpu", "cuda", "npu")
+QUANTIZATIONS = (None, "int8", "int8-minmax", "w8a8", "int4", "gguf")
+GROUP_SIZES = (32, 64, 128)
 
 
 class ConfigError(InferRecipesError, ValueError):
@@ -72,12 +74,17 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class EngineConfig:
-    """How the engine runs a model: device, precision and context limits."""
+    """How the engine runs a model: device, precision, context limits, and the optimization switches."""
 
     device: str = "auto"
     dtype: str = "float32"
     max_model_len: int | None = None  # None: the model's own context length
     max_batch_size: int = 16
+    kv_cache: bool = True  # off: recompute the whole prefix at every step (the "original" behaviour)
+    fusion: bool = True  # merged QKV / gate-up GEMMs, add+RMSNorm, fused attention; off: the textbook module
+    quantization: str | None = None
+    quantization_skip: tuple[str, ...] = ()  # module-name patterns kept in float (mixed precision)
+    group_size: int = 32  # int4 group size
 
     def __post_init__(self) -> None:
         _require(self.device in DEVICES or self.device.startswith(("cuda:", "npu:")), "device",
@@ -88,6 +95,18 @@ class EngineConfig:
                      f"must be an integer > 1, got {self.max_model_len!r}")
         _require(isinstance(self.max_batch_size, int) and self.max_batch_size >= 1, "max_batch_size",
                  f"must be a positive integer, got {self.max_batch_size!r}")
+        for name in ("kv_cache", "fusion"):
+            _require(isinstance(getattr(self, name), bool), name, f"must be true or false, got {getattr(self, name)!r}")
+        if self.quantization in ("none", "off", "fp", ""):
+            object.__setattr__(self, "quantization", None)
+        _require(self.quantization in QUANTIZATIONS, "quantization",
+                 f"unknown scheme {self.quantization!r}; choose one of none, "
+                 f"{', '.join(q for q in QUANTIZATIONS if q)}")
+        if isinstance(self.quantization_skip, str):
+            object.__setattr__(self, "quantization_skip", (self.quantization_skip,))
+        object.__setattr__(self, "quantization_skip", tuple(self.quantization_skip or ()))
+        _require(self.group_size in GROUP_SIZES, "group_size",
+                 f"must be one of {', '.join(map(str, GROUP_SIZES))}, got {self.group_size!r}")
 
 
 @dataclass(frozen=True)

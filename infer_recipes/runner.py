@@ -18,7 +18,9 @@ from .models.llama import LlamaForCausalLM
 class BatchState:
     """A static batch in flight: its KV cache, which columns hold real keys, and each row's length."""
 
-    cache: KVCache
+    cache: KVCache | None  # None when the KV cache is switched off
+    tokens: torch.Tensor  # [B, S] every token so far (what a cache-less step recomputes)
+    positions: torch.Tensor  # [B, S]
     key_valid: torch.Tensor  # [B, S] bool: column holds a real (non-pad) token
     lengths: torch.Tensor  # [B] tokens so far (prompt + generated)
     column: int  # next cache column to write
@@ -26,8 +28,8 @@ class BatchState:
 
 
 class ModelRunner:
-    def __init__(self, model: LlamaForCausalLM, device: torch.device, dtype: torch.dtype):
-        self.model, self.device, self.dtype = model, device, dtype
+    def __init__(self, model: LlamaForCausalLM, device: torch.device, dtype: torch.dtype, kv_cache: bool = True):
+        self.model, self.device, self.dtype, self.kv_cache = model, device, dtype, kv_cache
         self.config = model.config
 
     def _meta(self, state: BatchState, q_len: int) -> AttentionMetadata:
@@ -45,33 +47,40 @@ class ModelRunner:
     def prefill(self, prompts: list[list[int]], max_new_tokens: int) -> tuple[BatchState, torch.Tensor]:
         """Left-pads the prompts, fills a fresh KV cache; returns the state and last-position logits [B, V]."""
         B, P = len(prompts), max(len(p) for p in prompts)
-        cfg = self.config
-        cache = KVCache(cfg.num_layers, B, cfg.num_kv_heads, P + max_new_tokens, cfg.head_dim, self.dtype, self.device)
-        tokens = torch.zeros(B, P, dtype=torch.long)
-        key_valid = torch.zeros(B, P + max_new_tokens, dtype=torch.bool)
-        positions = torch.zeros(B, P, dtype=torch.long)
+        S, cfg = P + max_new_tokens, self.config
+        cache = (KVCache(cfg.num_layers, B, cfg.num_kv_heads, S, cfg.head_dim, self.dtype, self.device)
+                 if self.kv_cache else None)
+        tokens = torch.zeros(B, S, dtype=torch.long)
+        key_valid = torch.zeros(B, S, dtype=torch.bool)
+        positions = torch.zeros(B, S, dtype=torch.long)
         for i, p in enumerate(prompts):
             pad = P - len(p)
-            tokens[i, pad:] = torch.tensor(p, dtype=torch.long)
-            positions[i, pad:] = torch.arange(len(p))
-            key_valid[i, pad:] = True
+            tokens[i, pad:P] = torch.tensor(p, dtype=torch.long)
+            positions[i, pad:P] = torch.arange(len(p))
+            key_valid[i, pad:P] = True
         key_valid[:, P:] = True
         lengths = torch.tensor([len(p) for p in prompts], dtype=torch.long)
-        state = BatchState(cache, key_valid.to(self.device), lengths.to(self.device), 0,
-                           any(len(p) != P for p in prompts))
+        state = BatchState(cache, tokens.to(self.device), positions.to(self.device), key_valid.to(self.device),
+                           lengths.to(self.device), 0, any(len(p) != P for p in prompts))
         meta = self._meta(state, P)
-        hidden = self.model(tokens.to(self.device), positions.to(self.device), meta, cache)
+        hidden = self.model(state.tokens[:, :P], state.positions[:, :P], meta, cache)
         state.column = P
         return state, self.model.compute_logits(hidden[:, -1])
 
     @torch.inference_mode()
     def decode(self, state: BatchState, tokens: list[int]) -> torch.Tensor:
         """One new token per row -> next-token logits [B, V]."""
-        meta = self._meta(state, 1)
-        tok = torch.tensor(tokens, dtype=torch.long, device=self.device).unsqueeze(1)  # [B, 1]
-        positions = state.lengths.unsqueeze(1)  # [B, 1]
-        hidden = self.model(tok, positions, meta, state.cache)
-        state.column += 1
+        c = state.column
+        state.tokens[:, c] = torch.tensor(tokens, dtype=torch.long, device=self.device)
+        state.positions[:, c] = state.lengths
+        if state.cache is not None:
+            meta = self._meta(state, 1)
+            hidden = self.model(state.tokens[:, c:c + 1], state.positions[:, c:c + 1], meta, state.cache)
+        else:  # no cache: run the whole sequence again, as the unoptimized original does
+            state.column = 0
+            meta = self._meta(state, c + 1)
+            hidden = self.model(state.tokens[:, :c + 1], state.positions[:, :c + 1], meta, None)
+        state.column = c + 1
         state.lengths += 1
         return self.model.compute_logits(hidden[:, -1])
 

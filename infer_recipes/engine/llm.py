@@ -12,7 +12,10 @@ from ..config import EngineConfig, ModelConfig, SamplingParams
 from ..device import resolve_device, resolve_dtype
 from ..errors import ContextLengthError, InferRecipesError
 from ..loading import load_model, resolve_model_source
+from ..loading.gguf import quantized_blocks
 from ..loading.weights import read_config
+from ..quantization import quantize
+from ..quantization.api import quantize_gguf
 from ..runner import ModelRunner
 from ..sampling import make_generator, sample
 from ..tokenizer import IncrementalDetokenizer, LLMTokenizer, load_tokenizer
@@ -29,11 +32,15 @@ class LLM:
     """
 
     def __init__(self, model: str, device: str = "auto", dtype: str = "float32", max_model_len: int | None = None,
-                 max_batch_size: int = 16, progress: bool = True, **kwargs):
-        if kwargs:
-            raise InferRecipesError(f"unknown LLM option(s): {', '.join(sorted(kwargs))}")
+                 max_batch_size: int = 16, progress: bool = True, **switches):
+        """switches: the optimization fields of `EngineConfig` (kv_cache, fusion, quantization,
+        quantization_skip, group_size)."""
+        known = set(EngineConfig.__dataclass_fields__) - {"device", "dtype", "max_model_len", "max_batch_size"}
+        unknown = sorted(set(switches) - known)
+        if unknown:
+            raise InferRecipesError(f"unknown LLM option(s): {', '.join(unknown)}; known: {', '.join(sorted(known))}")
         self.engine_config = EngineConfig(device=device, dtype=dtype, max_model_len=max_model_len,
-                                          max_batch_size=max_batch_size)
+                                          max_batch_size=max_batch_size, **switches)
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
         self.source = resolve_model_source(model)
@@ -44,12 +51,38 @@ class LLM:
         self.model = load_model(self.source, self.dtype, self.device, max_positions=self.max_model_len,
                                 progress=progress, config=self.model_config)
         self.load_seconds = self.model.load_seconds
-        self.runner = ModelRunner(self.model, self.device, self.dtype)
+        self._optimize(progress)
+        self.runner = ModelRunner(self.model, self.device, self.dtype, kv_cache=self.engine_config.kv_cache)
         self._ids = itertools.count()
         eos = set(self.model_config.eos_token_ids)
         if self.tokenizer.eos_token_id is not None:
             eos.add(self.tokenizer.eos_token_id)
         self.eos_token_ids = frozenset(eos)
+
+    def _optimize(self, progress: bool) -> None:
+        cfg = self.engine_config
+        if cfg.fusion:
+            self.model.fuse()
+        if cfg.quantization == "gguf":
+            if self.source.kind != "gguf":
+                raise InferRecipesError("quantization 'gguf' keeps a GGUF file's own blocks: the model must be a "
+                                        "GGUF file (or use int4 / int8 for other sources)")
+            path, mc = self.source.location, self.model_config
+            n = quantize_gguf(self.model, lambda name: quantized_blocks(path, mc, name), cfg.quantization_skip,
+                              progress=progress)
+            if n == 0:
+                raise InferRecipesError("this GGUF file has no Q4_0/Q4_1 tensors to keep: use int4 or int8")
+        elif cfg.quantization:
+            quantize(self.model, cfg.quantization, cfg.quantization_skip, cfg.group_size, progress=progress)
+
+    def weight_bytes(self) -> int:
+        """Bytes of the weights as they are held now (quantized ones included, tied ones counted once)."""
+        seen, total = set(), 0
+        for t in list(self.model.parameters()) + [b for n, b in self.model.named_buffers() if "rotary" not in n]:
+            if t.data_ptr() not in seen:
+                seen.add(t.data_ptr())
+                total += t.numel() * t.element_size()
+        return total
 
     # ---- requests -------------------------------------------------------------------------------------------
     def _token_ids(self, prompt: Prompt) -> tuple[str | None, list[int]]:

@@ -137,3 +137,24 @@ def iter_tensors(path: str, config: ModelConfig) -> Iterator[tuple[str, torch.Te
             w = unpermute_rows(w, config.num_kv_heads)
         w = np.ascontiguousarray(w, dtype=np.float32)
         yield name, torch.from_numpy(w if w.flags.writeable else w.copy())  # F32 tensors are read-only memmaps
+
+
+def quantized_blocks(path: str, config: ModelConfig, hf_param: str):
+    """The raw GGUF blocks behind one of our parameter names, rows in our order: (type name, uint8 [N, bytes]).
+    None when the checkpoint has no such tensor."""
+    wanted = {v: k for k, v in _GLOBAL_NAMES.items()}.get(hf_param)
+    if wanted is None:
+        m = re.match(r"model\.layers\.(\d+)\.(.+)\.(weight|bias)$", hf_param)
+        inverse = {v: k for k, v in _LAYER_NAMES.items()}
+        if not m or m.group(2) not in inverse:
+            return None
+        wanted = f"blk.{m.group(1)}.{inverse[m.group(2)]}.{m.group(3)}"
+    t = next((t for t in open_gguf(path).tensors if t.name == wanted), None)
+    if t is None:
+        return None
+    blocks = np.asarray(t.data)
+    if config.architecture == "llama" and ".q_proj." in hf_param:
+        blocks = unpermute_rows(blocks, config.num_heads)  # whole rows move: the blocks stay intact
+    elif config.architecture == "llama" and ".k_proj." in hf_param:
+        blocks = unpermute_rows(blocks, config.num_kv_heads)
+    return t.tensor_type.name, blocks

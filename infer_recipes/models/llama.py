@@ -6,11 +6,12 @@ The model only computes: it is handed token ids, positions, the step's `Attentio
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig
 from ..layers.activation import silu_and_mul
-from ..layers.attention import AttentionMetadata, KVCache, eager_attention
+from ..layers.attention import AttentionMetadata, KVCache, eager_attention, fused_attention
 from ..layers.norm import RMSNorm
 from ..layers.rotary import RotaryEmbedding, apply_rotary
 
@@ -27,17 +28,28 @@ class LlamaAttention(nn.Module):
         self.v_proj = nn.Linear(h, self.num_kv_heads * self.head_dim, bias=bias)
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, h, bias=False)
 
+    def fuse(self) -> None:
+        """One GEMM for q, k and v instead of three; attention through the fused kernels."""
+        self.qkv_proj = _merged_linear([self.q_proj, self.k_proj, self.v_proj])
+        del self.q_proj, self.k_proj, self.v_proj
+
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, meta: AttentionMetadata,
                 kv_cache: KVCache | None) -> torch.Tensor:
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # [B, H, T, D]
-        k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # [B, Hkv, T, D]
-        v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        H, Hkv, D = self.num_heads, self.num_kv_heads, self.head_dim
+        if hasattr(self, "qkv_proj"):
+            q, k, v = self.qkv_proj(x).split([H * D, Hkv * D, Hkv * D], dim=-1)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q = q.view(B, T, H, D).transpose(1, 2)  # [B, H, T, D]
+        k = k.view(B, T, Hkv, D).transpose(1, 2)  # [B, Hkv, T, D]
+        v = v.view(B, T, Hkv, D).transpose(1, 2)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if kv_cache is not None:
             k, v = kv_cache.update(self.layer_idx, k, v, meta)  # [B, Hkv, S, D]
-        out = eager_attention(q, k, v, meta.mask, self.scale)  # [B, H, T, D]
-        return self.o_proj(out.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim))
+        attend = fused_attention if hasattr(self, "qkv_proj") else eager_attention
+        out = attend(q, k, v, meta.mask, self.scale)  # [B, H, T, D]
+        return self.o_proj(out.transpose(1, 2).reshape(B, T, H * D))
 
 
 class LlamaMLP(nn.Module):
@@ -48,8 +60,14 @@ class LlamaMLP(nn.Module):
         self.up_proj = nn.Linear(h, i, bias=False)
         self.down_proj = nn.Linear(i, h, bias=False)
 
+    def fuse(self) -> None:
+        self.gate_up_proj = _merged_linear([self.gate_proj, self.up_proj])
+        del self.gate_proj, self.up_proj
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(silu_and_mul(torch.cat([self.gate_proj(x), self.up_proj(x)], dim=-1)))
+        if hasattr(self, "gate_up_proj"):
+            return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -61,8 +79,19 @@ class LlamaDecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
     def forward(self, x, cos, sin, meta, kv_cache):
+        """Textbook pre-norm block: x + attn(norm(x)), then + mlp(norm(.))."""
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, meta, kv_cache)
         return x + self.mlp(self.post_attention_layernorm(x))
+
+    def forward_fused(self, h, residual, cos, sin, meta, kv_cache):
+        """The same block with each residual add folded into the next norm; returns (h, residual) unsummed."""
+        if residual is None:
+            residual, h = h, self.input_layernorm(h)
+        else:
+            h, residual = self.input_layernorm.forward_with_residual(h, residual)
+        h = self.self_attn(h, cos, sin, meta, kv_cache)
+        h, residual = self.post_attention_layernorm.forward_with_residual(h, residual)
+        return self.mlp(h), residual
 
 
 class LlamaModel(nn.Module):
@@ -88,15 +117,39 @@ class LlamaForCausalLM(nn.Module):
         if self.config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
+    def fuse(self) -> None:
+        """Operator fusion: merged QKV and gate-up GEMMs, add+RMSNorm, fused attention kernels."""
+        for layer in self.model.layers:
+            layer.self_attn.fuse()
+            layer.mlp.fuse()
+        self.fused = True
+
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
                 kv_cache: KVCache | None = None) -> torch.Tensor:
         """tokens, positions [B, T] -> final hidden states [B, T, hidden]."""
         x = self.model.embed_tokens(tokens)
         cos, sin = self.rotary(positions, x.dtype)
+        if not getattr(self, "fused", False):
+            for layer in self.model.layers:
+                x = layer(x, cos, sin, meta, kv_cache)
+            return self.model.norm(x)
+        residual = None
         for layer in self.model.layers:
-            x = layer(x, cos, sin, meta, kv_cache)
-        return self.model.norm(x)
+            x, residual = layer.forward_fused(x, residual, cos, sin, meta, kv_cache)
+        return self.model.norm.forward_with_residual(x, residual)[0]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [..., hidden] -> float32 logits [..., vocab]."""
         return self.lm_head(hidden).float()
+
+
+def _merged_linear(parts: list[nn.Linear]) -> nn.Linear:
+    """One nn.Linear whose output is the concatenation of `parts`' outputs."""
+    out = sum(p.out_features for p in parts)
+    has_bias = parts[0].bias is not None
+    with torch.device(parts[0].weight.device):
+        merged = nn.Linear(parts[0].in_features, out, bias=has_bias, dtype=parts[0].weight.dtype)
+    merged.weight = nn.Parameter(torch.cat([p.weight.detach() for p in parts]), requires_grad=False)
+    if has_bias:
+        merged.bias = nn.Parameter(torch.cat([p.bias.detach() for p in parts]), requires_grad=False)
+    return merged

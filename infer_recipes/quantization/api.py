@@ -1,0 +1,74 @@
+"""`quantize(model, scheme, skip=...)`: swap the model's nn.Linear layers for quantized ones, in place."""
+from __future__ import annotations
+
+import fnmatch
+import sys
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from ..errors import InferRecipesError
+from .int4 import GROUP_SIZES, Int4Linear, gguf_q4_parts
+from .int8 import Int8Linear, Int8MinMaxLinear
+from .w8a8 import W8A8Linear
+
+SCHEMES = {
+    "int8": lambda w, b, g: Int8Linear(w, b),
+    "int8-minmax": lambda w, b, g: Int8MinMaxLinear(w, b),
+    "w8a8": lambda w, b, g: W8A8Linear(w, b),
+    "int4": lambda w, b, g: Int4Linear.from_float(w, b, g),
+}
+
+
+def skipped(name: str, patterns) -> bool:
+    """Module-name patterns kept in float: fnmatch globs (`lm_head`, `model.layers.0.*`) or plain prefixes."""
+    return any(fnmatch.fnmatch(name, p) or name == p or name.startswith(p + ".") for p in patterns)
+
+
+def quantize(model: nn.Module, scheme: str, skip=(), group_size: int = 32, progress: bool = True) -> nn.Module:
+    if scheme not in SCHEMES:
+        raise InferRecipesError(f"unknown quantization {scheme!r}: choose one of {', '.join(SCHEMES)} (or gguf)")
+    if scheme == "int4" and group_size not in GROUP_SIZES:
+        raise InferRecipesError(f"group_size {group_size} is not supported: choose one of {GROUP_SIZES}")
+    device = next(model.parameters()).device
+    if device.type != "cpu":
+        raise InferRecipesError(f"quantization runs through PyTorch's CPU kernels; on {device.type} it is not "
+                                "implemented yet: use --device cpu or no quantization")
+    targets = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear) and not skipped(n, skip)]
+    for name, module in tqdm(targets, desc=f"quantizing ({scheme})", unit="linear", disable=not progress,
+                             file=sys.stderr, leave=False):
+        if scheme == "int4" and module.in_features % group_size:
+            continue  # an odd shape stays in float rather than failing the whole model
+        parent_name, _, leaf = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        with torch.no_grad():
+            q = SCHEMES[scheme](module.weight.detach(), module.bias, group_size)
+        setattr(parent, leaf, q)
+    return model
+
+
+# fused modules are built from these checkpoint tensors, in this order
+_MERGED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
+GGUF_INT4_TYPES = ("Q4_0", "Q4_1")
+
+
+def quantize_gguf(model: nn.Module, blocks_for, skip=(), progress: bool = True) -> int:
+    """Keeps a GGUF file's Q4_0 / Q4_1 blocks quantized: each Linear whose checkpoint tensors are all such
+    blocks becomes an Int4Linear (group 32) built from them directly. Others (Q8_0, float) stay float.
+
+    blocks_for(param_name) -> (type name, uint8 blocks [N, bytes]) | None. Returns how many were replaced."""
+    targets = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear) and not skipped(n, skip)]
+    replaced = 0
+    for name, module in tqdm(targets, desc="keeping GGUF blocks (int4)", unit="linear", disable=not progress,
+                             file=sys.stderr, leave=False):
+        parent_name, _, leaf = name.rpartition(".")
+        sources = [f"{parent_name}.{p}.weight" for p in _MERGED.get(leaf, (leaf,))]
+        found = [blocks_for(s) for s in sources]
+        if any(f is None or f[0] not in GGUF_INT4_TYPES for f in found):
+            continue
+        parts = [gguf_q4_parts(qtype, blocks, blocks.shape[0], module.in_features) for qtype, blocks in found]
+        q, scales, zeros = (torch.cat([p[i] for p in parts]) for i in range(3))
+        setattr(model.get_submodule(parent_name), leaf, Int4Linear(q, scales, zeros, 32, module.bias))
+        replaced += 1
+    return replaced

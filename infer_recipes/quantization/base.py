@@ -1,0 +1,33 @@
+"""What every quantized linear shares: the activation dtype its kernel wants, and the float fallback."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class QuantizedLinear(nn.Module):
+    """y = x W^T + b with W stored quantized. Subclasses give `quantize` (from a float weight), `dequantize`
+    (the reference: the float weight the stored form stands for) and `_matmul` (the fast kernel)."""
+
+    def __init__(self, in_features: int, out_features: int, bias: torch.Tensor | None):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, self.in_features)  # [M, K]
+        if x.device.type == "cpu":
+            y = self._matmul(x2)
+        else:  # the CPU kernels have no counterpart here yet: dequantize and use the float GEMM
+            y = x2 @ self.dequantize(x.dtype).t()
+        y = y.to(x.dtype)
+        if self.bias is not None:
+            y = y + self.bias.to(x.dtype)
+        return y.reshape(*shape[:-1], self.out_features)
+
+    def weight_bytes(self) -> int:
+        return sum(b.numel() * b.element_size() for b in self.buffers())
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"

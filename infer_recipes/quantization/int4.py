@@ -1,0 +1,73 @@
+"""INT4 weight-only, group-wise asymmetric (group 32/64/128), through `aten._weight_int4pack_mm_for_cpu`.
+
+The kernel's convention (tinygemm): W = (q - 8) * scale + zero per group, q in [0, 15]. Min-max quantization
+maps exactly onto it with zero = min + 8 * scale. GGUF Q4_0 (W = d (q - 8)) and Q4_1 (W = d q + m), blocks of 32,
+map onto it exactly too, so those blocks can run without going through float.
+"""
+from __future__ import annotations
+
+import torch
+
+from .base import QuantizedLinear
+
+ACT_DTYPE = torch.bfloat16
+GROUP_SIZES = (32, 64, 128)
+
+
+class Int4Linear(QuantizedLinear):
+    def __init__(self, q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int,
+                 bias: torch.Tensor | None = None):
+        """q [N, K] int in [0, 15]; scales, zeros [N, K / group]."""
+        super().__init__(q.shape[1], q.shape[0], bias)
+        self.group_size = group_size
+        self.register_buffer("packed", torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 2))
+        sz = torch.stack([scales.float(), zeros.float()], dim=-1).transpose(0, 1).contiguous()  # [K/g, N, 2]
+        self.register_buffer("scales_zeros", sz.to(ACT_DTYPE))
+
+    @classmethod
+    def from_float(cls, weight: torch.Tensor, bias: torch.Tensor | None = None, group_size: int = 32):
+        N, K = weight.shape
+        if group_size not in GROUP_SIZES or K % group_size:
+            raise ValueError(f"group_size must be one of {GROUP_SIZES} and divide in_features={K}")
+        w = weight.float().view(N, K // group_size, group_size)
+        lo, hi = w.amin(dim=-1), w.amax(dim=-1)
+        scales = ((hi - lo) / 15.0).clamp(min=1e-10)
+        q = torch.round((w - lo[..., None]) / scales[..., None]).clamp(0, 15).view(N, K)
+        return cls(q, scales, lo + 8 * scales, group_size, bias)
+
+    @classmethod
+    def from_gguf_blocks(cls, qtype: str, blocks, rows: int, cols: int):
+        """GGUF Q4_0 / Q4_1 blocks (numpy uint8 [rows, cols / 32 * block_bytes]) -> the kernel's form."""
+        return cls(*gguf_q4_parts(qtype, blocks, rows, cols), 32)
+
+    def dequantize(self, dtype=torch.float32) -> torch.Tensor:
+        eye = torch.eye(self.in_features, dtype=ACT_DTYPE)
+        # the packed layout is the kernel's own; reading it back through the kernel is exact for an identity input
+        return torch.ops.aten._weight_int4pack_mm_for_cpu(eye, self.packed, self.group_size,
+                                                         self.scales_zeros).t().to(dtype)
+
+    def _matmul(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.aten._weight_int4pack_mm_for_cpu(x.to(ACT_DTYPE), self.packed, self.group_size,
+                                                         self.scales_zeros)
+
+
+def gguf_q4_parts(qtype: str, blocks, rows: int, cols: int):
+    """(q [N, K] in [0, 15], scales [N, K/32], zeros [N, K/32]) with W = (q - 8) * scale + zero: the block's own
+    values (d and m are float16 in the file; the kernel later holds them in bfloat16)."""
+    import numpy as np
+
+    nb = cols // 32
+    raw = np.asarray(blocks).reshape(rows, nb, -1)
+    d = torch.from_numpy(raw[..., 0:2].copy().view(np.float16)[..., 0].astype(np.float32))  # [N, nb]
+    if qtype == "Q4_1":
+        m = torch.from_numpy(raw[..., 2:4].copy().view(np.float16)[..., 0].astype(np.float32))
+        qs = raw[..., 4:]
+        zeros = m + 8 * d  # d q + m = (q - 8) d + (m + 8 d)
+    elif qtype == "Q4_0":
+        qs = raw[..., 2:]
+        zeros = torch.zeros_like(d)  # d (q - 8)
+    else:
+        raise ValueError(f"{qtype} has no exact int4 form")
+    qs = torch.from_numpy(qs.copy())  # [N, nb, 16]: low nibbles are elements 0..15, high nibbles 16..31
+    q = torch.cat([qs & 0x0F, qs >> 4], dim=-1).reshape(rows, cols)
+    return q, d, zeros

@@ -1,0 +1,60 @@
+"""INT8 weight-only: symmetric per output channel (`int8`) and the asymmetric [0, 255] min-max form (`int8-minmax`).
+
+CPU kernel: `aten._weight_int8pack_mm`, fast with bfloat16 activations on AVX-512 (slow with float32 ones), so
+activations are cast to bfloat16 for the matmul and the result cast back.
+"""
+from __future__ import annotations
+
+import torch
+
+from .base import QuantizedLinear
+
+ACT_DTYPE = torch.bfloat16
+
+
+class Int8Linear(QuantizedLinear):
+    """W ~= q * s, q in [-127, 127], one scale per output channel."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
+        super().__init__(weight.shape[1], weight.shape[0], bias)
+        q, s = self.quantize(weight)
+        self.register_buffer("qweight", q)  # [N, K] int8
+        self.register_buffer("scales", s.to(ACT_DTYPE))  # [N]
+
+    @staticmethod
+    def quantize(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        w = w.float()
+        s = (w.abs().amax(dim=1) / 127.0).clamp(min=1e-10)
+        return torch.round(w / s[:, None]).clamp(-127, 127).to(torch.int8), s
+
+    def dequantize(self, dtype=torch.float32) -> torch.Tensor:
+        return (self.qweight.float() * self.scales.float()[:, None]).to(dtype)
+
+    def _matmul(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.aten._weight_int8pack_mm(x.to(ACT_DTYPE), self.qweight, self.scales)
+
+
+class Int8MinMaxLinear(QuantizedLinear):
+    """The CANN write-up's formula: q = round((W - min) / (max - min) * 255), per output channel, so
+    W ~= q * s + min with s = (max - min) / 255.
+
+    The int8 kernel is symmetric, so q is stored shifted to q - 128 and the offset is added back exactly:
+    x W^T = s * (x (q - 128)^T) + (min + 128 s) * sum(x).
+    """
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
+        super().__init__(weight.shape[1], weight.shape[0], bias)
+        w = weight.float()
+        lo, hi = w.amin(dim=1), w.amax(dim=1)
+        s = ((hi - lo) / 255.0).clamp(min=1e-10)
+        q = torch.round((w - lo[:, None]) / s[:, None]).clamp(0, 255)
+        self.register_buffer("qweight", (q - 128).to(torch.int8))  # [N, K]
+        self.register_buffer("scales", s.to(ACT_DTYPE))
+        self.register_buffer("offsets", (lo + 128 * s).float())  # [N], float32: the offset term is large
+
+    def dequantize(self, dtype=torch.float32) -> torch.Tensor:
+        return (self.qweight.float() * self.scales.float()[:, None] + self.offsets[:, None]).to(dtype)
+
+    def _matmul(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.ops.aten._weight_int8pack_mm(x.to(ACT_DTYPE), self.qweight, self.scales).float()
+        return y + x.float().sum(dim=1, keepdim=True) * self.offsets

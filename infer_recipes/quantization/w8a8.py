@@ -1,0 +1,30 @@
+"""W8A8: int8 weights per output channel, int8 activations quantized per token at run time, int32 accumulation
+through `torch._int_mm`."""
+from __future__ import annotations
+
+import torch
+
+from .base import QuantizedLinear
+from .int8 import Int8Linear
+
+
+def quantize_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [M, K] float -> (int8 [M, K], scale [M, 1]) symmetric per row."""
+    s = (x.abs().amax(dim=1, keepdim=True).float() / 127.0).clamp(min=1e-10)
+    return torch.round(x.float() / s).clamp(-127, 127).to(torch.int8), s
+
+
+class W8A8Linear(QuantizedLinear):
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
+        super().__init__(weight.shape[1], weight.shape[0], bias)
+        q, s = Int8Linear.quantize(weight)
+        self.register_buffer("qweight_t", q.t().contiguous().t())  # [N, K] viewed; _int_mm takes its transpose
+        self.register_buffer("scales", s.float())  # [N]
+
+    def dequantize(self, dtype=torch.float32) -> torch.Tensor:
+        return (self.qweight_t.float() * self.scales[:, None]).to(dtype)
+
+    def _matmul(self, x: torch.Tensor) -> torch.Tensor:
+        xq, xs = quantize_per_token(x)
+        acc = torch._int_mm(xq, self.qweight_t.t())  # [M, N] int32
+        return acc.float() * xs * self.scales
