@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 from .base import QuantizedLinear
+from .int8 import representable_scale
 
 ACT_DTYPE = torch.bfloat16
 GROUP_SIZES = (32, 64, 128)
@@ -31,9 +32,11 @@ class Int4Linear(QuantizedLinear):
             raise ValueError(f"group_size must be one of {GROUP_SIZES} and divide in_features={K}")
         w = weight.float().view(N, K // group_size, group_size)
         lo, hi = w.amin(dim=-1), w.amax(dim=-1)
-        scales = ((hi - lo) / 15.0).clamp(min=1e-10)
-        q = torch.round((w - lo[..., None]) / scales[..., None]).clamp(0, 15).view(N, K)
-        return cls(q, scales, lo + 8 * scales, group_size, bias)
+        # quantize against the scale and zero as the kernel holds them (bfloat16), not as computed
+        scales = representable_scale((hi - lo) / 15.0, ACT_DTYPE)
+        zeros = (lo + 8 * scales).to(ACT_DTYPE).float()
+        q = torch.round((w - (zeros - 8 * scales)[..., None]) / scales[..., None]).clamp(0, 15).view(N, K)
+        return cls(q, scales, zeros, group_size, bias)
 
     @classmethod
     def from_gguf_blocks(cls, qtype: str, blocks, rows: int, cols: int):

@@ -12,6 +12,15 @@ from .base import QuantizedLinear
 ACT_DTYPE = torch.bfloat16
 
 
+def representable_scale(s: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The scale the kernel will really hold (it keeps scales in the activation dtype), rounded up so the
+    quantized range still covers the weights: quantizing against it keeps the error within half a step."""
+    s = s.clamp(min=1e-10)
+    held = s.to(dtype).float()
+    return torch.where(held < s, torch.nextafter(held.to(dtype), torch.tensor(float("inf"), dtype=dtype)).float(),
+                       held)
+
+
 class Int8Linear(QuantizedLinear):
     """W ~= q * s, q in [-127, 127], one scale per output channel."""
 
@@ -22,9 +31,9 @@ class Int8Linear(QuantizedLinear):
         self.register_buffer("scales", s.to(ACT_DTYPE))  # [N]
 
     @staticmethod
-    def quantize(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def quantize(w: torch.Tensor, scale_dtype: torch.dtype = ACT_DTYPE) -> tuple[torch.Tensor, torch.Tensor]:
         w = w.float()
-        s = (w.abs().amax(dim=1) / 127.0).clamp(min=1e-10)
+        s = representable_scale(w.abs().amax(dim=1) / 127.0, scale_dtype)
         return torch.round(w / s[:, None]).clamp(-127, 127).to(torch.int8), s
 
     def dequantize(self, dtype=torch.float32) -> torch.Tensor:
@@ -46,7 +55,7 @@ class Int8MinMaxLinear(QuantizedLinear):
         super().__init__(weight.shape[1], weight.shape[0], bias)
         w = weight.float()
         lo, hi = w.amin(dim=1), w.amax(dim=1)
-        s = ((hi - lo) / 255.0).clamp(min=1e-10)
+        s = representable_scale((hi - lo) / 255.0, ACT_DTYPE)
         q = torch.round((w - lo[:, None]) / s[:, None]).clamp(0, 255)
         self.register_buffer("qweight", (q - 128).to(torch.int8))  # [N, K]
         self.register_buffer("scales", s.to(ACT_DTYPE))

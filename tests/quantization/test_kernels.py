@@ -1,0 +1,91 @@
+"""Each quantized matmul against a float reference, within the error its format and kernel allow."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from infer_recipes.quantization.int4 import Int4Linear, gguf_q4_parts
+from infer_recipes.quantization.int8 import Int8Linear, Int8MinMaxLinear
+from infer_recipes.quantization.w8a8 import W8A8Linear, quantize_per_token
+
+BF16_EPS = 2.0 ** -8  # relative rounding of a bfloat16 value
+
+
+@pytest.fixture
+def data():
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(384, 256, generator=g) * 0.05
+    w[3] *= 20  # one loud channel: per-channel scales must keep the others precise
+    x = torch.randn(7, 256, generator=g)
+    return w, x
+
+
+def _bound(x, w, weight_err):
+    """|x| |dW| (weight rounding) + bfloat16 rounding of the activations and of the output."""
+    ax, aw = x.abs(), w.abs()
+    return ax @ weight_err.t() + 2 * BF16_EPS * (ax @ aw.t()) + 1e-5
+
+
+@pytest.mark.parametrize("cls", [Int8Linear, Int8MinMaxLinear])
+def test_int8_weight_only(data, cls):
+    w, x = data
+    layer = cls(w)
+    deq = layer.dequantize()
+    # round-to-nearest: at most half a step per weight, the step being per output channel
+    step = layer.scales.float()  # the scale the kernel holds, rounded up from range / levels
+    ideal = (w.abs().amax(1) / 127) if cls is Int8Linear else (w.amax(1) - w.amin(1)) / 255
+    assert ((step >= ideal) & (step <= ideal * (1 + 2 * BF16_EPS))).all()  # one bf16 spacing
+    assert ((deq - w).abs() <= step[:, None] / 2 + 1e-6).all()
+    err = (layer(x) - x @ w.t()).abs()
+    assert (err <= _bound(x, w, step[:, None].expand_as(w) / 2 * 1.01)).all()
+    assert layer.qweight.dtype == torch.int8
+
+
+def test_w8a8(data):
+    w, x = data
+    layer = W8A8Linear(w)
+    xq, xs = quantize_per_token(x)
+    assert ((xq.float() * xs - x).abs() <= xs / 2 + 1e-7).all()
+    wstep = w.abs().amax(1) / 127
+    err = (layer(x) - x @ w.t()).abs()
+    # weight rounding plus activation rounding (half a step of each token's scale on every element)
+    bound = x.abs() @ (wstep[:, None] / 2).expand_as(w).t() + (xs / 2) @ w.abs().sum(1, keepdim=True).t() + 1e-4
+    assert (err <= bound).all()
+    # the integer part is exact: int32 accumulation of int8 products
+    acc = torch._int_mm(xq, layer.qweight_t.t())
+    assert torch.equal(acc, (xq.long() @ layer.qweight_t.long().t()).int())
+
+
+@pytest.mark.parametrize("group", [32, 64, 128])
+def test_int4_group_wise(data, group):
+    w, x = data
+    layer = Int4Linear.from_float(w, None, group)
+    wg = w.view(w.shape[0], -1, group)
+    step = ((wg.amax(-1) - wg.amin(-1)) / 15).repeat_interleave(group, dim=1) * (1 + 2 * BF16_EPS)  # [N, K]
+    deq = layer.dequantize()
+    # half a step per weight; the zero's bfloat16 rounding may push the group's edge values up to one more
+    # rounding of |zero|; the dequantized read-back is itself rounded to bfloat16
+    weight_err = step / 2 + BF16_EPS * (w.abs() + 8 * step + wg.abs().amax(-1).repeat_interleave(group, 1))
+    assert ((deq - w).abs() <= weight_err + BF16_EPS * w.abs()).all()
+    err = (layer(x) - x @ w.t()).abs()
+    assert (err <= _bound(x, w, weight_err)).all()
+    assert layer.weight_bytes() < w.numel()  # well under a byte per weight
+
+
+def test_gguf_q4_blocks_map_onto_the_int4_kernel():
+    gguf = pytest.importorskip("gguf")
+    from gguf.quants import quantize as gguf_quantize, dequantize as gguf_dequantize
+
+    g = torch.Generator().manual_seed(1)
+    w = (torch.randn(64, 128, generator=g) * 0.1).numpy()
+    x = torch.randn(3, 128, generator=g)
+    for qtype in (gguf.GGMLQuantizationType.Q4_0, gguf.GGMLQuantizationType.Q4_1):
+        blocks = gguf_quantize(w, qtype)
+        ref = torch.from_numpy(gguf_dequantize(blocks, qtype))
+        q, d, zeros = gguf_q4_parts(qtype.name, blocks, 64, 128)
+        # the block values themselves map exactly
+        exact = ((q.view(64, -1, 32).float() - 8) * d[..., None] + zeros[..., None]).view(64, 128)
+        assert torch.allclose(exact, ref, atol=1e-6)
+        layer = Int4Linear(q, d, zeros, 32)
+        err = (layer(x) - x @ ref.t()).abs()
+        assert (err <= _bound(x, ref, BF16_EPS * (ref.abs() + 8 * d.abs().repeat_interleave(32, 1)))).all()
