@@ -18,6 +18,26 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="auto (cuda, then npu, then cpu), cpu, cuda or npu")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--max-model-len", type=int, default=None, help="context window (default: the model's)")
+    _add_switch_args(p)
+
+
+def _add_switch_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("optimization switches")
+    g.add_argument("--kv-cache", action=argparse.BooleanOptionalAction, default=True,
+                   help="keep keys/values between steps (off recomputes the whole prefix each step)")
+    g.add_argument("--fusion", action=argparse.BooleanOptionalAction, default=True,
+                   help="merged QKV / gate-up GEMMs, add+RMSNorm, fused attention (off: the textbook module)")
+    g.add_argument("--quantization", default=None,
+                   choices=["none", "int8", "int8-minmax", "w8a8", "int4", "gguf"],
+                   help="weight quantization (gguf keeps a GGUF file's Q4_0/Q4_1 blocks)")
+    g.add_argument("--quantization-skip", action="append", default=[],
+                   help="module-name pattern kept in float, e.g. lm_head or 'model.layers.0.*' (repeatable)")
+    g.add_argument("--group-size", type=int, default=32, choices=[32, 64, 128], help="int4 group size")
+
+
+def _switches(args) -> dict:
+    return dict(kv_cache=args.kv_cache, fusion=args.fusion, quantization=args.quantization,
+                quantization_skip=tuple(args.quantization_skip), group_size=args.group_size)
 
 
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -41,7 +61,7 @@ def _llm(args):
     from .engine.llm import LLM
 
     llm = LLM(args.model, device=args.device, dtype=args.dtype, max_model_len=args.max_model_len,
-              progress=sys.stderr.isatty() or bool(os.environ.get("INFER_RECIPES_PROGRESS")))
+              progress=_progress(), **_switches(args))
     print(f"loaded {llm.source.name} ({llm.source.kind}) on {llm.device.type} in {llm.load_seconds:.2f} s",
           file=sys.stderr)
     return llm
@@ -94,6 +114,40 @@ def cmd_chat(args) -> int:
     return 0
 
 
+def _progress() -> bool:
+    return sys.stderr.isatty() or bool(os.environ.get("INFER_RECIPES_PROGRESS"))
+
+
+def cmd_eval_perplexity(args) -> int:
+    from .eval.perplexity import perplexity, read_text
+
+    read_text(args.data)  # a bad path fails before the slow load
+    result = perplexity(_llm(args), args.data, args.max_tokens, args.window, args.stride, progress=_progress())
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(f"perplexity {result['perplexity']:.4f} over {result['tokens']} tokens "
+              f"({result['seconds']:.1f} s, window {result['window']}, stride {result['stride']})")
+    return 0
+
+
+def cmd_eval_agreement(args) -> int:
+    from .engine.llm import LLM
+    from .eval.perplexity import agreement, read_text
+
+    read_text(args.data)
+    llm = _llm(args)
+    reference = LLM(args.model, device=args.device, dtype="float32", max_model_len=args.max_model_len,
+                    kv_cache=False, fusion=False, progress=_progress())
+    result = agreement(llm, reference, args.data, args.max_tokens, progress=_progress())
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(f"top-1 agreement {result['top1_agreement']:.4f}, mean KL {result['mean_kl']:.5f} over "
+              f"{result['tokens']} tokens against {args.model} with every switch off, float32")
+    return 0
+
+
 def cmd_info(args) -> int:
     from .loading import resolve_model_source
     from .loading.weights import read_config
@@ -143,6 +197,23 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sampling_args(p)
     p.add_argument("--system", default=None, help="a system message")
     p.set_defaults(func=cmd_chat)
+
+    p = sub.add_parser("eval", help="accuracy: perplexity, agreement with the unoptimized model")
+    ev = p.add_subparsers(dest="eval_command", required=True)
+    q = ev.add_parser("perplexity", help="sliding-window perplexity over a text file")
+    _add_engine_args(q)
+    q.add_argument("--data", required=True, help="a plain-text file (WikiText/PTB token files as they are)")
+    q.add_argument("--max-tokens", type=int, default=None, help="score only the first N tokens")
+    q.add_argument("--window", type=int, default=1024)
+    q.add_argument("--stride", type=int, default=512)
+    q.add_argument("--json", action="store_true", help="print {perplexity, tokens, seconds, ...}")
+    q.set_defaults(func=cmd_eval_perplexity)
+    q = ev.add_parser("agreement", help="top-1 agreement and mean KL against the same model, all switches off")
+    _add_engine_args(q)
+    q.add_argument("--data", required=True)
+    q.add_argument("--max-tokens", type=int, default=2048)
+    q.add_argument("--json", action="store_true")
+    q.set_defaults(func=cmd_eval_agreement)
 
     p = sub.add_parser("info", help="architecture, parameter count, bytes per dtype, context length")
     p.add_argument("model", nargs="?", default="smollm2-135m-instruct", help=MODEL_HELP)

@@ -71,3 +71,35 @@ def test_bad_switches_are_named(bad, match):
 def test_gguf_scheme_needs_a_gguf_source():
     with pytest.raises(InferRecipesError, match="GGUF"):
         LLM("synthetic:smollm2-135m", device="cpu", quantization="gguf", progress=False)
+
+
+def test_perplexity_windows_score_every_token_once():
+    from infer_recipes.eval.perplexity import windows
+
+    for n, w, s in [(10, 4, 2), (1000, 128, 64), (5, 8, 4), (33, 8, 7)]:
+        scored = [p for _, end, first in windows(n, w, s) for p in range(first, end)]
+        assert scored == list(range(1, n))
+        assert all(end - start <= w and first > start for start, end, first in windows(n, w, s))
+
+
+def test_eval_perplexity_and_agreement_cli():
+    import json
+    import subprocess
+    import sys
+
+    from conftest import data_path, smollm2_gguf
+
+    smollm2_gguf()
+    data = str(data_path("wikitext2", "wiki.valid.tokens"))
+    run = lambda *a: subprocess.run([sys.executable, "-m", "infer_recipes", "eval", *a], capture_output=True,
+                                    text=True, timeout=600)
+    fp32 = run("perplexity", "--data", data, "--max-tokens", "600", "--window", "256", "--stride", "128", "--json")
+    assert fp32.returncode == 0, fp32.stderr
+    fp32 = json.loads(fp32.stdout)
+    assert fp32["tokens"] == 599 and 5 < fp32["perplexity"] < 40 and fp32["seconds"] > 0
+    int8 = json.loads(run("perplexity", "--data", data, "--max-tokens", "600", "--window", "256", "--stride", "128",
+                          "--quantization", "int8", "--json").stdout)
+    assert int8["perplexity"] <= fp32["perplexity"] * 1.02
+    agree = json.loads(run("agreement", "--data", data, "--max-tokens", "300", "--quantization", "int8",
+                           "--json").stdout)
+    assert agree["tokens"] == 300 and agree["top1_agreement"] > 0.9 and agree["mean_kl"] < 0.02
