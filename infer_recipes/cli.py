@@ -118,17 +118,18 @@ def _progress() -> bool:
     return sys.stderr.isatty() or bool(os.environ.get("INFER_RECIPES_PROGRESS"))
 
 
+def _print_result(args, result: dict, line: str) -> int:
+    print(json.dumps(result) if args.json else line)
+    return 0
+
+
 def cmd_eval_perplexity(args) -> int:
     from .eval.perplexity import perplexity, read_text
 
     read_text(args.data)  # a bad path fails before the slow load
     result = perplexity(_llm(args), args.data, args.max_tokens, args.window, args.stride, progress=_progress())
-    if args.json:
-        print(json.dumps(result))
-    else:
-        print(f"perplexity {result['perplexity']:.4f} over {result['tokens']} tokens "
-              f"({result['seconds']:.1f} s, window {result['window']}, stride {result['stride']})")
-    return 0
+    return _print_result(args, result, f"perplexity {result['perplexity']:.4f} over {result['tokens']} tokens "
+                         f"({result['seconds']:.1f} s, window {result['window']}, stride {result['stride']})")
 
 
 def cmd_eval_agreement(args) -> int:
@@ -140,12 +141,9 @@ def cmd_eval_agreement(args) -> int:
     reference = LLM(args.model, device=args.device, dtype="float32", max_model_len=args.max_model_len,
                     kv_cache=False, fusion=False, progress=_progress())
     result = agreement(llm, reference, args.data, args.max_tokens, progress=_progress())
-    if args.json:
-        print(json.dumps(result))
-    else:
-        print(f"top-1 agreement {result['top1_agreement']:.4f}, mean KL {result['mean_kl']:.5f} over "
-              f"{result['tokens']} tokens against {args.model} with every switch off, float32")
-    return 0
+    return _print_result(args, result, f"top-1 agreement {result['top1_agreement']:.4f}, mean KL "
+                         f"{result['mean_kl']:.5f} over {result['tokens']} tokens against {args.model} with every "
+                         "switch off, float32")
 
 
 def cmd_info(args) -> int:

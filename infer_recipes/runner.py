@@ -32,8 +32,8 @@ class ModelRunner:
         self.model, self.device, self.dtype, self.kv_cache = model, device, dtype, kv_cache
         self.config = model.config
 
-    def _meta(self, state: BatchState, q_len: int) -> AttentionMetadata:
-        start, end = state.column, state.column + q_len
+    def _meta(self, state: BatchState, start: int, q_len: int) -> AttentionMetadata:
+        end = start + q_len
         cache_positions = torch.arange(start, end, device=self.device)
         if not state.padded:
             return AttentionMetadata(cache_positions, end, None)
@@ -62,7 +62,7 @@ class ModelRunner:
         lengths = torch.tensor([len(p) for p in prompts], dtype=torch.long)
         state = BatchState(cache, tokens.to(self.device), positions.to(self.device), key_valid.to(self.device),
                            lengths.to(self.device), 0, any(len(p) != P for p in prompts))
-        meta = self._meta(state, P)
+        meta = self._meta(state, 0, P)
         hidden = self.model(state.tokens[:, :P], state.positions[:, :P], meta, cache)
         state.column = P
         return state, self.model.compute_logits(hidden[:, -1])
@@ -74,11 +74,10 @@ class ModelRunner:
         state.tokens[:, c] = torch.tensor(tokens, dtype=torch.long, device=self.device)
         state.positions[:, c] = state.lengths
         if state.cache is not None:
-            meta = self._meta(state, 1)
+            meta = self._meta(state, c, 1)
             hidden = self.model(state.tokens[:, c:c + 1], state.positions[:, c:c + 1], meta, state.cache)
         else:  # no cache: run the whole sequence again, as the unoptimized original does
-            state.column = 0
-            meta = self._meta(state, c + 1)
+            meta = self._meta(state, 0, c + 1)
             hidden = self.model(state.tokens[:, :c + 1], state.positions[:, :c + 1], meta, None)
         state.column = c + 1
         state.lengths += 1

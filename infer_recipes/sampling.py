@@ -25,9 +25,9 @@ def _filter(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
         logits = logits.masked_fill(probs < p.min_p * probs.max(), float("-inf"))
     if p.top_p < 1.0:
         sorted_logits, order = torch.sort(logits, descending=True)
-        cumulative = torch.softmax(sorted_logits, dim=-1).cumsum(-1)
+        sorted_probs = torch.softmax(sorted_logits, dim=-1)
         # drop a token when the tokens before it already cover top_p; the most likely token always stays
-        drop = (cumulative - torch.softmax(sorted_logits, dim=-1)) >= p.top_p
+        drop = (sorted_probs.cumsum(-1) - sorted_probs) >= p.top_p
         logits = logits.masked_fill(drop.scatter(0, order, drop), float("-inf"))
     return logits
 

@@ -194,11 +194,7 @@ class IncrementalDetokenizer:
 
 def byte_tokenizer() -> LLMTokenizer:
     """One token per UTF-8 byte (ids 0-255) plus <s> and </s>: for synthetic models, whose ids mean nothing."""
-    from tokenizers.pre_tokenizers import ByteLevel
-
-    alphabet = ByteLevel.alphabet()
-    byte_chars = sorted(alphabet, key=lambda c: _byte_of(c))
-    vocab = {c: i for i, c in enumerate(byte_chars)}
+    vocab = {c: i for i, c in enumerate(_byte_level_chars())}  # id = the byte's value
     tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     tok.decoder = decoders.ByteLevel()
@@ -207,15 +203,13 @@ def byte_tokenizer() -> LLMTokenizer:
     return LLMTokenizer(tok, "<s>", "</s>", chat_template=_PLAIN_CHAT_TEMPLATE)
 
 
-def _byte_of(char: str) -> int:
-    # GPT-2's byte-to-unicode table: printable bytes map to themselves, the rest to 256 + n in order
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + \
-        list(range(ord("®"), ord("ÿ") + 1))
-    code = ord(char)
-    if code in printable:
-        return code
-    others = [b for b in range(256) if b not in printable]
-    return others[code - 256]
+def _byte_level_chars() -> list[str]:
+    """GPT-2's byte-to-unicode table, indexed by byte: printable bytes stand for themselves, the others in order
+    for chr(256), chr(257), ..."""
+    printable = set(range(ord("!"), ord("~") + 1)) | set(range(ord("¡"), ord("¬") + 1)) | \
+        set(range(ord("®"), ord("ÿ") + 1))
+    others = iter(range(256, 512))
+    return [chr(b) if b in printable else chr(next(others)) for b in range(256)]
 
 
 _PLAIN_CHAT_TEMPLATE = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"

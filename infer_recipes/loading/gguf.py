@@ -73,7 +73,7 @@ def read_config(path: str) -> ModelConfig:
         return value
 
     hidden, heads = int(get("embedding_length")), int(get("attention.head_count"))
-    names = {t.name for t in open_gguf(path).tensors}
+    names = _tensors_by_name(path)
     vocab = meta.get(f"{arch}.vocab_size") or len(array_field(path, "tokenizer.ggml.tokens") or [])
     rope_scaling = None
     if "rope_freqs.weight" in names:
@@ -109,11 +109,31 @@ def unpermute_rows(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, shape[0] // n_head // 2, 2, *shape[1:]).swapaxes(1, 2).reshape(shape)
 
 
+@functools.lru_cache(maxsize=4)
+def _tensors_by_name(path: str) -> dict:
+    """GGUF tensor name -> reader tensor, and our parameter name -> reader tensor, for one file."""
+    index = {}
+    for t in open_gguf(path).tensors:
+        index[t.name] = t
+        if hf_name(t.name) is not None:
+            index[hf_name(t.name)] = t
+    return index
+
+
 def _tensor(path: str, name: str) -> np.ndarray:
     from gguf.quants import dequantize
 
-    t = next(t for t in open_gguf(path).tensors if t.name == name)
+    t = _tensors_by_name(path)[name]
     return dequantize(t.data, t.tensor_type)
+
+
+def _rows_in_our_order(rows: np.ndarray, config: ModelConfig, name: str) -> np.ndarray:
+    """Undoes the converter's Q/K row permutation (llama architecture) on float rows or whole rows of blocks."""
+    if config.architecture == "llama" and ".q_proj." in name:
+        return unpermute_rows(rows, config.num_heads)
+    if config.architecture == "llama" and ".k_proj." in name:
+        return unpermute_rows(rows, config.num_kv_heads)
+    return rows
 
 
 def tensor_names(path: str) -> list[str]:
@@ -131,30 +151,15 @@ def iter_tensors(path: str, config: ModelConfig) -> Iterator[tuple[str, torch.Te
             w = dequantize(t.data, t.tensor_type)
         except Exception as e:
             raise ModelSourceError(f"cannot dequantize {t.name} ({t.tensor_type.name}) in {path}: {e}") from e
-        if config.architecture == "llama" and ".q_proj." in name:
-            w = unpermute_rows(w, config.num_heads)
-        elif config.architecture == "llama" and ".k_proj." in name:
-            w = unpermute_rows(w, config.num_kv_heads)
-        w = np.ascontiguousarray(w, dtype=np.float32)
+        w = np.ascontiguousarray(_rows_in_our_order(w, config, name), dtype=np.float32)
         yield name, torch.from_numpy(w if w.flags.writeable else w.copy())  # F32 tensors are read-only memmaps
 
 
 def quantized_blocks(path: str, config: ModelConfig, hf_param: str):
     """The raw GGUF blocks behind one of our parameter names, rows in our order: (type name, uint8 [N, bytes]).
     None when the checkpoint has no such tensor."""
-    wanted = {v: k for k, v in _GLOBAL_NAMES.items()}.get(hf_param)
-    if wanted is None:
-        m = re.match(r"model\.layers\.(\d+)\.(.+)\.(weight|bias)$", hf_param)
-        inverse = {v: k for k, v in _LAYER_NAMES.items()}
-        if not m or m.group(2) not in inverse:
-            return None
-        wanted = f"blk.{m.group(1)}.{inverse[m.group(2)]}.{m.group(3)}"
-    t = next((t for t in open_gguf(path).tensors if t.name == wanted), None)
+    t = _tensors_by_name(path).get(hf_param)
     if t is None:
         return None
-    blocks = np.asarray(t.data)
-    if config.architecture == "llama" and ".q_proj." in hf_param:
-        blocks = unpermute_rows(blocks, config.num_heads)  # whole rows move: the blocks stay intact
-    elif config.architecture == "llama" and ".k_proj." in hf_param:
-        blocks = unpermute_rows(blocks, config.num_kv_heads)
-    return t.tensor_type.name, blocks
+    # whole rows move, so the blocks inside each row stay intact
+    return t.tensor_type.name, _rows_in_our_order(np.asarray(t.data), config, hf_param)

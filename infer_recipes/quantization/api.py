@@ -9,7 +9,8 @@ from torch import nn
 from tqdm import tqdm
 
 from ..errors import InferRecipesError
-from .int4 import GROUP_SIZES, Int4Linear, gguf_q4_parts
+from ..config import GROUP_SIZES
+from .int4 import Int4Linear, gguf_q4_parts
 from .int8 import Int8Linear, Int8MinMaxLinear
 from .w8a8 import W8A8Linear
 
@@ -26,16 +27,21 @@ def skipped(name: str, patterns) -> bool:
     return any(fnmatch.fnmatch(name, p) or name == p or name.startswith(p + ".") for p in patterns)
 
 
+def _linear_targets(model: nn.Module, skip) -> list[tuple[str, nn.Linear]]:
+    """The model's nn.Linear modules not skipped; refuses devices the CPU kernels cannot serve."""
+    device = next(model.parameters()).device
+    if device.type != "cpu":
+        raise InferRecipesError(f"quantization runs through PyTorch's CPU kernels; on {device.type} it is not "
+                                "implemented yet: use --device cpu or no quantization")
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear) and not skipped(n, skip)]
+
+
 def quantize(model: nn.Module, scheme: str, skip=(), group_size: int = 32, progress: bool = True) -> nn.Module:
     if scheme not in SCHEMES:
         raise InferRecipesError(f"unknown quantization {scheme!r}: choose one of {', '.join(SCHEMES)} (or gguf)")
     if scheme == "int4" and group_size not in GROUP_SIZES:
         raise InferRecipesError(f"group_size {group_size} is not supported: choose one of {GROUP_SIZES}")
-    device = next(model.parameters()).device
-    if device.type != "cpu":
-        raise InferRecipesError(f"quantization runs through PyTorch's CPU kernels; on {device.type} it is not "
-                                "implemented yet: use --device cpu or no quantization")
-    targets = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear) and not skipped(n, skip)]
+    targets = _linear_targets(model, skip)
     for name, module in tqdm(targets, desc=f"quantizing ({scheme})", unit="linear", disable=not progress,
                              file=sys.stderr, leave=False):
         if scheme == "int4" and module.in_features % group_size:
@@ -58,7 +64,7 @@ def quantize_gguf(model: nn.Module, blocks_for, skip=(), progress: bool = True) 
     blocks becomes an Int4Linear (group 32) built from them directly. Others (Q8_0, float) stay float.
 
     blocks_for(param_name) -> (type name, uint8 blocks [N, bytes]) | None. Returns how many were replaced."""
-    targets = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear) and not skipped(n, skip)]
+    targets = _linear_targets(model, skip)
     replaced = 0
     for name, module in tqdm(targets, desc="keeping GGUF blocks (int4)", unit="linear", disable=not progress,
                              file=sys.stderr, leave=False):

@@ -1,4 +1,4 @@
-"""What every quantized linear shares: the activation dtype its kernel wants, and the float fallback."""
+"""What every quantized linear shares: flattening to [M, K], the bias, and the way back to the input dtype."""
 from __future__ import annotations
 
 import torch
@@ -16,12 +16,7 @@ class QuantizedLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
-        x2 = x.reshape(-1, self.in_features)  # [M, K]
-        if x.device.type == "cpu":
-            y = self._matmul(x2)
-        else:  # the CPU kernels have no counterpart here yet: dequantize and use the float GEMM
-            y = x2 @ self.dequantize(x.dtype).t()
-        y = y.to(x.dtype)
+        y = self._matmul(x.reshape(-1, self.in_features)).to(x.dtype)  # [M, N]
         if self.bias is not None:
             y = y + self.bias.to(x.dtype)
         return y.reshape(*shape[:-1], self.out_features)

@@ -8,11 +8,9 @@ from __future__ import annotations
 
 import torch
 
+from ..config import GROUP_SIZES
 from .base import QuantizedLinear
-from .int8 import representable_scale
-
-ACT_DTYPE = torch.bfloat16
-GROUP_SIZES = (32, 64, 128)
+from .int8 import ACT_DTYPE, representable_scale
 
 
 class Int4Linear(QuantizedLinear):
