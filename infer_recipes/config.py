@@ -82,6 +82,7 @@ class EngineConfig:
     max_batch_size: int = 16
     kv_cache: bool = True  # off: recompute the whole prefix at every step (the "original" behaviour)
     fusion: bool = True  # merged QKV / gate-up GEMMs, add+RMSNorm, fused attention; off: the textbook module
+    compile: bool = False  # torch.compile every step, dynamic batch/length dimensions, warmed up at load
     quantization: str | None = None
     quantization_skip: tuple[str, ...] = ()  # module-name patterns kept in float (mixed precision)
     group_size: int = 32  # int4 group size
@@ -95,7 +96,7 @@ class EngineConfig:
                      f"must be an integer > 1, got {self.max_model_len!r}")
         _require(isinstance(self.max_batch_size, int) and self.max_batch_size >= 1, "max_batch_size",
                  f"must be a positive integer, got {self.max_batch_size!r}")
-        for name in ("kv_cache", "fusion"):
+        for name in ("kv_cache", "fusion", "compile"):
             _require(isinstance(getattr(self, name), bool), name, f"must be true or false, got {getattr(self, name)!r}")
         if self.quantization in ("none", "off", "fp", ""):
             object.__setattr__(self, "quantization", None)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import itertools
 import sys
+import time
 from collections.abc import Iterator, Sequence
 
 import torch
@@ -33,7 +34,7 @@ class LLM:
 
     def __init__(self, model: str, device: str = "auto", dtype: str = "float32", max_model_len: int | None = None,
                  max_batch_size: int = 16, progress: bool = True, **switches):
-        """switches: the optimization fields of `EngineConfig` (kv_cache, fusion, quantization,
+        """switches: the optimization fields of `EngineConfig` (kv_cache, fusion, compile, quantization,
         quantization_skip, group_size)."""
         known = set(EngineConfig.__dataclass_fields__) - {"device", "dtype", "max_model_len", "max_batch_size"}
         unknown = sorted(set(switches) - known)
@@ -51,8 +52,17 @@ class LLM:
         self.model = load_model(self.source, self.dtype, self.device, max_positions=self.max_model_len,
                                 progress=progress, config=self.model_config)
         self.load_seconds = self.model.load_seconds
+        self.compile_seconds = 0.0
         self._optimize(progress)
-        self.runner = ModelRunner(self.model, self.device, self.dtype, kv_cache=self.engine_config.kv_cache)
+        self.runner = ModelRunner(self.model, self.device, self.dtype, kv_cache=self.engine_config.kv_cache,
+                                  compile=self.engine_config.compile)
+        if self.engine_config.compile:
+            start = time.perf_counter()
+            if progress:
+                print("compiling (torch.compile, 4 graph classes: batch 1 / more, one query / more)...",
+                      file=sys.stderr)
+            self.runner.warm_up()
+            self.compile_seconds = time.perf_counter() - start
         self._ids = itertools.count()
         eos = set(self.model_config.eos_token_ids)
         if self.tokenizer.eos_token_id is not None:
@@ -74,6 +84,11 @@ class LLM:
                 raise InferRecipesError("this GGUF file has no Q4_0/Q4_1 tensors to keep: use int4 or int8")
         elif cfg.quantization:
             quantize(self.model, cfg.quantization, cfg.quantization_skip, cfg.group_size, progress=progress)
+
+    @property
+    def compiles(self) -> int:
+        """Graphs torch.compile has built so far; after the warm-up at load, growth means a recompile."""
+        return self.runner.compiles
 
     def weight_bytes(self) -> int:
         """Bytes of the weights as they are held now (quantized ones included, tied ones counted once)."""

@@ -17,13 +17,14 @@ class AttentionMetadata:
 
     cache_positions: [T] cache columns the step's T tokens are written to (shared by every row of the batch);
         None means no KV cache: attend over this step's keys only.
-    kv_len: how many leading cache columns hold keys after the write.
+    kv_len: how many leading cache columns hold keys after the write; None means every column of the cache (the
+        mask then says which hold real keys): the shape-stable form a compiled graph needs.
     mask: [B, 1, T, kv_len] bool, True where a query may attend; None means causal, bottom-right aligned
         (query t sees keys up to kv_len - T + t), which is right whenever no row is padded.
     """
 
     cache_positions: torch.Tensor | None
-    kv_len: int
+    kv_len: int | None
     mask: torch.Tensor | None = None
 
 
@@ -37,15 +38,24 @@ class KVCache:
         self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.max_len = max_len
 
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata):
-        """Writes k, v [B, H_kv, T, D] at meta.cache_positions; returns the first kv_len columns."""
-        kc, vc = self.keys[layer], self.values[layer]
-        kc.index_copy_(2, meta.cache_positions, k)
-        vc.index_copy_(2, meta.cache_positions, v)
-        return kc[:, :, : meta.kv_len], vc[:, :, : meta.kv_len]
+    def layer(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Layer i's (keys, values): what that layer is handed, so every layer runs the same code."""
+        return self.keys[i], self.values[i]
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.keys + self.values)
+
+
+def write_kv(cache: tuple[torch.Tensor, torch.Tensor], k: torch.Tensor, v: torch.Tensor,
+             meta: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor]:
+    """Writes k, v [B, H_kv, T, D] into one layer's cache at meta.cache_positions; returns the first kv_len
+    columns (every column if kv_len is None)."""
+    kc, vc = cache
+    kc.index_copy_(2, meta.cache_positions, k)
+    vc.index_copy_(2, meta.cache_positions, v)
+    if meta.kv_len is None:
+        return kc, vc
+    return kc[:, :, : meta.kv_len], vc[:, :, : meta.kv_len]
 
 
 def causal_mask(q_len: int, kv_len: int, device: torch.device) -> torch.Tensor:

@@ -11,15 +11,14 @@ from torch import nn
 
 from ..config import ModelConfig
 from ..layers.activation import silu_and_mul
-from ..layers.attention import AttentionMetadata, KVCache, eager_attention, fused_attention
+from ..layers.attention import AttentionMetadata, KVCache, eager_attention, fused_attention, write_kv
 from ..layers.norm import RMSNorm
 from ..layers.rotary import RotaryEmbedding, apply_rotary
 
 
 class LlamaAttention(nn.Module):
-    def __init__(self, config: ModelConfig, layer_idx: int):
+    def __init__(self, config: ModelConfig):
         super().__init__()
-        self.layer_idx = layer_idx
         self.num_heads, self.num_kv_heads, self.head_dim = config.num_heads, config.num_kv_heads, config.head_dim
         self.scale = self.head_dim ** -0.5
         h, bias = config.hidden_size, config.attention_bias
@@ -34,7 +33,7 @@ class LlamaAttention(nn.Module):
         del self.q_proj, self.k_proj, self.v_proj
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, meta: AttentionMetadata,
-                kv_cache: KVCache | None) -> torch.Tensor:
+                kv: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
         B, T, _ = x.shape
         H, Hkv, D = self.num_heads, self.num_kv_heads, self.head_dim
         if hasattr(self, "qkv_proj"):
@@ -45,8 +44,8 @@ class LlamaAttention(nn.Module):
         k = k.view(B, T, Hkv, D).transpose(1, 2)  # [B, Hkv, T, D]
         v = v.view(B, T, Hkv, D).transpose(1, 2)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        if kv_cache is not None:
-            k, v = kv_cache.update(self.layer_idx, k, v, meta)  # [B, Hkv, S, D]
+        if kv is not None:
+            k, v = write_kv(kv, k, v, meta)  # [B, Hkv, S, D]
         attend = fused_attention if hasattr(self, "qkv_proj") else eager_attention
         out = attend(q, k, v, meta.mask, self.scale)  # [B, H, T, D]
         return self.o_proj(out.transpose(1, 2).reshape(B, T, H * D))
@@ -71,25 +70,34 @@ class LlamaMLP(nn.Module):
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, config: ModelConfig, layer_idx: int):
+    def __init__(self, config: ModelConfig):
         super().__init__()
-        self.self_attn = LlamaAttention(config, layer_idx)
+        self.fused = False
+        self.self_attn = LlamaAttention(config)
         self.mlp = LlamaMLP(config)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
-    def forward(self, x, cos, sin, meta, kv_cache):
-        """Textbook pre-norm block: x + attn(norm(x)), then + mlp(norm(.))."""
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, meta, kv_cache)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def fuse(self) -> None:
+        self.self_attn.fuse()
+        self.mlp.fuse()
+        self.fused = True
 
-    def forward_fused(self, h, residual, cos, sin, meta, kv_cache):
-        """The same block with each residual add folded into the next norm; returns (h, residual) unsummed."""
+    def forward(self, h: torch.Tensor, residual: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor,
+                meta: AttentionMetadata, kv: tuple[torch.Tensor, torch.Tensor] | None):
+        """One block -> (h, residual); the block's output is h + residual (residual None: h is the output).
+
+        Textbook (unfused): x + attn(norm(x)), then + mlp(norm(.)). Fused: each residual add folded into the next
+        norm, so the sum is left for the next layer's norm to make."""
+        if not self.fused:
+            x = h if residual is None else h + residual
+            x = x + self.self_attn(self.input_layernorm(x), cos, sin, meta, kv)
+            return x + self.mlp(self.post_attention_layernorm(x)), None
         if residual is None:
             residual, h = h, self.input_layernorm(h)
         else:
             h, residual = self.input_layernorm.forward_with_residual(h, residual)
-        h = self.self_attn(h, cos, sin, meta, kv_cache)
+        h = self.self_attn(h, cos, sin, meta, kv)
         h, residual = self.post_attention_layernorm.forward_with_residual(h, residual)
         return self.mlp(h), residual
 
@@ -98,7 +106,7 @@ class LlamaModel(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(LlamaDecoderLayer(config, i) for i in range(config.num_layers))
+        self.layers = nn.ModuleList(LlamaDecoderLayer(config) for _ in range(config.num_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
 
@@ -114,29 +122,26 @@ class LlamaForCausalLM(nn.Module):
         self.tie_weights()
 
     def tie_weights(self) -> None:
-        if self.config.tie_word_embeddings:
+        """A tied lm_head uses the embedding table (once quantized, each holds its own form, or shares it)."""
+        if self.config.tie_word_embeddings and type(self.lm_head) is nn.Linear \
+                and type(self.model.embed_tokens) is nn.Embedding:
             self.lm_head.weight = self.model.embed_tokens.weight
 
     def fuse(self) -> None:
         """Operator fusion: merged QKV and gate-up GEMMs, add+RMSNorm, fused attention kernels."""
         for layer in self.model.layers:
-            layer.self_attn.fuse()
-            layer.mlp.fuse()
-        self.fused = True
+            layer.fuse()
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
                 kv_cache: KVCache | None = None) -> torch.Tensor:
         """tokens, positions [B, T] -> final hidden states [B, T, hidden]."""
-        x = self.model.embed_tokens(tokens)
-        cos, sin = self.rotary(positions, x.dtype)
-        if not getattr(self, "fused", False):
-            for layer in self.model.layers:
-                x = layer(x, cos, sin, meta, kv_cache)
-            return self.model.norm(x)
-        residual = None
-        for layer in self.model.layers:
-            x, residual = layer.forward_fused(x, residual, cos, sin, meta, kv_cache)
-        return self.model.norm.forward_with_residual(x, residual)[0]
+        h, residual = self.model.embed_tokens(tokens), None
+        cos, sin = self.rotary(positions, h.dtype)
+        for i, layer in enumerate(self.model.layers):
+            h, residual = layer(h, residual, cos, sin, meta, kv_cache.layer(i) if kv_cache is not None else None)
+        if residual is None:
+            return self.model.norm(h)
+        return self.model.norm.forward_with_residual(h, residual)[0]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [..., hidden] -> float32 logits [..., vocab]."""

@@ -7,6 +7,13 @@ _LLAMA3_ROPE = {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "
                 "original_max_position_embeddings": 8192}
 
 PRESETS: dict[str, ModelConfig] = {
+    # a toy in the Llama 3 shape (GQA, llama3 rope scaling, tied embeddings): seconds to build and to compile, for
+    # tests and for trying the switches; room for the byte tokenizer's 256 bytes and <s>, </s>
+    "tiny-llama3": ModelConfig(
+        vocab_size=512, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4, num_kv_heads=2,
+        head_dim=16, max_position_embeddings=2048, rms_norm_eps=1e-5, rope_theta=500000.0,
+        rope_scaling={**_LLAMA3_ROPE, "original_max_position_embeddings": 256}, tie_word_embeddings=True,
+        bos_token_id=256, eos_token_ids=(257,), name="tiny-llama3"),
     "smollm2-135m": ModelConfig(
         vocab_size=49152, hidden_size=576, intermediate_size=1536, num_layers=30, num_heads=9, num_kv_heads=3,
         head_dim=64, max_position_embeddings=8192, rms_norm_eps=1e-5, rope_theta=100000.0,
