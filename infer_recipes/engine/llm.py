@@ -10,13 +10,14 @@ import torch
 from tqdm import tqdm
 
 from ..config import EngineConfig, ModelConfig, SamplingParams
-from ..device import resolve_device, resolve_dtype
+from ..device import resolve_device, resolve_dtype, returning_host_memory
 from ..errors import ContextLengthError, InferRecipesError
 from ..loading import load_model, resolve_model_source
 from ..loading.gguf import quantized_blocks
-from ..loading.weights import read_config
+from ..loading.weights import read_config, release_loader_memory
+from ..models.llama import LlamaForCausalLM
 from ..quantization import quantize
-from ..quantization.api import quantize_gguf
+from ..quantization.api import check_scheme, quantize_embedding, quantize_gguf
 from ..runner import ModelRunner
 from ..sampling import make_generator, sample
 from ..tokenizer import IncrementalDetokenizer, LLMTokenizer, load_tokenizer
@@ -45,15 +46,21 @@ class LLM:
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
         self.source = resolve_model_source(model)
-        self.model_config: ModelConfig = read_config(self.source)
-        self.max_model_len = min(max_model_len or self.model_config.max_position_embeddings,
-                                 self.model_config.max_position_embeddings)
-        self.tokenizer: LLMTokenizer = load_tokenizer(self.source)
-        self.model = load_model(self.source, self.dtype, self.device, max_positions=self.max_model_len,
-                                progress=progress, config=self.model_config)
+        with returning_host_memory():
+            self.model_config: ModelConfig = read_config(self.source)
+            self.max_model_len = min(max_model_len or self.model_config.max_position_embeddings,
+                                     self.model_config.max_position_embeddings)
+            self.tokenizer: LLMTokenizer = load_tokenizer(self.source)
+            self._check_switches()
+            self._gguf_replaced = 0
+            # fusion and quantization happen layer by layer as the loader fills them (see load_model)
+            self.model = load_model(self.source, self.dtype, self.device, max_positions=self.max_model_len,
+                                    progress=progress, config=self.model_config, on_loaded=self._optimize_unit)
+            release_loader_memory()
+        if self.engine_config.quantization == "gguf" and self._gguf_replaced == 0:
+            raise InferRecipesError("this GGUF file has no Q4_0/Q4_1 tensors to keep: use int4 or int8")
         self.load_seconds = self.model.load_seconds
         self.compile_seconds = 0.0
-        self._optimize(progress)
         self.runner = ModelRunner(self.model, self.device, self.dtype, kv_cache=self.engine_config.kv_cache,
                                   compile=self.engine_config.compile)
         if self.engine_config.compile:
@@ -69,21 +76,38 @@ class LLM:
             eos.add(self.tokenizer.eos_token_id)
         self.eos_token_ids = frozenset(eos)
 
-    def _optimize(self, progress: bool) -> None:
+    def _check_switches(self) -> None:
         cfg = self.engine_config
-        if cfg.fusion:
-            self.model.fuse()
+        if cfg.quantization == "gguf" and self.source.kind != "gguf":
+            raise InferRecipesError("quantization 'gguf' keeps a GGUF file's own blocks: the model must be a "
+                                    "GGUF file (or use int4 / int8 for other sources)")
+        if cfg.quantization and cfg.quantization != "gguf":
+            check_scheme(cfg.quantization, cfg.group_size)
+
+    def _gguf_blocks(self, name: str):
+        return quantized_blocks(self.source.location, self.model_config, name)
+
+    def _optimize_unit(self, model: LlamaForCausalLM, unit: str) -> None:
+        """Fusion and quantization of one unit (a decoder layer, the embedding, the lm_head) as soon as the
+        loader has filled it."""
+        cfg = self.engine_config
+        if unit.startswith("model.layers."):
+            if cfg.fusion:
+                model.get_submodule(unit).fuse()
+            self._quantize(model, unit)
+        elif unit == "model.embed_tokens" and cfg.quantization:
+            if model.config.tie_word_embeddings:
+                self._quantize(model, "lm_head")  # the tied head first: the int8 table can then share its weight
+            quantize_embedding(model, cfg.quantization_skip)
+        elif unit == "lm_head":
+            self._quantize(model, unit)
+
+    def _quantize(self, model: LlamaForCausalLM, root: str) -> None:
+        cfg = self.engine_config
         if cfg.quantization == "gguf":
-            if self.source.kind != "gguf":
-                raise InferRecipesError("quantization 'gguf' keeps a GGUF file's own blocks: the model must be a "
-                                        "GGUF file (or use int4 / int8 for other sources)")
-            path, mc = self.source.location, self.model_config
-            n = quantize_gguf(self.model, lambda name: quantized_blocks(path, mc, name), cfg.quantization_skip,
-                              progress=progress)
-            if n == 0:
-                raise InferRecipesError("this GGUF file has no Q4_0/Q4_1 tensors to keep: use int4 or int8")
+            self._gguf_replaced += quantize_gguf(model, self._gguf_blocks, cfg.quantization_skip, False, root)
         elif cfg.quantization:
-            quantize(self.model, cfg.quantization, cfg.quantization_skip, cfg.group_size, progress=progress)
+            quantize(model, cfg.quantization, cfg.quantization_skip, cfg.group_size, progress=False, root=root)
 
     @property
     def compiles(self) -> int:

@@ -1,20 +1,32 @@
 """Building a model on the meta device and filling it from one of the sources, with a progress bar."""
 from __future__ import annotations
 
+import gc
 import sys
 import time
+from collections.abc import Callable
 
 import torch
 from torch import nn
 from tqdm import tqdm
 
 from ..config import ModelConfig
+from ..device import trim_host_memory
 from ..errors import ModelSourceError
 from ..models.llama import LlamaForCausalLM
 from . import gguf as gguf_loader
 from . import hf as hf_loader
 from . import synthetic
 from .source import ModelSource
+
+
+def release_loader_memory() -> None:
+    """After loading: drop the cached GGUF readers (their mapped pages count as resident) and return the freed
+    float weights' heap to the OS."""
+    gguf_loader.open_gguf.cache_clear()
+    gguf_loader._tensors_by_name.cache_clear()
+    gc.collect()
+    trim_host_memory()
 
 
 def read_config(source: ModelSource) -> ModelConfig:
@@ -37,9 +49,20 @@ def _set_parameter(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
     setattr(module, leaf, nn.Parameter(tensor, requires_grad=False))
 
 
+def _unit(param_name: str) -> str:
+    parts = param_name.split(".")
+    return ".".join(parts[:3]) if parts[:2] == ["model", "layers"] else ".".join(parts[:-1])
+
+
 def load_model(source: ModelSource, dtype: torch.dtype, device: torch.device, max_positions: int | None = None,
-               progress: bool = True, config: ModelConfig | None = None) -> LlamaForCausalLM:
-    """Reads config and weights; returns the model in eval mode on `device` in `dtype`."""
+               progress: bool = True, config: ModelConfig | None = None,
+               on_loaded: Callable[[LlamaForCausalLM, str], None] | None = None) -> LlamaForCausalLM:
+    """Reads config and weights; returns the model in eval mode on `device` in `dtype`.
+
+    on_loaded(model, unit) runs as soon as one unit has all its weights, in whatever order the checkpoint holds
+    them; units are the decoder layers (`model.layers.3`) and the other modules with weights
+    (`model.embed_tokens`, `model.norm`, `lm_head` when untied). There the engine fuses and quantizes a unit
+    while the next ones load, so the whole model never sits in float at once."""
     config = config or read_config(source)
     start = time.perf_counter()
     with torch.device("meta"):
@@ -50,6 +73,9 @@ def load_model(source: ModelSource, dtype: torch.dtype, device: torch.device, ma
         tensors, total = gguf_loader.iter_tensors(source.location, config), len(gguf_loader.tensor_names(source.location))
     else:
         tensors, total = synthetic.iter_tensors(config, dtype, device), len(synthetic.parameter_shapes(config))
+    waiting: dict[str, int] = {}
+    for pname, _ in model.named_parameters():  # tied weights appear once, under the embedding
+        waiting[_unit(pname)] = waiting.get(_unit(pname), 0) + 1
     bar = tqdm(total=total, desc=f"loading {source.name}", unit="tensor", disable=not progress, file=sys.stderr,
                leave=False)
     for name, tensor in tensors:
@@ -60,7 +86,14 @@ def load_model(source: ModelSource, dtype: torch.dtype, device: torch.device, ma
             bar.update()
             continue
         _set_parameter(model, name, tensor.to(device=device, dtype=dtype))
+        del tensor
         bar.update()
+        unit = _unit(name)
+        waiting[unit] -= 1
+        if waiting[unit] == 0 and on_loaded is not None:
+            if unit == "model.embed_tokens":
+                model.tie_weights()  # a tied lm_head must see the real table before anyone quantizes it
+            on_loaded(model, unit)
     bar.close()
     model.tie_weights()
     missing = [n for n, p in model.named_parameters() if p.is_meta]

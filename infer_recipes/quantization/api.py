@@ -10,6 +10,7 @@ from tqdm import tqdm
 
 from ..errors import InferRecipesError
 from ..config import GROUP_SIZES
+from .embedding import Int8Embedding
 from .int4 import Int4Linear, gguf_q4_parts
 from .int8 import Int8Linear, Int8MinMaxLinear
 from .w8a8 import W8A8Linear
@@ -27,21 +28,30 @@ def skipped(name: str, patterns) -> bool:
     return any(fnmatch.fnmatch(name, p) or name == p or name.startswith(p + ".") for p in patterns)
 
 
-def _linear_targets(model: nn.Module, skip) -> list[tuple[str, nn.Linear]]:
-    """The model's nn.Linear modules not skipped; refuses devices the CPU kernels cannot serve."""
+def _linear_targets(model: nn.Module, skip, root: str = "") -> list[tuple[str, nn.Linear]]:
+    """The nn.Linear modules under `root` (full names) not skipped; refuses devices the CPU kernels cannot serve."""
     device = next(model.parameters()).device
     if device.type != "cpu":
         raise InferRecipesError(f"quantization runs through PyTorch's CPU kernels; on {device.type} it is not "
                                 "implemented yet: use --device cpu or no quantization")
-    return [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear) and not skipped(n, skip)]
+    base = model.get_submodule(root) if root else model
+    names = ((f"{root}.{n}" if root and n else root or n, m) for n, m in base.named_modules())
+    return [(n, m) for n, m in names if isinstance(m, nn.Linear) and not skipped(n, skip)]
 
 
-def quantize(model: nn.Module, scheme: str, skip=(), group_size: int = 32, progress: bool = True) -> nn.Module:
+def check_scheme(scheme: str, group_size: int = 32) -> None:
     if scheme not in SCHEMES:
         raise InferRecipesError(f"unknown quantization {scheme!r}: choose one of {', '.join(SCHEMES)} (or gguf)")
     if scheme == "int4" and group_size not in GROUP_SIZES:
         raise InferRecipesError(f"group_size {group_size} is not supported: choose one of {GROUP_SIZES}")
-    targets = _linear_targets(model, skip)
+
+
+def quantize(model: nn.Module, scheme: str, skip=(), group_size: int = 32, progress: bool = True,
+             root: str = "") -> nn.Module:
+    """Quantizes the Linear layers under `root` (the whole model by default) in place. Loading calls it layer by
+    layer as layers arrive, so the whole model never sits in float."""
+    check_scheme(scheme, group_size)
+    targets = _linear_targets(model, skip, root)
     for name, module in tqdm(targets, desc=f"quantizing ({scheme})", unit="linear", disable=not progress,
                              file=sys.stderr, leave=False):
         if scheme == "int4" and module.in_features % group_size:
@@ -54,17 +64,38 @@ def quantize(model: nn.Module, scheme: str, skip=(), group_size: int = 32, progr
     return model
 
 
+EMBEDDING = "model.embed_tokens"
+
+
+def quantize_embedding(model: nn.Module, skip=()) -> bool:
+    """Replaces the float embedding table with an int8 one (sharing a tied int8 lm_head's weight when there is
+    one). Returns whether it did; `model.embed_tokens` in the skip patterns keeps it float."""
+    emb = model.get_submodule(EMBEDDING)
+    if not isinstance(emb, nn.Embedding) or skipped(EMBEDDING, skip) or emb.weight.device.type != "cpu":
+        return False
+    head = getattr(model, "lm_head", None)
+    tied = getattr(getattr(model, "config", None), "tie_word_embeddings", False)
+    if tied and type(head) is nn.Linear:
+        return False  # the head stays float (skipped): it needs the float table anyway
+    if tied and type(head) is Int8Linear:
+        table = Int8Embedding.sharing(head, emb.weight.dtype)
+    else:
+        table = Int8Embedding.from_float(emb.weight.detach())
+    model.model.embed_tokens = table
+    return True
+
+
 # fused modules are built from these checkpoint tensors, in this order
 _MERGED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
 GGUF_INT4_TYPES = ("Q4_0", "Q4_1")
 
 
-def quantize_gguf(model: nn.Module, blocks_for, skip=(), progress: bool = True) -> int:
+def quantize_gguf(model: nn.Module, blocks_for, skip=(), progress: bool = True, root: str = "") -> int:
     """Keeps a GGUF file's Q4_0 / Q4_1 blocks quantized: each Linear whose checkpoint tensors are all such
     blocks becomes an Int4Linear (group 32) built from them directly. Others (Q8_0, float) stay float.
 
     blocks_for(param_name) -> (type name, uint8 blocks [N, bytes]) | None. Returns how many were replaced."""
-    targets = _linear_targets(model, skip)
+    targets = _linear_targets(model, skip, root)
     replaced = 0
     for name, module in tqdm(targets, desc="keeping GGUF blocks (int4)", unit="linear", disable=not progress,
                              file=sys.stderr, leave=False):

@@ -5,6 +5,15 @@ import torch
 from torch import nn
 
 
+ROWS_PER_CHUNK = 2048  # quantize big matrices (a 49k-row lm_head) in slices: float temporaries stay small
+
+
+def by_rows(fn, w: torch.Tensor, rows: int = ROWS_PER_CHUNK) -> tuple[torch.Tensor, ...]:
+    """fn(row slice of w) -> tuple of tensors with rows first; the slices' results concatenated."""
+    parts = [fn(w[i:i + rows]) for i in range(0, w.shape[0], rows)]
+    return tuple(torch.cat([p[j] for p in parts]) for j in range(len(parts[0])))
+
+
 class QuantizedLinear(nn.Module):
     """y = x W^T + b with W stored quantized. Subclasses give `quantize` (from a float weight), `dequantize`
     (the reference: the float weight the stored form stands for) and `_matmul` (the fast kernel)."""

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from ..config import GROUP_SIZES
-from .base import QuantizedLinear
+from .base import QuantizedLinear, by_rows
 from .int8 import ACT_DTYPE, representable_scale
 
 
@@ -19,7 +19,9 @@ class Int4Linear(QuantizedLinear):
         """q [N, K] int in [0, 15]; scales, zeros [N, K / group]."""
         super().__init__(q.shape[1], q.shape[0], bias)
         self.group_size = group_size
-        self.register_buffer("packed", torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 2))
+        # the packing wants int32 input: slice by rows (the packed layout is row-major, so slices concatenate)
+        packed = by_rows(lambda r: (torch.ops.aten._convert_weight_to_int4pack_for_cpu(r.to(torch.int32), 2),), q)[0]
+        self.register_buffer("packed", packed)
         sz = torch.stack([scales.float(), zeros.float()], dim=-1).transpose(0, 1).contiguous()  # [K/g, N, 2]
         self.register_buffer("scales_zeros", sz.to(ACT_DTYPE))
 
@@ -28,13 +30,17 @@ class Int4Linear(QuantizedLinear):
         N, K = weight.shape
         if group_size not in GROUP_SIZES or K % group_size:
             raise ValueError(f"group_size must be one of {GROUP_SIZES} and divide in_features={K}")
-        w = weight.float().view(N, K // group_size, group_size)
-        lo, hi = w.amin(dim=-1), w.amax(dim=-1)
-        # quantize against the scale and zero as the kernel holds them (bfloat16), not as computed
-        scales = representable_scale((hi - lo) / 15.0, ACT_DTYPE)
-        zeros = (lo + 8 * scales).to(ACT_DTYPE).float()
-        q = torch.round((w - (zeros - 8 * scales)[..., None]) / scales[..., None]).clamp(0, 15).view(N, K)
-        return cls(q, scales, zeros, group_size, bias)
+
+        def rows(w):
+            w = w.float().view(w.shape[0], K // group_size, group_size)
+            lo, hi = w.amin(dim=-1), w.amax(dim=-1)
+            # quantize against the scale and zero as the kernel holds them (bfloat16), not as computed
+            scales = representable_scale((hi - lo) / 15.0, ACT_DTYPE)
+            zeros = (lo + 8 * scales).to(ACT_DTYPE).float()
+            q = torch.round((w - (zeros - 8 * scales)[..., None]) / scales[..., None]).clamp(0, 15)
+            return q.view(-1, K).to(torch.uint8), scales, zeros
+
+        return cls(*by_rows(rows, weight), group_size, bias)
 
     @classmethod
     def from_gguf_blocks(cls, qtype: str, blocks, rows: int, cols: int):

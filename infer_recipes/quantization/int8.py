@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import QuantizedLinear
+from .base import QuantizedLinear, by_rows
 
 ACT_DTYPE = torch.bfloat16
 
@@ -32,9 +32,12 @@ class Int8Linear(QuantizedLinear):
 
     @staticmethod
     def quantize(w: torch.Tensor, scale_dtype: torch.dtype = ACT_DTYPE) -> tuple[torch.Tensor, torch.Tensor]:
-        w = w.float()
-        s = representable_scale(w.abs().amax(dim=1) / 127.0, scale_dtype)
-        return torch.round(w / s[:, None]).clamp(-127, 127).to(torch.int8), s
+        def rows(w):
+            w = w.float()
+            s = representable_scale(w.abs().amax(dim=1) / 127.0, scale_dtype)
+            return torch.round(w / s[:, None]).clamp(-127, 127).to(torch.int8), s
+
+        return by_rows(rows, w)
 
     def dequantize(self, dtype=torch.float32) -> torch.Tensor:
         return (self.qweight.float() * self.scales.float()[:, None]).to(dtype)
@@ -53,11 +56,16 @@ class Int8MinMaxLinear(QuantizedLinear):
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
         super().__init__(weight.shape[1], weight.shape[0], bias)
-        w = weight.float()
-        lo, hi = w.amin(dim=1), w.amax(dim=1)
-        s = representable_scale((hi - lo) / 255.0, ACT_DTYPE)
-        q = torch.round((w - lo[:, None]) / s[:, None]).clamp(0, 255)
-        self.register_buffer("qweight", (q - 128).to(torch.int8))  # [N, K]
+
+        def rows(w):
+            w = w.float()
+            lo, hi = w.amin(dim=1), w.amax(dim=1)
+            s = representable_scale((hi - lo) / 255.0, ACT_DTYPE)
+            q = torch.round((w - lo[:, None]) / s[:, None]).clamp(0, 255)
+            return (q - 128).to(torch.int8), s, lo
+
+        q, s, lo = by_rows(rows, weight)
+        self.register_buffer("qweight", q)  # [N, K]
         self.register_buffer("scales", s.to(ACT_DTYPE))
         self.register_buffer("offsets", (lo + 128 * s).float())  # [N], float32: the offset term is large
 
