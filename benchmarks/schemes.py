@@ -15,7 +15,8 @@ from infer_recipes.eval.perplexity import agreement, perplexity
 
 SCHEMES = [("fp32", dict()), ("bf16", dict(dtype="bfloat16")), ("int8", dict(quantization="int8")),
            ("int8-minmax", dict(quantization="int8-minmax")), ("w8a8", dict(quantization="w8a8")),
-           ("int4 g32", dict(quantization="int4")), ("gguf", dict(quantization="gguf"))]
+           ("int4 g32", dict(quantization="int4")), ("int4-w8a8", dict(quantization="int4-w8a8")),
+           ("gguf", dict(quantization="gguf"))]
 
 
 def decode_tps(llm: LLM, prompt: list[int], new: int) -> float:

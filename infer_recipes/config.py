@@ -11,7 +11,7 @@ from .errors import InferRecipesError
 
 DTYPES = ("float32", "bfloat16", "float16")
 DEVICES = ("auto", "cpu", "cuda", "npu")
-QUANTIZATIONS = (None, "int8", "int8-minmax", "w8a8", "int4", "gguf")
+QUANTIZATIONS = (None, "int8", "int8-minmax", "w8a8", "int4", "int4-w8a8", "gguf")
 GROUP_SIZES = (32, 64, 128)
 
 

@@ -55,3 +55,14 @@ def test_compiled_smollm2_gives_the_same_greedy_tokens_as_all_off(smollm):
     prompts = ["The three laws of robotics are", "北京是中国的首都，", "def add(a, b):"]
     params = SamplingParams(max_tokens=20, temperature=0.0)
     assert [o.token_ids for o in llm.generate(prompts, params)] == [o.token_ids for o in off.generate(prompts, params)]
+
+
+@pytest.mark.parametrize("scheme", ["int8", "int4-w8a8"])
+def test_compile_composes_with_quantization(scheme):
+    """The quantized kernels trace into the compiled layer graph and give the eager quantized model's tokens."""
+    compiled = LLM(TINY, device="cpu", compile=True, quantization=scheme, progress=False)
+    eager = LLM(TINY, device="cpu", quantization=scheme, progress=False)
+    prompts = ["hello world", "a b c d e f g h i j k"]
+    params = SamplingParams(max_tokens=8, temperature=0.0)
+    assert [o.token_ids for o in compiled.generate(prompts, params)] == \
+        [o.token_ids for o in eager.generate(prompts, params)]

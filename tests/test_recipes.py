@@ -120,3 +120,16 @@ def test_optimizer_facade_answers_on_smollm2(smollm):
     out = opt.enable_kv_cache().enable_fusion().enable_quantization("int8").infer(
         ["What is the capital of France?"], max_tokens=16, chat=True)
     assert "Paris" in out[0].text
+
+
+def test_generate_takes_a_recipe_and_flags_override_it(tmp_path, capsys):
+    path = tmp_path / "tiny.yaml"
+    path.write_text(TINY_RECIPE)
+    assert main(["generate", "--recipe", str(path), "--quantization", "none", "-p", "abc", "--max-tokens", "3",
+                 "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    ref = LLM("synthetic:tiny-llama3", device="cpu", progress=False).generate(
+        "abc", SamplingParams(max_tokens=3, temperature=0.0))[0]
+    assert out["token_ids"] == ref.token_ids  # the flag turned the recipe's int8 off
+    assert main(["generate", "--set", "optimization.fusion=false", "-p", "abc"]) == 2
+    assert "--recipe" in capsys.readouterr().err

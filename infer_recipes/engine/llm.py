@@ -14,7 +14,7 @@ from ..device import resolve_device, resolve_dtype, returning_host_memory
 from ..errors import ContextLengthError, InferRecipesError
 from ..loading import load_model, resolve_model_source
 from ..loading.gguf import quantized_blocks
-from ..loading.weights import read_config, release_loader_memory
+from ..loading.weights import drop_metadata, read_config, release_loader_memory
 from ..models.llama import LlamaForCausalLM
 from ..quantization import quantize
 from ..quantization.api import check_scheme, quantize_embedding, quantize_gguf
@@ -51,6 +51,7 @@ class LLM:
             self.max_model_len = min(max_model_len or self.model_config.max_position_embeddings,
                                      self.model_config.max_position_embeddings)
             self.tokenizer: LLMTokenizer = load_tokenizer(self.source)
+            drop_metadata(self.source)
             self._check_switches()
             self._gguf_replaced = 0
             # fusion and quantization happen layer by layer as the loader fills them (see load_model)

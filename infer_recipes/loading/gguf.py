@@ -7,8 +7,10 @@ checkpoint it came from give the same model.
 from __future__ import annotations
 
 import functools
+import mmap
 import re
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -109,15 +111,32 @@ def unpermute_rows(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, shape[0] // n_head // 2, 2, *shape[1:]).swapaxes(1, 2).reshape(shape)
 
 
+@dataclass(frozen=True)
+class GGUFTensor:
+    """One tensor of a GGUF file: its data is a view of the file's memory map, so the reader (and the parsed
+    metadata it holds, ~170 MB for a 49k-token vocabulary) can be dropped once config and tokenizer are read."""
+
+    name: str
+    tensor_type: object  # gguf.GGMLQuantizationType
+    data: np.ndarray
+
+
 @functools.lru_cache(maxsize=4)
-def _tensors_by_name(path: str) -> dict:
-    """GGUF tensor name -> reader tensor, and our parameter name -> reader tensor, for one file."""
+def _tensors_by_name(path: str) -> dict[str, GGUFTensor]:
+    """GGUF tensor name -> tensor, and our parameter name -> tensor, in file order, for one file."""
     index = {}
     for t in open_gguf(path).tensors:
-        index[t.name] = t
+        entry = GGUFTensor(t.name, t.tensor_type, t.data)
+        index[t.name] = entry
         if hf_name(t.name) is not None:
-            index[hf_name(t.name)] = t
+            index[hf_name(t.name)] = entry
     return index
+
+
+def drop_metadata(path: str) -> None:
+    """Keeps only the tensor index of `path`: the reader with its parsed metadata goes."""
+    _tensors_by_name(path)
+    open_gguf.cache_clear()
 
 
 def _tensor(path: str, name: str) -> np.ndarray:
@@ -137,22 +156,53 @@ def _rows_in_our_order(rows: np.ndarray, config: ModelConfig, name: str) -> np.n
 
 
 def tensor_names(path: str) -> list[str]:
-    return [t.name for t in open_gguf(path).tensors if hf_name(t.name) is not None]
+    return [name for name, t in _tensors_by_name(path).items() if name == t.name and hf_name(name) is not None]
 
 
 def iter_tensors(path: str, config: ModelConfig) -> Iterator[tuple[str, torch.Tensor]]:
     from gguf.quants import dequantize
 
-    for t in open_gguf(path).tensors:
+    for key, t in _tensors_by_name(path).items():
         name = hf_name(t.name)
-        if name is None:
+        if key != t.name or name is None:
             continue  # e.g. rope_freqs.weight, already folded into the config
         try:
-            w = dequantize(t.data, t.tensor_type)
+            w = _dequantize_by_rows(t.data, t.tensor_type, dequantize)
         except Exception as e:
             raise ModelSourceError(f"cannot dequantize {t.name} ({t.tensor_type.name}) in {path}: {e}") from e
         w = np.ascontiguousarray(_rows_in_our_order(w, config, name), dtype=np.float32)
         yield name, torch.from_numpy(w if w.flags.writeable else w.copy())  # F32 tensors are read-only memmaps
+        _drop_pages(t.data)
+
+
+def _drop_pages(data: np.ndarray) -> None:
+    """Tells the OS it may drop the file pages behind a tensor already copied out: they count as resident until
+    then (96 MB for SmolLM2). Harmless if read again (they come back from the file); a no-op where unsupported."""
+    mm, root = getattr(data, "_mmap", None), data
+    while isinstance(root.base, np.ndarray):
+        root = root.base
+    if mm is None or not hasattr(mm, "madvise") or not hasattr(mmap, "MADV_DONTNEED"):
+        return
+    start = data.ctypes.data - root.ctypes.data
+    page = mmap.PAGESIZE
+    first = start // page * page
+    try:
+        mm.madvise(mmap.MADV_DONTNEED, first, start + data.nbytes - first)
+    except (OSError, ValueError):
+        pass
+
+
+def _dequantize_by_rows(data: np.ndarray, qtype, dequantize, rows: int = 4096) -> np.ndarray:
+    """float32 rows from a tensor's data, a slice at a time into one buffer: the decoder's full-size temporaries
+    (several per call) would otherwise sit in memory at once for a 49k-row embedding."""
+    if data.ndim < 2 or data.shape[0] <= rows:
+        return dequantize(data, qtype)
+    first = np.asarray(dequantize(data[:rows], qtype), dtype=np.float32)
+    out = np.empty((data.shape[0], *first.shape[1:]), dtype=np.float32)
+    out[:rows] = first
+    for i in range(rows, data.shape[0], rows):
+        out[i:i + rows] = dequantize(data[i:i + rows], qtype)
+    return out
 
 
 def quantized_blocks(path: str, config: ModelConfig, hf_param: str):

@@ -20,6 +20,13 @@ from . import synthetic
 from .source import ModelSource
 
 
+def drop_metadata(source: ModelSource) -> None:
+    """Once config and tokenizer are read: a GGUF reader's parsed metadata is not needed to read tensors."""
+    if source.kind == "gguf":
+        gguf_loader.drop_metadata(source.location)
+        gc.collect()
+
+
 def release_loader_memory() -> None:
     """After loading: drop the cached GGUF readers (their mapped pages count as resident) and return the freed
     float weights' heap to the OS."""

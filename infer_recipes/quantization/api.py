@@ -13,13 +13,14 @@ from ..config import GROUP_SIZES
 from .embedding import Int8Embedding
 from .int4 import Int4Linear, gguf_q4_parts
 from .int8 import Int8Linear, Int8MinMaxLinear
-from .w8a8 import W8A8Linear
+from .w8a8 import PhaseLinear, W8A8Linear
 
 SCHEMES = {
     "int8": lambda w, b, g: Int8Linear(w, b),
     "int8-minmax": lambda w, b, g: Int8MinMaxLinear(w, b),
     "w8a8": lambda w, b, g: W8A8Linear(w, b),
     "int4": lambda w, b, g: Int4Linear.from_float(w, b, g),
+    "int4-w8a8": lambda w, b, g: PhaseLinear(Int4Linear.from_float(w, b, g), W8A8Linear(w, b)),
 }
 
 
@@ -42,7 +43,7 @@ def _linear_targets(model: nn.Module, skip, root: str = "") -> list[tuple[str, n
 def check_scheme(scheme: str, group_size: int = 32) -> None:
     if scheme not in SCHEMES:
         raise InferRecipesError(f"unknown quantization {scheme!r}: choose one of {', '.join(SCHEMES)} (or gguf)")
-    if scheme == "int4" and group_size not in GROUP_SIZES:
+    if scheme.startswith("int4") and group_size not in GROUP_SIZES:
         raise InferRecipesError(f"group_size {group_size} is not supported: choose one of {GROUP_SIZES}")
 
 
@@ -54,7 +55,7 @@ def quantize(model: nn.Module, scheme: str, skip=(), group_size: int = 32, progr
     targets = _linear_targets(model, skip, root)
     for name, module in tqdm(targets, desc=f"quantizing ({scheme})", unit="linear", disable=not progress,
                              file=sys.stderr, leave=False):
-        if scheme == "int4" and module.in_features % group_size:
+        if scheme.startswith("int4") and module.in_features % group_size:
             continue  # an odd shape stays in float rather than failing the whole model
         parent_name, _, leaf = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model

@@ -8,8 +8,9 @@ from torch import nn
 ROWS_PER_CHUNK = 2048  # quantize big matrices (a 49k-row lm_head) in slices: float temporaries stay small
 
 
-def by_rows(fn, w: torch.Tensor, rows: int = ROWS_PER_CHUNK) -> tuple[torch.Tensor, ...]:
+def by_rows(fn, w: torch.Tensor, rows: int | None = None) -> tuple[torch.Tensor, ...]:
     """fn(row slice of w) -> tuple of tensors with rows first; the slices' results concatenated."""
+    rows = rows or ROWS_PER_CHUNK
     parts = [fn(w[i:i + rows]) for i in range(0, w.shape[0], rows)]
     return tuple(torch.cat([p[j] for p in parts]) for j in range(len(parts[0])))
 

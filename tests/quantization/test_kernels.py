@@ -89,3 +89,33 @@ def test_gguf_q4_blocks_map_onto_the_int4_kernel():
         layer = Int4Linear(q, d, zeros, 32)
         err = (layer(x) - x @ ref.t()).abs()
         assert (err <= _bound(x, ref, BF16_EPS * (ref.abs() + 8 * d.abs().repeat_interleave(32, 1)))).all()
+
+
+def test_int4_w8a8_picks_the_kernel_by_phase(data):
+    """Decode-sized calls (<= 4 rows) go through int4, prefill-sized ones through w8a8: each exactly as alone."""
+    from infer_recipes.quantization.w8a8 import PhaseLinear
+
+    w, x = data
+    small, large = Int4Linear.from_float(w), W8A8Linear(w)
+    layer = PhaseLinear(small, large)
+    for rows in (1, 4):
+        assert torch.equal(layer(x[:rows]), small(x[:rows]))
+    assert torch.equal(layer(x), large(x))  # 7 rows
+    assert not torch.equal(small(x), large(x))  # the two forms really differ, so the checks above can fail
+
+
+def test_big_matrices_quantize_in_slices_exactly_as_whole():
+    from infer_recipes.quantization import base
+
+    g = torch.Generator().manual_seed(1)
+    w = torch.randn(320, 64, generator=g)
+    whole = Int8Linear.quantize(w)
+    rows, base.ROWS_PER_CHUNK = base.ROWS_PER_CHUNK, 128  # 320 rows in slices of 128, 128, 64 (int4 packs 16 rows at a time)
+    try:
+        sliced = Int8Linear.quantize(w)
+        a = Int4Linear.from_float(w)
+    finally:
+        base.ROWS_PER_CHUNK = rows
+    b = Int4Linear.from_float(w)
+    assert all(torch.equal(p, q) for p, q in zip(whole, sliced))
+    assert torch.equal(a.packed, b.packed) and torch.equal(a.scales_zeros, b.scales_zeros)
