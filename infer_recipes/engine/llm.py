@@ -67,8 +67,8 @@ class LLM:
         if self.engine_config.compile:
             start = time.perf_counter()
             if progress:
-                print("compiling (torch.compile, 4 graph classes: batch 1 / more, one query / more)...",
-                      file=sys.stderr)
+                print("compiling the decoder layer (torch.compile: batch 1 / more x one query / more x first "
+                      "layer / others)...", file=sys.stderr)
             self.runner.warm_up()
             self.compile_seconds = time.perf_counter() - start
         self._ids = itertools.count()

@@ -133,6 +133,11 @@ def _tensors_by_name(path: str) -> dict[str, GGUFTensor]:
     return index
 
 
+def _file_tensors(path: str) -> list[GGUFTensor]:
+    """Each tensor once, in file order (the index also holds each under our parameter name)."""
+    return [t for key, t in _tensors_by_name(path).items() if key == t.name]
+
+
 def drop_metadata(path: str) -> None:
     """Keeps only the tensor index of `path`: the reader with its parsed metadata goes."""
     _tensors_by_name(path)
@@ -156,15 +161,15 @@ def _rows_in_our_order(rows: np.ndarray, config: ModelConfig, name: str) -> np.n
 
 
 def tensor_names(path: str) -> list[str]:
-    return [name for name, t in _tensors_by_name(path).items() if name == t.name and hf_name(name) is not None]
+    return [t.name for t in _file_tensors(path) if hf_name(t.name) is not None]
 
 
 def iter_tensors(path: str, config: ModelConfig) -> Iterator[tuple[str, torch.Tensor]]:
     from gguf.quants import dequantize
 
-    for key, t in _tensors_by_name(path).items():
+    for t in _file_tensors(path):
         name = hf_name(t.name)
-        if key != t.name or name is None:
+        if name is None:
             continue  # e.g. rope_freqs.weight, already folded into the config
         try:
             w = _dequantize_by_rows(t.data, t.tensor_type, dequantize)
@@ -179,10 +184,10 @@ def _drop_pages(data: np.ndarray) -> None:
     """Tells the OS it may drop the file pages behind a tensor already copied out: they count as resident until
     then (96 MB for SmolLM2). Harmless if read again (they come back from the file); a no-op where unsupported."""
     mm, root = getattr(data, "_mmap", None), data
-    while isinstance(root.base, np.ndarray):
-        root = root.base
     if mm is None or not hasattr(mm, "madvise") or not hasattr(mmap, "MADV_DONTNEED"):
         return
+    while isinstance(root.base, np.ndarray):  # the array the map starts at
+        root = root.base
     start = data.ctypes.data - root.ctypes.data
     page = mmap.PAGESIZE
     first = start // page * page

@@ -79,6 +79,7 @@ class LlamaDecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
     def fuse(self) -> None:
+        """Operator fusion: merged QKV and gate-up GEMMs, add+RMSNorm, fused attention kernels."""
         self.self_attn.fuse()
         self.mlp.fuse()
         self.fused = True
@@ -126,11 +127,6 @@ class LlamaForCausalLM(nn.Module):
         if self.config.tie_word_embeddings and type(self.lm_head) is nn.Linear \
                 and type(self.model.embed_tokens) is nn.Embedding:
             self.lm_head.weight = self.model.embed_tokens.weight
-
-    def fuse(self) -> None:
-        """Operator fusion: merged QKV and gate-up GEMMs, add+RMSNorm, fused attention kernels."""
-        for layer in self.model.layers:
-            layer.fuse()
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
                 kv_cache: KVCache | None = None) -> torch.Tensor:
