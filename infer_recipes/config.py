@@ -86,6 +86,13 @@ class EngineConfig:
     quantization: str | None = None
     quantization_skip: tuple[str, ...] = ()  # module-name patterns kept in float (mixed precision)
     group_size: int = 32  # int4 group size
+    # the paged KV cache and the continuous-batching scheduler
+    block_size: int = 16  # tokens per KV block
+    num_blocks: int | None = None  # None: sized from kv_cache_memory
+    kv_cache_memory: float | None = None  # fraction of device memory for the KV pool (None: 0.25, capped at
+    #   what max_batch_size sequences of max_model_len tokens need)
+    max_num_batched_tokens: int = 512  # tokens per step: the chunked-prefill budget
+    max_waiting: int = 1024  # queued requests at most; more are refused (the server answers 429)
 
     def __post_init__(self) -> None:
         _require(self.device in DEVICES or self.device.startswith(("cuda:", "npu:")), "device",
@@ -106,6 +113,16 @@ class EngineConfig:
         if isinstance(self.quantization_skip, str):
             object.__setattr__(self, "quantization_skip", (self.quantization_skip,))
         object.__setattr__(self, "quantization_skip", tuple(self.quantization_skip or ()))
+        for name in ("block_size", "max_num_batched_tokens", "max_waiting"):
+            value = getattr(self, name)
+            _require(isinstance(value, int) and not isinstance(value, bool) and value >= 1, name,
+                     f"must be a positive integer, got {value!r}")
+        if self.num_blocks is not None:
+            _require(isinstance(self.num_blocks, int) and self.num_blocks >= 1, "num_blocks",
+                     f"must be a positive integer (or null: sized from kv_cache_memory), got {self.num_blocks!r}")
+        if self.kv_cache_memory is not None:
+            _require(isinstance(self.kv_cache_memory, (int, float)) and 0 < self.kv_cache_memory <= 1,
+                     "kv_cache_memory", f"must be a fraction in (0, 1], got {self.kv_cache_memory!r}")
         _require(self.group_size in GROUP_SIZES, "group_size",
                  f"must be one of {', '.join(map(str, GROUP_SIZES))}, got {self.group_size!r}")
 

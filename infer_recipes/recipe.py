@@ -79,6 +79,11 @@ SCHEMA: dict[str, dict[str, tuple]] = {
     },
     "scheduler": {
         "max_batch_size": ((int,), None, "sequences run together"),
+        "max_num_batched_tokens": ((int,), None, "tokens per step (chunked-prefill budget)"),
+        "max_waiting": ((int,), None, "queued requests at most"),
+        "block_size": ((int,), None, "tokens per KV block"),
+        "num_blocks": ((int, type(None)), None, "KV blocks (null: from kv_cache_memory)"),
+        "kv_cache_memory": ((int, float, type(None)), None, "fraction of device memory for the KV pool"),
     },
     "data": {
         "prompts": ((list,), None, "a list of prompts"),

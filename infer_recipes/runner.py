@@ -1,14 +1,15 @@
-"""Turning a batch of token lists into tensors, running the model on them, and keeping the KV cache.
+"""Turning a scheduled step into tensors, running the model on it, and owning the paged KV pool.
 
-A batch is left-padded: every row's newest token sits in the same cache column, so one decode step writes one
-column for all rows. Pad columns are masked out of attention, and positions count real tokens only, so a padded
-row computes exactly what it would alone.
+A step is a list of sequences, each with the tokens it computes now (a whole prompt, a chunk of one, or one decode
+token), laid end to end into one [1, N] batch: every linear layer runs once over all N tokens, and only attention
+looks at sequence boundaries (through `PagedMetadata`). Keys and values live in a pool of fixed-size blocks per
+layer; a sequence's block table says which blocks hold its tokens.
 
-With `compile` on, every decoder layer of every step (prefill or decode) goes through one `torch.compile`d
-function whose batch, query length and cache length are dynamic dimensions: any prompt length reuses the same
-graph. Sizes of 1 are specialised by the compiler, so four shape classes (batch 1 or more, one query or more),
-each for the first layer (no residual yet) and the others, make 8 graphs; `warm_up` compiles them all, and
-`compiles` counts every compilation so a recompile cannot hide.
+With `compile` on, every decoder layer goes through one `torch.compile`d function whose only dynamic dimension is
+the token count N; paged attention is one opaque custom op inside it, so how the N tokens split into sequences
+never reaches the graph. Sizes of 1 are specialised by the compiler, so N = 1 and N > 1, each for the first layer
+(no residual yet) and the others, make 4 graphs; `warm_up` compiles them all, and `compiles` counts every
+compilation so a recompile cannot hide.
 """
 from __future__ import annotations
 
@@ -17,23 +18,46 @@ import itertools
 import types
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
-from .layers.attention import AttentionMetadata, KVCache
+from .layers.attention import PagedMetadata
 from .models.llama import LlamaForCausalLM
 
 
-@dataclass
-class BatchState:
-    """A static batch in flight: its KV cache, which columns hold real keys, and each row's length."""
+@dataclass(frozen=True)
+class StepSeq:
+    """What the runner needs of one scheduled sequence."""
 
-    cache: KVCache | None  # None when the KV cache is switched off
-    tokens: torch.Tensor  # [B, S] every token so far (what a cache-less step recomputes)
-    positions: torch.Tensor  # [B, S]
-    key_valid: torch.Tensor  # [B, S] bool: column holds a real (non-pad) token
-    lengths: torch.Tensor  # [B] tokens so far (prompt + generated)
-    column: int  # next cache column to write
-    padded: bool  # any row shorter than the longest prompt
+    token_ids: list[int]  # the tokens computed this step
+    start: int  # position of the first of them
+    block_table: list[int]  # blocks holding positions [0, start + len(token_ids)) (empty without a KV cache)
+    sample: bool  # return logits for the last token
+
+
+class KVPool:
+    """Each layer's keys and values as [num_blocks, block_size, H_kv, D].
+
+    On the CPU the pool is zero pages from the OS (numpy's calloc): memory is committed only as blocks are first
+    written, so a pool sized for the worst case costs what is used. Blocks are reused most-recent-first."""
+
+    def __init__(self, num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int,
+                 dtype: torch.dtype, device: torch.device):
+        shape = (num_blocks, block_size, num_kv_heads, head_dim)
+        self.num_blocks, self.block_size = num_blocks, block_size
+        self.layers = [(self._zeros(shape, dtype, device), self._zeros(shape, dtype, device))
+                       for _ in range(num_layers)]
+
+    @staticmethod
+    def _zeros(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        if device.type != "cpu":
+            return torch.zeros(shape, dtype=dtype, device=device)
+        size = torch.empty((), dtype=dtype).element_size()
+        raw = np.zeros(shape + (size,), dtype=np.uint8)
+        return torch.from_numpy(raw).view(dtype).view(shape)
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for pair in self.layers for t in pair)
 
 
 _RUNNER_IDS = itertools.count()
@@ -59,7 +83,7 @@ class CompiledLayers:
         code = _run_layer.__code__
         names = {"co_name": name, **({"co_qualname": name} if hasattr(code, "co_qualname") else {})}
         run_layer = types.FunctionType(code.replace(**names), _run_layer.__globals__, name)
-        # 4 graph classes x (first layer, other layers): above the default limit of 8 once quantized layers differ
+        # 2 graph classes x (first layer, other layers), more once quantized layers differ: above the default 8
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
         self._compiled = torch.compile(run_layer, backend=self._backend, fullgraph=True)
         for layer in model.model.layers:
@@ -84,15 +108,11 @@ class CompiledLayers:
             if t.shape[dim] >= 2:
                 torch._dynamo.maybe_mark_dynamic(t, dim)
 
-    def __call__(self, layer, h, residual, cos, sin, meta: AttentionMetadata, kv):
+    def __call__(self, layer, h, residual, cos, sin, meta: PagedMetadata, kv):
         for t in (h, residual):
-            self._mark(t, (0, 1))  # batch, query length
-        for t in (cos, sin):
-            self._mark(t, (0, 2))
-        self._mark(meta.mask, (0, 2, 3))  # batch, query length, key length
-        self._mark(meta.cache_positions, (0,))
-        for t in kv or ():
-            self._mark(t, (0, 2))  # batch, cache length
+            self._mark(t, (1,))  # tokens
+        for t in (cos, sin, meta.slot_mapping, meta.plan):
+            self._mark(t, (0,))
         return self._compiled(layer, h, residual, cos, sin, meta, kv)
 
 
@@ -102,9 +122,12 @@ def _run_layer(layer, h, residual, cos, sin, meta, kv):
 
 class ModelRunner:
     def __init__(self, model: LlamaForCausalLM, device: torch.device, dtype: torch.dtype, kv_cache: bool = True,
-                 compile: bool = False):
+                 compile: bool = False, num_blocks: int = 0, block_size: int = 16):
         self.model, self.device, self.dtype, self.kv_cache = model, device, dtype, kv_cache
-        self.config = model.config
+        self.config = cfg = model.config
+        self.block_size = block_size
+        self.pool = (KVPool(cfg.num_layers, num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim, dtype, device)
+                     if kv_cache else None)
         self.compiled = CompiledLayers(model) if compile else None
 
     @property
@@ -112,85 +135,61 @@ class ModelRunner:
         """How many graphs torch.compile has built for this runner (0 when compile is off)."""
         return self.compiled.compiles if self.compiled else 0
 
-    def _meta(self, state: BatchState, start: int, q_len: int) -> AttentionMetadata:
-        end = start + q_len
-        cache_positions = torch.arange(start, end, device=self.device)
-        if self.compiled is not None:
-            # one shape-stable form for every step: attend over the whole cache (or, without a cache, the whole
-            # recomputed sequence) with an explicit mask, so no step length becomes a constant in the graph
-            columns = state.cache.max_len if state.cache is not None else end
-            return AttentionMetadata(cache_positions, None, self._mask(state, start, q_len, columns))
-        if not state.padded:
-            return AttentionMetadata(cache_positions, end, None)
-        return AttentionMetadata(cache_positions, end, self._mask(state, start, q_len, end))
+    def _inputs(self, seqs: list[StepSeq]):
+        """(tokens [1, N], positions [1, N], PagedMetadata) for sequences already ordered decodes first."""
+        bs = self.block_size
+        tokens, positions, slots = [], [], []
+        decodes, prefills = [], []
+        for s in seqs:
+            n, at = len(s.token_ids), len(tokens)
+            tokens += s.token_ids
+            positions += range(s.start, s.start + n)
+            if self.kv_cache:
+                t = s.block_table
+                slots += [t[p // bs] * bs + p % bs for p in range(s.start, s.start + n)]
+            if self.kv_cache and n == 1:
+                decodes.append((s.block_table, s.start + 1))
+            else:
+                prefills.append((at, n, s.start + n, s.block_table))
+        dev = self.device
+        slot_mapping = torch.tensor(slots, dtype=torch.long, device=dev) if self.kv_cache else None
+        meta = PagedMetadata.build(decodes, prefills, slot_mapping, bs, dev)
+        return (torch.tensor([tokens], dtype=torch.long, device=dev),
+                torch.tensor([positions], dtype=torch.long, device=dev), meta)
 
-    def _mask(self, state: BatchState, start: int, q_len: int, columns: int) -> torch.Tensor:
-        """[B, 1, T, columns] bool: causal, pad keys hidden."""
-        causal = torch.ones(q_len, columns, dtype=torch.bool, device=self.device).tril(diagonal=start)  # [T, S]
-        mask = causal.unsqueeze(0) & state.key_valid[:, None, :columns]  # [B, T, S]
-        # a pad query sees only itself: its output is discarded, but an all-masked row would give NaN
-        mask[:, torch.arange(q_len), torch.arange(start, start + q_len)] |= ~state.key_valid[:, start:start + q_len]
-        return mask.unsqueeze(1)
-
-    def _forward(self, tokens, positions, meta, cache) -> torch.Tensor:
-        """Last-position logits [B, V] of one step."""
-        return self.model.compute_logits(self.model(tokens, positions, meta, cache)[:, -1])
+    @torch.inference_mode()
+    def execute(self, seqs: list[StepSeq]) -> torch.Tensor:
+        """Runs one step; returns float32 logits [S, V] for the sequences with `sample`, in their given order."""
+        if not self.kv_cache and any(s.start for s in seqs):
+            raise ValueError("without a KV cache every step must recompute each sequence from position 0")
+        order = sorted(range(len(seqs)), key=lambda i: not (self.kv_cache and len(seqs[i].token_ids) == 1))
+        ordered = [seqs[i] for i in order]
+        tokens, positions, meta = self._inputs(ordered)
+        hidden = self.model(tokens, positions, meta, self.pool.layers if self.pool else None)[0]  # [N, hidden]
+        ends = list(itertools.accumulate(len(s.token_ids) for s in ordered))
+        last = {i: ends[j] - 1 for j, i in enumerate(order)}
+        rows = [last[i] for i, s in enumerate(seqs) if s.sample]
+        return self.model.compute_logits(hidden[rows])
 
     @torch.inference_mode()
     def warm_up(self) -> int:
-        """Compiles every graph class once (batch 1 and more, one query and more); returns the compile count."""
+        """Compiles every graph class once (one token and more, first layer and others); returns the count."""
         if self.compiled is None:
             return 0
-        # distinct sizes everywhere: the compiler assumes dimensions of equal size are the same symbol
-        for batch in ([3], [3, 5]):
-            prompts = [[1] * n for n in batch]
-            state, _ = self.prefill(prompts, 4)
-            self.decode(state, [1] * len(prompts))
+        tables = ([0], [1]) if self.kv_cache else ([], [])
+        self.execute([StepSeq([1, 2, 3], 0, tables[0], True)])  # N > 1
+        if self.kv_cache:
+            self.execute([StepSeq([4], 3, tables[0], True)])  # N = 1: a decode
+            self.execute([StepSeq([5], 4, tables[0], True), StepSeq([1, 2], 0, tables[1], True)])
+        else:
+            self.execute([StepSeq([4], 0, [], True)])
         return self.compiles
 
     @torch.inference_mode()
-    def prefill(self, prompts: list[list[int]], max_new_tokens: int) -> tuple[BatchState, torch.Tensor]:
-        """Left-pads the prompts, fills a fresh KV cache; returns the state and last-position logits [B, V]."""
-        B, P = len(prompts), max(len(p) for p in prompts)
-        S, cfg = P + max_new_tokens, self.config
-        cache = (KVCache(cfg.num_layers, B, cfg.num_kv_heads, S, cfg.head_dim, self.dtype, self.device)
-                 if self.kv_cache else None)
-        tokens = torch.zeros(B, S, dtype=torch.long)
-        key_valid = torch.zeros(B, S, dtype=torch.bool)
-        positions = torch.zeros(B, S, dtype=torch.long)
-        for i, p in enumerate(prompts):
-            pad = P - len(p)
-            tokens[i, pad:P] = torch.tensor(p, dtype=torch.long)
-            positions[i, pad:P] = torch.arange(len(p))
-            key_valid[i, pad:P] = True
-        key_valid[:, P:] = True
-        lengths = torch.tensor([len(p) for p in prompts], dtype=torch.long)
-        state = BatchState(cache, tokens.to(self.device), positions.to(self.device), key_valid.to(self.device),
-                           lengths.to(self.device), 0, any(len(p) != P for p in prompts))
-        logits = self._forward(state.tokens[:, :P], state.positions[:, :P], self._meta(state, 0, P), cache)
-        state.column = P
-        return state, logits
-
-    @torch.inference_mode()
-    def decode(self, state: BatchState, tokens: list[int]) -> torch.Tensor:
-        """One new token per row -> next-token logits [B, V]."""
-        c = state.column
-        state.tokens[:, c] = torch.tensor(tokens, dtype=torch.long, device=self.device)
-        state.positions[:, c] = state.lengths
-        if state.cache is not None:
-            logits = self._forward(state.tokens[:, c:c + 1], state.positions[:, c:c + 1], self._meta(state, c, 1),
-                                   state.cache)
-        else:  # no cache: run the whole sequence again, as the unoptimized original does
-            logits = self._forward(state.tokens[:, :c + 1], state.positions[:, :c + 1], self._meta(state, 0, c + 1),
-                                   None)
-        state.column = c + 1
-        state.lengths += 1
-        return logits
-
-    @torch.inference_mode()
     def full_logits(self, token_ids: list[int]) -> torch.Tensor:
-        """Logits [T, V] for every position of one sequence (for evaluation and tests)."""
+        """Logits [T, V] for every position of one sequence, without touching the KV pool (evaluation, tests)."""
+        n = len(token_ids)
+        meta = PagedMetadata.build([], [(0, n, n, [])], None, self.block_size, self.device)
         tokens = torch.tensor([token_ids], dtype=torch.long, device=self.device)
-        positions = torch.arange(len(token_ids), device=self.device).unsqueeze(0)
-        meta = AttentionMetadata(None, len(token_ids), None)
+        positions = torch.arange(n, device=self.device).unsqueeze(0)
         return self.model.compute_logits(self.model(tokens, positions, meta, None))[0]

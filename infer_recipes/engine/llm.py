@@ -1,7 +1,6 @@
 """The offline API: `LLM(model).generate(prompts, SamplingParams(...))` and `LLM.chat(messages)`."""
 from __future__ import annotations
 
-import itertools
 import sys
 import time
 from collections.abc import Iterator, Sequence
@@ -11,7 +10,7 @@ from tqdm import tqdm
 
 from ..config import EngineConfig, ModelConfig, SamplingParams
 from ..device import resolve_device, resolve_dtype, returning_host_memory
-from ..errors import ContextLengthError, InferRecipesError
+from ..errors import InferRecipesError
 from ..loading import load_model, resolve_model_source
 from ..loading.gguf import quantized_blocks
 from ..loading.weights import drop_metadata, read_config, release_loader_memory
@@ -19,11 +18,10 @@ from ..models.llama import LlamaForCausalLM
 from ..quantization import quantize
 from ..quantization.api import check_scheme, quantize_embedding, quantize_gguf
 from ..runner import ModelRunner
-from ..sampling import make_generator, sample
-from ..tokenizer import IncrementalDetokenizer, LLMTokenizer, load_tokenizer
-from .request import Request, RequestOutput
+from ..tokenizer import LLMTokenizer, load_tokenizer
+from .llm_engine import LLMEngine, Prompt, kv_pool_blocks
+from .request import RequestOutput
 
-Prompt = str | Sequence[int]
 
 
 class LLM:
@@ -62,20 +60,24 @@ class LLM:
             raise InferRecipesError("this GGUF file has no Q4_0/Q4_1 tensors to keep: use int4 or int8")
         self.load_seconds = self.model.load_seconds
         self.compile_seconds = 0.0
-        self.runner = ModelRunner(self.model, self.device, self.dtype, kv_cache=self.engine_config.kv_cache,
-                                  compile=self.engine_config.compile)
+        cfg = self.engine_config
+        self.runner = ModelRunner(self.model, self.device, self.dtype, kv_cache=cfg.kv_cache, compile=cfg.compile,
+                                  num_blocks=kv_pool_blocks(self.model_config, cfg, self.max_model_len, self.dtype,
+                                                            self.device) if cfg.kv_cache else 0,
+                                  block_size=cfg.block_size)
         if self.engine_config.compile:
             start = time.perf_counter()
             if progress:
-                print("compiling the decoder layer (torch.compile: batch 1 / more x one query / more x first "
-                      "layer / others)...", file=sys.stderr)
+                print("compiling the decoder layer (torch.compile: one token / more x first layer / others)...",
+                      file=sys.stderr)
             self.runner.warm_up()
             self.compile_seconds = time.perf_counter() - start
-        self._ids = itertools.count()
         eos = set(self.model_config.eos_token_ids)
         if self.tokenizer.eos_token_id is not None:
             eos.add(self.tokenizer.eos_token_id)
         self.eos_token_ids = frozenset(eos)
+        self.engine = LLMEngine(self.runner, self.tokenizer, cfg, self.max_model_len, self.model_config.vocab_size,
+                                self.eos_token_ids)
 
     def _check_switches(self) -> None:
         cfg = self.engine_config
@@ -124,56 +126,11 @@ class LLM:
                 total += t.numel() * t.element_size()
         return total
 
-    # ---- requests -------------------------------------------------------------------------------------------
-    def _token_ids(self, prompt: Prompt) -> tuple[str | None, list[int]]:
-        if isinstance(prompt, str):
-            ids = self.tokenizer.encode(prompt)
-            text = prompt
-        elif isinstance(prompt, Sequence) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
-            ids, text = list(prompt), None
-        else:
-            raise InferRecipesError("a prompt must be a string or a list of integer token ids")
-        if not ids:
-            raise InferRecipesError("the prompt is empty: give at least one token")
-        bad = [t for t in ids if not 0 <= t < self.model_config.vocab_size]
-        if bad:
-            raise InferRecipesError(f"token id {bad[0]} is outside the vocabulary [0, {self.model_config.vocab_size})")
-        if len(ids) >= self.max_model_len:
-            raise ContextLengthError(len(ids), self.max_model_len)
-        return text, ids
+    def kv_cache_bytes(self) -> int:
+        """Bytes reserved for the KV block pool (0 without a KV cache; on the CPU pages are committed on use)."""
+        return self.runner.pool.nbytes() if self.runner.pool is not None else 0
 
-    def _request(self, prompt: Prompt, params: SamplingParams) -> Request:
-        text, ids = self._token_ids(prompt)
-        stop_ids = frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else self.eos_token_ids)
-        return Request(str(next(self._ids)), text, ids, params, stop_ids, IncrementalDetokenizer(self.tokenizer, ids),
-                       max_len=self.max_model_len)
-
-    # ---- the generation loop -----------------------------------------------------------------------------------
-    def _run_batch(self, requests: list[Request]) -> Iterator[tuple[Request, str]]:
-        """Generates for a static batch; yields (request, new text) after every step, until all finish."""
-        room = self.max_model_len - max(len(r.prompt_token_ids) for r in requests)
-        max_new = min(max(r.params.max_tokens for r in requests), room)
-        generators = [make_generator(r.params.seed, self.device) for r in requests]
-        params = [r.params for r in requests]
-        state, logits = self.runner.prefill([r.prompt_token_ids for r in requests], max_new)
-        for step in range(max_new):
-            result = sample(logits, params, generators)
-            for i, r in enumerate(requests):
-                if r.finish_reason is not None:
-                    continue
-                delta = r.append(result.tokens[i], result.logprobs[i] if result.logprobs else None,
-                                 result.top_logprobs[i] if result.top_logprobs else None)
-                yield r, delta
-            if all(r.finish_reason is not None for r in requests) or step == max_new - 1:
-                break
-            logits = self.runner.decode(state, result.tokens)
-
-    def _batches(self, requests: list[Request]) -> list[list[Request]]:
-        # similar lengths together: less padding to compute
-        order = sorted(requests, key=lambda r: len(r.prompt_token_ids))
-        size = self.engine_config.max_batch_size
-        return [order[i:i + size] for i in range(0, len(order), size)]
-
+    # ---- generation, on the continuous-batching engine ---------------------------------------------------------
     def generate(self, prompts: Prompt | Sequence[Prompt], sampling_params: SamplingParams | Sequence[SamplingParams]
                  | None = None, use_tqdm: bool = False) -> list[RequestOutput]:
         """Generates for each prompt (text or token ids); outputs come back in the order of the prompts."""
@@ -183,22 +140,43 @@ class LLM:
         params_list = list(params) if isinstance(params, Sequence) else [params] * len(prompts)
         if len(params_list) != len(prompts):
             raise InferRecipesError(f"{len(params_list)} sampling params for {len(prompts)} prompts")
-        requests = [self._request(p, sp) for p, sp in zip(prompts, params_list)]
-        bar = tqdm(total=len(requests), desc="generating", unit="prompt", disable=not use_tqdm, file=sys.stderr)
-        for batch in self._batches(requests):
-            for _ in self._run_batch(batch):
-                pass
-            bar.update(len(batch))
-        bar.close()
-        return [r.output() for r in requests]
+        for p in prompts:
+            self.engine.token_ids(p)  # every prompt checked before any runs
+        if self.engine.has_unfinished_requests():
+            raise InferRecipesError("this LLM's engine is serving other requests: use one LLM per caller")
+        ids = []
+        try:
+            for p, sp in zip(prompts, params_list):
+                ids.append(self.engine.add_request(p, sp))
+            finals: dict[str, RequestOutput] = {}
+            bar = tqdm(total=len(ids), desc="generating", unit="prompt", disable=not use_tqdm, file=sys.stderr)
+            while self.engine.has_unfinished_requests():
+                for out in self.engine.step():
+                    if out.finished:
+                        finals[out.request_id] = out
+                        bar.update(1)
+            bar.close()
+        except BaseException:
+            for i in ids:
+                self.engine.abort_request(i)
+            raise
+        return [finals[i] for i in ids]
 
     def stream(self, prompt: Prompt, sampling_params: SamplingParams | None = None) -> Iterator[str]:
         """Yields text as it is produced for one prompt; the final output is the generator's return value."""
-        request = self._request(prompt, sampling_params or SamplingParams())
-        for _, delta in self._run_batch([request]):
-            if delta:
-                yield delta
-        return request.output()
+        request_id = self.engine.add_request(prompt, sampling_params or SamplingParams())
+        final = None
+        try:
+            while final is None:
+                for out in self.engine.step():
+                    if out.request_id == request_id:
+                        if out.delta:
+                            yield out.delta
+                        if out.finished:
+                            final = out
+        finally:
+            self.engine.abort_request(request_id)  # a consumer that stops early frees the blocks
+        return final
 
     def chat(self, messages: list[dict] | list[list[dict]], sampling_params: SamplingParams | None = None,
              use_tqdm: bool = False) -> list[RequestOutput]:
@@ -210,4 +188,4 @@ class LLM:
     @torch.inference_mode()
     def logits(self, prompt: Prompt) -> torch.Tensor:
         """Next-token logits [T, V] (float32) at every position of one prompt."""
-        return self.runner.full_logits(self._token_ids(prompt)[1])
+        return self.runner.full_logits(self.engine.token_ids(prompt)[1])

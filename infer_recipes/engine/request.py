@@ -21,13 +21,15 @@ class RequestOutput:
     logprobs: list[float] | None = None
     top_logprobs: list[list[tuple[int, float]]] | None = None
     metrics: dict = field(default_factory=dict)
+    delta: str = ""  # text made visible by the latest step (streaming)
+    num_new_tokens: int = 0  # tokens the latest step added (the last ones of token_ids)
 
     @property
     def finished(self) -> bool:
         return self.finish_reason is not None
 
 
-@dataclass
+@dataclass(eq=False)  # identity: the scheduler finds requests in its queues by `is`
 class Request:
     request_id: str
     prompt: str | None
@@ -40,10 +42,25 @@ class Request:
     output_ids: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
     top_logprobs: list = field(default_factory=list)
-    finish_reason: str | None = None
+    finish_reason: str | None = None  # "stop", "length", or "abort"
     first_token_time: float | None = None
     finish_time: float | None = None
     text_cut: int | None = None  # where a stop string begins in detok.text
+    generator: object = None  # the request's own torch.Generator when it is seeded
+    # what the scheduler keeps (see scheduler.Sequence)
+    num_computed_tokens: int = 0
+    block_table: list[int] = field(default_factory=list)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_token_ids) + len(self.output_ids)
+
+    def tokens(self, start: int, count: int) -> list[int]:
+        """token ids [start, start + count) of prompt + output."""
+        p = len(self.prompt_token_ids)
+        if start + count <= p:
+            return self.prompt_token_ids[start:start + count]
+        return (self.prompt_token_ids + self.output_ids)[start:start + count]
 
     @property
     def text(self) -> str:
@@ -90,7 +107,7 @@ class Request:
             self.text_cut = i + len(s) if self.params.include_stop_str_in_output else i
             self.finish_reason = "stop"
 
-    def output(self) -> RequestOutput:
+    def output(self, delta: str = "", num_new_tokens: int = 0) -> RequestOutput:
         metrics = {"prompt_tokens": len(self.prompt_token_ids), "generated_tokens": len(self.output_ids)}
         if self.first_token_time is not None:
             metrics["ttft_s"] = self.first_token_time - self.arrival
@@ -99,4 +116,5 @@ class Request:
             if len(self.output_ids) > 1:
                 metrics["tpot_s"] = (self.finish_time - self.first_token_time) / (len(self.output_ids) - 1)
         return RequestOutput(self.request_id, self.prompt, self.prompt_token_ids, self.text, list(self.output_ids),
-                             self.finish_reason, self.logprobs or None, self.top_logprobs or None, metrics)
+                             self.finish_reason, list(self.logprobs) or None, list(self.top_logprobs) or None,
+                             metrics, delta, num_new_tokens)

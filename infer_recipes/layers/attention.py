@@ -1,61 +1,15 @@
-"""Attention over a preallocated KV cache, and the metadata that describes one step.
+"""Attention: the textbook and fused kernels, and paged attention over a block pool of keys and values.
 
-The model never decides where keys go: the runner passes `AttentionMetadata` saying which cache columns this
-step writes and which keys each query may see.
+The model never decides where keys go: the runner passes `PagedMetadata` saying which pool slots this step writes
+and which blocks each sequence reads.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 import torch.nn.functional as F
-
-
-@dataclass(frozen=True)
-class AttentionMetadata:
-    """What one forward step needs to know about the sequence layout.
-
-    cache_positions: [T] cache columns the step's T tokens are written to (shared by every row of the batch);
-        None means no KV cache: attend over this step's keys only.
-    kv_len: how many leading cache columns hold keys after the write; None means every column of the cache (the
-        mask then says which hold real keys): the shape-stable form a compiled graph needs.
-    mask: [B, 1, T, kv_len] bool, True where a query may attend; None means causal, bottom-right aligned
-        (query t sees keys up to kv_len - T + t), which is right whenever no row is padded.
-    """
-
-    cache_positions: torch.Tensor | None
-    kv_len: int | None
-    mask: torch.Tensor | None = None
-
-
-class KVCache:
-    """Per-layer key and value tensors [B, H_kv, S, D], allocated once for a batch."""
-
-    def __init__(self, num_layers: int, batch: int, num_kv_heads: int, max_len: int, head_dim: int,
-                 dtype: torch.dtype, device: torch.device):
-        shape = (batch, num_kv_heads, max_len, head_dim)
-        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
-        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
-        self.max_len = max_len
-
-    def layer(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Layer i's (keys, values): what that layer is handed, so every layer runs the same code."""
-        return self.keys[i], self.values[i]
-
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.keys + self.values)
-
-
-def write_kv(cache: tuple[torch.Tensor, torch.Tensor], k: torch.Tensor, v: torch.Tensor,
-             meta: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor]:
-    """Writes k, v [B, H_kv, T, D] into one layer's cache at meta.cache_positions; returns the first kv_len
-    columns (every column if kv_len is None)."""
-    kc, vc = cache
-    kc.index_copy_(2, meta.cache_positions, k)
-    vc.index_copy_(2, meta.cache_positions, v)
-    if meta.kv_len is None:
-        return kc, vc
-    return kc[:, :, : meta.kv_len], vc[:, :, : meta.kv_len]
 
 
 def causal_mask(q_len: int, kv_len: int, device: torch.device) -> torch.Tensor:
@@ -104,3 +58,151 @@ def fused_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: tor
         mask = causal_mask(T, S, q.device)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, scale=scale,
                                           enable_gqa=Hkv != H)
+
+
+# ---- paged attention: one flat batch of tokens from many sequences, K/V in a pool of fixed-size blocks --------
+
+@dataclass(frozen=True)
+class PagedMetadata:
+    """One continuous-batching step: the tokens of every scheduled sequence laid end to end ([1, N] for the
+    model), decodes (one token each) first, then prefill chunks.
+
+    slot_mapping: [N] pool slot (block * block_size + offset) each new token's K/V is written to; None without a
+        KV cache (every sequence then attends over its own tokens of this step only).
+    plan: int64 [L] the rest, packed into one tensor so a compiled graph sees one dynamic size whatever the mix:
+        [num_decodes, decode_blocks_per_row, num_prefills, prefill_blocks_per_row,
+         decode block tables (num_decodes x blocks), decode context lengths (num_decodes),
+         prefill (query start, query length, context length) (num_prefills x 3),
+         prefill block tables (num_prefills x blocks)]
+    """
+
+    slot_mapping: torch.Tensor | None
+    plan: torch.Tensor
+    block_size: int
+
+    @staticmethod
+    def build(decodes: list[tuple[list[int], int]], prefills: list[tuple[int, int, int, list[int]]],
+              slot_mapping: torch.Tensor | None, block_size: int, device: torch.device) -> "PagedMetadata":
+        """decodes: (block table, context length) per decode row; prefills: (query start, query length, context
+        length, block table)."""
+        nd = max((len(t) for t, _ in decodes), default=0)
+        npf = max((len(p[3]) for p in prefills), default=0)
+        plan = [len(decodes), nd, len(prefills), npf]
+        for table, _ in decodes:
+            plan += table + [0] * (nd - len(table))  # padding points at block 0: finite values, masked out
+        plan += [ctx for _, ctx in decodes]
+        for start, q_len, ctx, _ in prefills:
+            plan += [start, q_len, ctx]
+        for *_, table in prefills:
+            plan += table + [0] * (npf - len(table))
+        return PagedMetadata(slot_mapping, torch.tensor(plan, dtype=torch.long, device=device), block_size)
+
+    @cached_property
+    def parts(self) -> "_Plan":
+        """The plan unpacked into tensors, once per step (every layer reuses it)."""
+        return _Plan.unpack(self.plan, self.block_size)
+
+
+@dataclass(frozen=True)
+class _Plan:
+    num_decodes: int
+    decode_blocks: torch.Tensor  # [Bd * blocks]
+    decode_mask: torch.Tensor  # [Bd, 1, 1, blocks * block_size] True where a key is real
+    prefills: list[tuple[int, int, int]]  # (query start, query length, context length)
+    prefill_blocks: torch.Tensor  # [Bp, blocks]
+
+    @staticmethod
+    def unpack(plan: torch.Tensor, block_size: int) -> "_Plan":
+        head = plan[:4].tolist()
+        nd, bd, npf, bp = head
+        at = 4
+        decode_blocks = plan[at:at + nd * bd]
+        at += nd * bd
+        ctx = plan[at:at + nd]
+        at += nd
+        prefills = [tuple(x) for x in plan[at:at + npf * 3].view(npf, 3).tolist()]
+        at += npf * 3
+        prefill_blocks = plan[at:at + npf * bp].view(npf, bp)
+        columns = torch.arange(bd * block_size, device=plan.device)
+        mask = (columns.unsqueeze(0) < ctx.unsqueeze(1)).view(nd, 1, 1, bd * block_size)
+        return _Plan(nd, decode_blocks, mask, prefills, prefill_blocks)
+
+
+def _gather(cache: torch.Tensor, blocks: torch.Tensor, rows: int) -> torch.Tensor:
+    """cache [num_blocks, block_size, H_kv, D], blocks [rows * n] -> [rows, H_kv, n * block_size, D]."""
+    _, bs, hkv, d = cache.shape
+    return cache.index_select(0, blocks).view(rows, -1, hkv, d).transpose(1, 2)
+
+
+def paged_attention_impl(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor | None,
+                         v_cache: torch.Tensor | None, slot_mapping: torch.Tensor | None, plan: "_Plan",
+                         scale: float, fused: bool) -> torch.Tensor:
+    """q [N, H, D], k, v [N, H_kv, D] (this step's tokens) -> [N, H, D]; writes k, v into the pool first.
+
+    Decodes are batched: their blocks are gathered into [Bd, H_kv, S, D] and attended with a padding mask. Each
+    prefill chunk attends causally (bottom-right aligned) over its context: straight from this step's k, v when it
+    is the whole context (a first chunk, or no cache), else gathered from its blocks.
+    """
+    attend = fused_attention if fused else eager_attention
+    out = torch.empty_like(q)
+    if k_cache is not None:
+        k_cache.view(-1, *k.shape[1:]).index_copy_(0, slot_mapping, k)
+        v_cache.view(-1, *v.shape[1:]).index_copy_(0, slot_mapping, v)
+    nd = plan.num_decodes
+    if nd:
+        kd = _gather(k_cache, plan.decode_blocks, nd)
+        vd = _gather(v_cache, plan.decode_blocks, nd)
+        out[:nd] = attend(q[:nd].unsqueeze(2), kd, vd, plan.decode_mask, scale).squeeze(2)
+    for i, (start, q_len, ctx) in enumerate(plan.prefills):
+        qi = q[start:start + q_len].transpose(0, 1).unsqueeze(0)  # [1, H, T, D]
+        if ctx == q_len:
+            ki = k[start:start + q_len].transpose(0, 1).unsqueeze(0)
+            vi = v[start:start + q_len].transpose(0, 1).unsqueeze(0)
+        else:
+            blocks = plan.prefill_blocks[i]
+            ki = _gather(k_cache, blocks, 1)[:, :, :ctx]
+            vi = _gather(v_cache, blocks, 1)[:, :, :ctx]
+        out[start:start + q_len] = attend(qi, ki, vi, None, scale)[0].transpose(0, 1)
+    return out
+
+
+@torch.library.custom_op("infer_recipes::paged_attention", mutates_args=("k_cache", "v_cache"))
+def _paged_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
+                        v_cache: torch.Tensor, slot_mapping: torch.Tensor, plan: torch.Tensor,
+                        block_size: int, scale: float, fused: bool) -> torch.Tensor:
+    return paged_attention_impl(q, k, v, k_cache, v_cache, slot_mapping, _Plan.unpack(plan, block_size), scale,
+                                fused)
+
+
+@_paged_attention_op.register_fake
+def _(q, k, v, k_cache, v_cache, slot_mapping, plan, block_size, scale, fused):
+    return torch.empty_like(q)
+
+
+@torch.library.custom_op("infer_recipes::prefix_attention", mutates_args=())
+def _prefix_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: torch.Tensor, block_size: int,
+                         scale: float, fused: bool) -> torch.Tensor:
+    """Without a KV cache: each sequence attends over its own tokens of this step."""
+    return paged_attention_impl(q, k, v, None, None, None, _Plan.unpack(plan, block_size), scale, fused)
+
+
+@_prefix_attention_op.register_fake
+def _(q, k, v, plan, block_size, scale, fused):
+    return torch.empty_like(q)
+
+
+def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                    kv: tuple[torch.Tensor, torch.Tensor] | None, meta: PagedMetadata, scale: float,
+                    fused: bool) -> torch.Tensor:
+    """Attention for a continuous-batching step (see `paged_attention_impl`).
+
+    Inside a compiled graph it is one opaque custom op (as vLLM splits attention out of its graphs): the graph
+    then depends only on the number of tokens, never on how they split into sequences. Eagerly the plan is
+    unpacked once per step and shared by all layers."""
+    k_cache, v_cache = kv if kv is not None else (None, None)
+    if torch.compiler.is_compiling():
+        if k_cache is None:
+            return _prefix_attention_op(q, k, v, meta.plan, meta.block_size, scale, fused)
+        return _paged_attention_op(q, k, v, k_cache, v_cache, meta.slot_mapping, meta.plan, meta.block_size,
+                                   scale, fused)
+    return paged_attention_impl(q, k, v, k_cache, v_cache, meta.slot_mapping, meta.parts, scale, fused)

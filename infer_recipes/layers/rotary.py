@@ -43,7 +43,7 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("sin_cached", emb.sin(), persistent=False)
 
     def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """positions [B, T] -> cos, sin [B, 1, T, D] in `dtype`, ready to broadcast over heads."""
+        """positions [N] -> cos, sin [N, 1, D] in `dtype`, ready to broadcast over heads."""
         cos = self.cos_cached[positions].unsqueeze(1).to(dtype)
         sin = self.sin_cached[positions].unsqueeze(1).to(dtype)
         return cos, sin
@@ -55,5 +55,5 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x [B, H, T, D]; cos, sin [B, 1, T, D]."""
+    """x [N, H, D]; cos, sin [N, 1, D]."""
     return x * cos + rotate_half(x) * sin

@@ -1,7 +1,7 @@
 """One Llama-family model: Llama 2, Llama 3/3.1/3.2, SmolLM2 (tied embeddings), Qwen2 (q/k/v biases).
 
 Parameter names follow Hugging Face's `LlamaForCausalLM`, so a safetensors checkpoint loads without renaming.
-The model only computes: it is handed token ids, positions, the step's `AttentionMetadata` and the KV cache.
+The model only computes: it is handed token ids, positions, the step's `PagedMetadata` and the KV pool.
 """
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from torch import nn
 
 from ..config import ModelConfig
 from ..layers.activation import silu_and_mul
-from ..layers.attention import AttentionMetadata, KVCache, eager_attention, fused_attention, write_kv
+from ..layers.attention import PagedMetadata, paged_attention
 from ..layers.norm import RMSNorm
 from ..layers.rotary import RotaryEmbedding, apply_rotary
 
@@ -32,23 +32,19 @@ class LlamaAttention(nn.Module):
         self.qkv_proj = _merged_linear([self.q_proj, self.k_proj, self.v_proj])
         del self.q_proj, self.k_proj, self.v_proj
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, meta: AttentionMetadata,
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, meta: PagedMetadata,
                 kv: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
-        B, T, _ = x.shape
+        """x [1, N, hidden]: the step's tokens of every sequence end to end; cos, sin [N, 1, D]."""
+        N = x.shape[1]
         H, Hkv, D = self.num_heads, self.num_kv_heads, self.head_dim
         if hasattr(self, "qkv_proj"):
             q, k, v = self.qkv_proj(x).split([H * D, Hkv * D, Hkv * D], dim=-1)
         else:
             q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
-        q = q.view(B, T, H, D).transpose(1, 2)  # [B, H, T, D]
-        k = k.view(B, T, Hkv, D).transpose(1, 2)  # [B, Hkv, T, D]
-        v = v.view(B, T, Hkv, D).transpose(1, 2)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        if kv is not None:
-            k, v = write_kv(kv, k, v, meta)  # [B, Hkv, S, D]
-        attend = fused_attention if hasattr(self, "qkv_proj") else eager_attention
-        out = attend(q, k, v, meta.mask, self.scale)  # [B, H, T, D]
-        return self.o_proj(out.transpose(1, 2).reshape(B, T, H * D))
+        q = apply_rotary(q.view(N, H, D), cos, sin)
+        k = apply_rotary(k.view(N, Hkv, D), cos, sin)
+        out = paged_attention(q, k, v.view(N, Hkv, D), kv, meta, self.scale, fused=hasattr(self, "qkv_proj"))
+        return self.o_proj(out.view(1, N, H * D))
 
 
 class LlamaMLP(nn.Module):
@@ -85,7 +81,7 @@ class LlamaDecoderLayer(nn.Module):
         self.fused = True
 
     def forward(self, h: torch.Tensor, residual: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor,
-                meta: AttentionMetadata, kv: tuple[torch.Tensor, torch.Tensor] | None):
+                meta: PagedMetadata, kv: tuple[torch.Tensor, torch.Tensor] | None):
         """One block -> (h, residual); the block's output is h + residual (residual None: h is the output).
 
         Textbook (unfused): x + attn(norm(x)), then + mlp(norm(.)). Fused: each residual add folded into the next
@@ -128,13 +124,14 @@ class LlamaForCausalLM(nn.Module):
                 and type(self.model.embed_tokens) is nn.Embedding:
             self.lm_head.weight = self.model.embed_tokens.weight
 
-    def forward(self, tokens: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
-                kv_cache: KVCache | None = None) -> torch.Tensor:
-        """tokens, positions [B, T] -> final hidden states [B, T, hidden]."""
+    def forward(self, tokens: torch.Tensor, positions: torch.Tensor, meta: PagedMetadata,
+                kv_cache: list[tuple[torch.Tensor, torch.Tensor]] | None = None) -> torch.Tensor:
+        """tokens, positions [1, N] (every sequence's tokens of this step end to end) -> final hidden states
+        [1, N, hidden]. kv_cache: each layer's (keys, values) pool, or None."""
         h, residual = self.model.embed_tokens(tokens), None
-        cos, sin = self.rotary(positions, h.dtype)
+        cos, sin = self.rotary(positions[0], h.dtype)
         for i, layer in enumerate(self.model.layers):
-            h, residual = layer(h, residual, cos, sin, meta, kv_cache.layer(i) if kv_cache is not None else None)
+            h, residual = layer(h, residual, cos, sin, meta, kv_cache[i] if kv_cache is not None else None)
         if residual is None:
             return self.model.norm(h)
         return self.model.norm.forward_with_residual(h, residual)[0]

@@ -1,0 +1,149 @@
+"""Iteration-level (continuous) batching: which sequences run in the next step, and how many tokens of each.
+
+Every step mixes decodes (one token per running sequence) with prefills, under a token budget: a long prompt is
+cut into chunks across steps (chunked prefill), so it never stalls the decodes of everyone else. Running sequences
+go first, then waiting ones first-come-first-served while the budget, the sequence cap and the KV blocks last.
+When a running sequence needs a block and none is free, the newest running sequence is preempted: its blocks are
+freed and it goes back to the head of the queue to be recomputed (prompt and the tokens it already produced), so
+its output continues exactly where it stopped.
+
+Plain Python, no torch. A sequence is any object with `request_id`, `num_tokens` (prompt + output so far),
+`num_computed_tokens` and `block_table` (a list of ints).
+"""
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+from typing import Protocol
+
+from ..errors import InferRecipesError
+from .block_pool import BlockPool
+
+
+class QueueFullError(InferRecipesError):
+    """The waiting queue is at its bound: the caller should retry later."""
+
+
+class Sequence(Protocol):
+    request_id: str
+    num_computed_tokens: int
+    block_table: list[int]
+
+    @property
+    def num_tokens(self) -> int: ...
+
+
+@dataclass(frozen=True)
+class ScheduledSeq:
+    seq: Sequence
+    start: int  # position of the first token computed this step
+    num_tokens: int  # tokens computed this step
+    sample: bool  # this chunk reaches the sequence's end: a new token is sampled from its last position
+
+
+@dataclass(frozen=True)
+class SchedulerOutput:
+    scheduled: tuple[ScheduledSeq, ...]
+    preempted: tuple[str, ...]  # request ids sent back to the queue this step
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(s.num_tokens for s in self.scheduled)
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    max_num_seqs: int = 16  # running sequences at most
+    max_num_batched_tokens: int = 512  # tokens computed per step at most (the chunked-prefill budget)
+    max_waiting: int = 1024  # queued requests at most; beyond it add() raises QueueFullError
+    recompute: bool = False  # no KV cache: every step recomputes each sequence's whole prefix, no blocks
+
+    def __post_init__(self) -> None:
+        for name in ("max_num_seqs", "max_num_batched_tokens", "max_waiting"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise InferRecipesError(f"{name}: must be a positive integer, got {value!r}")
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig, pool: BlockPool):
+        self.config, self.pool = config, pool
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []  # in admission order: the last one is preempted first
+        self.num_preemptions = 0
+
+    def add(self, seq: Sequence) -> None:
+        if len(self.waiting) >= self.config.max_waiting:
+            raise QueueFullError(f"the waiting queue is full ({self.config.max_waiting} requests): retry later")
+        self.waiting.append(seq)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.running.remove(seq)
+        self.pool.release(seq.block_table)
+        seq.num_computed_tokens = 0
+        self.waiting.appendleft(seq)
+        self.num_preemptions += 1
+
+    def schedule(self) -> SchedulerOutput:
+        budget = self.config.max_num_batched_tokens
+        scheduled: list[ScheduledSeq] = []
+        preempted: list[str] = []
+        i = 0
+        while i < len(self.running) and budget > 0:
+            seq = self.running[i]
+            if self.config.recompute:
+                n = seq.num_tokens
+                if n > budget and scheduled:
+                    break  # a whole prefix per step: it waits for a step of its own
+                scheduled.append(ScheduledSeq(seq, 0, n, True))
+                budget -= n
+                i += 1
+                continue
+            n = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            while not self.pool.grow(seq.block_table, seq.num_computed_tokens + n):
+                victim = self.running[-1]
+                self._preempt(victim)
+                preempted.append(victim.request_id)
+                if victim is seq:
+                    break
+            else:
+                scheduled.append(ScheduledSeq(seq, seq.num_computed_tokens, n,
+                                              seq.num_computed_tokens + n == seq.num_tokens))
+                budget -= n
+                i += 1
+                continue
+            break  # seq itself was preempted: nothing after it is left to run
+        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs and not preempted:
+            seq = self.waiting[0]
+            if self.config.recompute:
+                n = seq.num_tokens
+                if n > budget and scheduled:
+                    break
+            else:
+                n = min(seq.num_tokens - seq.num_computed_tokens, budget)
+                if not self.pool.grow(seq.block_table, seq.num_computed_tokens + n):
+                    break  # first come, first served: nobody overtakes the head of the queue
+            self.waiting.popleft()
+            self.running.append(seq)
+            start = 0 if self.config.recompute else seq.num_computed_tokens
+            scheduled.append(ScheduledSeq(seq, start, n, start + n == seq.num_tokens))
+            budget -= n
+        return SchedulerOutput(tuple(scheduled), tuple(preempted))
+
+    def update(self, output: SchedulerOutput) -> None:
+        """Marks the scheduled tokens computed (call after the step ran, before appending sampled tokens)."""
+        if self.config.recompute:
+            return
+        for s in output.scheduled:
+            s.seq.num_computed_tokens = s.start + s.num_tokens
+
+    def finish(self, seq: Sequence) -> None:
+        """Removes a finished or aborted sequence, wherever it is, and frees its blocks."""
+        if seq in self.running:
+            self.running.remove(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+        self.pool.release(seq.block_table)
