@@ -267,6 +267,53 @@ def cmd_info(args) -> int:
     return 0
 
 
+def cmd_serve(args) -> int:
+    from .errors import InferRecipesError
+    from .serving.deployment import load_deployment, parse_bytes
+    from .serving.pool import ModelPool, ModelSpec, log_stderr, parse_model_arg
+    from .serving.routing import Cascade
+    from .serving.server import serve
+
+    base = {name: getattr(args, name) for name in _FLAGS + _SERVE_FLAGS if getattr(args, name, None) is not None}
+    if "quantization_skip" in base:
+        base["quantization_skip"] = tuple(base["quantization_skip"])
+    specs, cascades, budget = [], [], None
+    if args.deployment:
+        d = load_deployment(args.deployment)
+        specs += [ModelSpec(m.name, m.model, {**m.options, **base}, m.pinned) for m in d.models]
+        cascades += d.cascades
+        budget = d.memory_budget
+    for arg in args.recipe:
+        from .recipe import load_recipe
+
+        name, sep, spec = arg.partition("=")
+        if not sep:
+            name, spec = "", arg
+        recipe = load_recipe(spec, args.set)
+        specs.append(ModelSpec(name or spec, recipe.model, {**recipe.llm_kwargs(), **base}))
+    specs += [parse_model_arg(m, base) for m in args.model]
+    if not specs:
+        specs.append(parse_model_arg("smollm2-135m-instruct", base))
+    names = [s.name for s in specs]
+    for pin in args.pin:
+        if pin not in names:
+            raise InferRecipesError(f"--pin {pin!r}: not a served model ({', '.join(names)})")
+    for spec in specs:
+        spec.pinned = spec.pinned or spec.name in args.pin
+    cascades += [Cascade.parse(c, names) for c in args.cascade]
+    if args.memory_budget is not None:
+        budget = parse_bytes(args.memory_budget)
+    pool = ModelPool(specs, budget, loader=lambda spec: _load(spec.model, spec.options, f"[{spec.name}] "),
+                     log=log_stderr)
+    print(f"serving {', '.join(names + [c.name for c in cascades])} on http://{args.host}:{args.port}/v1"
+          f"{' (API key required)' if args.api_key else ''}", file=sys.stderr)
+    serve(pool, args.host, args.port, {c.name: c for c in cascades}, args.api_key, args.log_level)
+    return 0
+
+
+_SERVE_FLAGS = ("num_blocks", "block_size", "kv_cache_memory", "max_num_batched_tokens", "max_waiting")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="infer-recipes",
                                      description="Llama-family inference with measured optimizations.")
@@ -310,6 +357,44 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", "-p", action="append", default=[], help="instead of the recipe's prompts (repeatable)")
     p.add_argument("--json", action="store_true", help="print the outputs and the timings as one JSON object")
     p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("serve", help="OpenAI-compatible HTTP server for one or more models")
+    p.add_argument("--model", "-m", action="append", default=[], metavar="[NAME=]SPEC[,KEY=VALUE...]",
+                   help=MODEL_HELP + ". Repeat for several models; KEY=VALUE are that model's engine options, e.g. "
+                   "small=smollm2-135m-instruct,quantization=int4")
+    p.add_argument("--recipe", action="append", default=[], metavar="[NAME=]RECIPE",
+                   help="serve a recipe's model with its switches (repeatable)")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override a value of the --recipe recipes")
+    p.add_argument("--deployment", default=None, help="a deployment file (several models, cascades, budget) or a "
+                   "shipped one (smollm2-dual)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", default=os.environ.get("INFER_RECIPES_API_KEY"),
+                   help="require 'Authorization: Bearer KEY' (default: $INFER_RECIPES_API_KEY; /health stays open)")
+    p.add_argument("--memory-budget", default=None, help="weights + KV pools of loaded models at most, e.g. 4GiB; "
+                   "least recently used idle models are evicted to load another")
+    p.add_argument("--pin", action="append", default=[], metavar="NAME", help="never evict this model (repeatable)")
+    p.add_argument("--cascade", action="append", default=[], metavar="NAME=SMALL,LARGE[,THRESHOLD]",
+                   help="a virtual model: SMALL answers, LARGE re-answers when SMALL's mean token log-probability "
+                   "is below THRESHOLD (default -1.0)")
+    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    p.add_argument("--device", default=None)
+    p.add_argument("--dtype", default=None, choices=DTYPES)
+    p.add_argument("--max-model-len", type=int, default=None)
+    p.add_argument("--max-batch-size", type=int, default=None, help="running sequences per model (default 16)")
+    p.add_argument("--max-num-batched-tokens", type=int, default=None,
+                   help="tokens per step: the chunked-prefill budget (default 512)")
+    p.add_argument("--max-waiting", type=int, default=None, help="queued requests per model (default 1024); "
+                   "more get 429")
+    p.add_argument("--block-size", type=int, default=None, help="tokens per KV block (default 16)")
+    p.add_argument("--num-blocks", type=int, default=None, help="KV blocks per model (default: from "
+                   "--kv-cache-memory)")
+    p.add_argument("--kv-cache-memory", type=float, default=None,
+                   help="fraction of device memory for each model's KV pool (default 0.25, capped at what "
+                   "max-batch-size full-length sequences need)")
+    _add_switch_args(p)
+    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("recipes", help="list the recipes shipped with the package")
     p.add_argument("--verbose", "-v", action="store_true", help="with each recipe's description")

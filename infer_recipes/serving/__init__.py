@@ -1,0 +1,1 @@
+"""The OpenAI-compatible server: protocol, model pool, routing policies, metrics."""

@@ -1,0 +1,212 @@
+"""Several models in one process under a memory budget: load on demand, evict the least recently used idle one.
+
+Every model has its own engine (its own KV pool, scheduler and worker thread). A model counts against the budget
+with its weights plus its whole KV pool (what it may use). A model serving or holding requests is never evicted,
+nor one pinned; a model that cannot fit even after evicting every idle unpinned one is refused with a 503.
+"""
+from __future__ import annotations
+
+import asyncio
+import gc
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from ..config import EngineConfig, QUANTIZATIONS
+from ..device import resolve_device, resolve_dtype, trim_host_memory
+from ..engine.async_engine import AsyncEngine
+from ..engine.llm import LLM
+from ..engine.llm_engine import kv_pool_blocks
+from ..errors import InferRecipesError
+from ..loading import resolve_model_source
+from ..loading.weights import read_config
+from .protocol import APIError
+
+# bytes held per weight, by scheme (scales and the int8 embedding included, roughly); float: the dtype's size
+_BYTES_PER_WEIGHT = {"int8": 1.05, "int8-minmax": 1.05, "w8a8": 1.05, "int4": 0.6, "gguf": 0.6, "int4-w8a8": 1.7}
+
+
+@dataclass
+class ModelSpec:
+    """One served model: its name in the API, what to load, and how."""
+
+    name: str
+    model: str
+    options: dict = field(default_factory=dict)  # LLM keyword arguments (EngineConfig fields)
+    pinned: bool = False
+
+
+@dataclass
+class Entry:
+    spec: ModelSpec
+    llm: LLM | None = None
+    engine: AsyncEngine | None = None
+    nbytes: int = 0  # measured once loaded, estimated before
+    last_used: float = 0.0
+    leases: int = 0  # requests holding the model (from routing to their last output)
+
+    @property
+    def loaded(self) -> bool:
+        return self.engine is not None
+
+    @property
+    def busy(self) -> bool:
+        return self.leases > 0 or (self.engine is not None and self.engine.num_active > 0)
+
+
+def estimate_bytes(spec: ModelSpec) -> int:
+    """Weights (by scheme) + the KV pool the engine will reserve, before loading anything."""
+    source = resolve_model_source(spec.model)
+    config = read_config(source)
+    known = set(EngineConfig.__dataclass_fields__)
+    cfg = EngineConfig(**{k: v for k, v in spec.options.items() if k in known})
+    device = resolve_device(cfg.device)
+    dtype = resolve_dtype(cfg.dtype, device)
+    per_weight = _BYTES_PER_WEIGHT.get(cfg.quantization or "", torch.empty((), dtype=dtype).element_size())
+    max_len = min(cfg.max_model_len or config.max_position_embeddings, config.max_position_embeddings)
+    kv = 0
+    if cfg.kv_cache:
+        per_block = 2 * config.num_layers * config.num_kv_heads * config.head_dim * cfg.block_size \
+            * torch.empty((), dtype=dtype).element_size()
+        kv = kv_pool_blocks(config, cfg, max_len, dtype, device) * per_block
+    return int(config.num_parameters * per_weight) + kv
+
+
+class ModelPool:
+    def __init__(self, specs: list[ModelSpec], memory_budget: int | None = None,
+                 loader: Callable[[ModelSpec], LLM] | None = None, log=print):
+        names = [s.name for s in specs]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise InferRecipesError(f"model name {dup[0]!r} is given twice: name each --model NAME=SPEC uniquely")
+        self.entries = {s.name: Entry(s) for s in specs}
+        self.memory_budget = memory_budget
+        self.loader = loader or (lambda spec: LLM(spec.model, progress=False, **spec.options))
+        self.log = log
+        self._lock = asyncio.Lock()
+        self.evictions = 0
+
+    # ---- accounting ---------------------------------------------------------------------------------------------
+    def used_bytes(self) -> int:
+        return sum(e.nbytes for e in self.entries.values() if e.loaded)
+
+    def _fits(self, extra: int) -> bool:
+        return self.memory_budget is None or self.used_bytes() + extra <= self.memory_budget
+
+    def _evictable(self) -> list[Entry]:
+        idle = [e for e in self.entries.values() if e.loaded and not e.busy and not e.spec.pinned]
+        return sorted(idle, key=lambda e: e.last_used)
+
+    def _unload(self, entry: Entry) -> None:
+        self.log(f"evicting model {entry.spec.name!r} ({entry.nbytes / 2**20:.0f} MiB)")
+        entry.engine.shutdown()
+        entry.engine = entry.llm = None
+        entry.nbytes = 0
+        self.evictions += 1
+        gc.collect()
+        trim_host_memory()
+
+    def _load(self, entry: Entry) -> None:
+        start = time.perf_counter()
+        llm = self.loader(entry.spec)
+        entry.llm, entry.engine = llm, AsyncEngine(llm.engine, entry.spec.name)
+        entry.nbytes = llm.weight_bytes() + llm.kv_cache_bytes()
+        self.log(f"loaded model {entry.spec.name!r} ({entry.spec.model}) in {time.perf_counter() - start:.1f} s: "
+                 f"{entry.nbytes / 2**20:.0f} MiB with its KV pool")
+
+    # ---- the public side ------------------------------------------------------------------------------------------
+    def preload(self) -> None:
+        """Loads models in the order given while they fit the budget (the rest load on first request)."""
+        for entry in self.entries.values():
+            estimate = estimate_bytes(entry.spec)
+            if not self._fits(estimate):
+                self.log(f"model {entry.spec.name!r} (~{estimate / 2**20:.0f} MiB) does not fit the budget now: "
+                         f"it loads on its first request")
+                continue
+            self._load(entry)
+            entry.last_used = time.monotonic()
+
+    async def acquire(self, name: str) -> Entry:
+        """The model, loaded (evicting idle ones if needed), with a lease the caller must `release`."""
+        entry = self.entries.get(name)
+        if entry is None:
+            raise APIError(404, f"the model {name!r} does not exist; available: {', '.join(self.entries)}",
+                           "invalid_request_error", "model", "model_not_found")
+        entry.leases += 1
+        try:
+            if not entry.loaded:
+                async with self._lock:
+                    if not entry.loaded:
+                        await self._make_room_and_load(entry)
+        except BaseException:
+            entry.leases -= 1
+            raise
+        entry.last_used = time.monotonic()
+        return entry
+
+    def release(self, entry: Entry) -> None:
+        entry.leases -= 1
+        entry.last_used = time.monotonic()
+
+    async def _make_room_and_load(self, entry: Entry) -> None:
+        estimate = await asyncio.to_thread(estimate_bytes, entry.spec)
+        victims = []
+        for candidate in self._evictable():
+            if self._fits(estimate - sum(v.nbytes for v in victims)):
+                break
+            victims.append(candidate)
+        if not self._fits(estimate - sum(v.nbytes for v in victims)):
+            busy = [e.spec.name for e in self.entries.values() if e.loaded and (e.busy or e.spec.pinned)]
+            raise APIError(503, f"model {entry.spec.name!r} needs ~{estimate / 2**20:.0f} MiB and the memory "
+                                f"budget ({self.memory_budget / 2**20:.0f} MiB) cannot make room: models busy or "
+                                f"pinned: {', '.join(busy) or 'none'}; retry later or raise --memory-budget",
+                           "server_error", "model", "model_cannot_fit")
+        for victim in victims:
+            self._unload(victim)
+        await asyncio.to_thread(self._load, entry)
+
+    def shutdown(self) -> None:
+        for entry in self.entries.values():
+            if entry.engine is not None:
+                entry.engine.shutdown()
+
+
+def parse_model_arg(arg: str, base_options: dict) -> ModelSpec:
+    """`[NAME=]SPEC[,key=value...]`: key=value are engine options (quantization=int8, dtype=bfloat16, ...)."""
+    name, sep, rest = arg.partition("=")
+    if not sep or "," in name or "/" in name or name.endswith(".gguf"):
+        name, rest = "", arg
+    spec, *pairs = rest.split(",")
+    options = dict(base_options)
+    known = set(EngineConfig.__dataclass_fields__)
+    for pair in pairs:
+        key, eq, value = pair.partition("=")
+        key = key.strip().replace("-", "_")
+        if not eq or key not in known:
+            raise InferRecipesError(f"--model {arg!r}: {pair!r} is not KEY=VALUE with KEY one of "
+                                    f"{', '.join(sorted(known))}")
+        options[key] = _option_value(key, value.strip())
+    EngineConfig(**{k: v for k, v in options.items() if k in known})  # validate now, not at first request
+    return ModelSpec(name or spec, spec, options)
+
+
+def _option_value(key: str, value: str):
+    if value.lower() in ("true", "false"):
+        return value.lower() == "true"
+    if value.lower() in ("none", "null"):
+        return None
+    if key == "quantization" and value in QUANTIZATIONS:
+        return value
+    for kind in (int, float):
+        try:
+            return kind(value)
+        except ValueError:
+            pass
+    return value
+
+
+def log_stderr(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
