@@ -311,6 +311,29 @@ def cmd_serve(args) -> int:
     return 0
 
 
+def cmd_bench_serve(args) -> int:
+    import asyncio
+    from pathlib import Path
+
+    from .bench import serve as bench
+
+    slo = bench.parse_slo(args.slo)
+    if args.dataset == "squad":
+        prompts = bench.squad_prompts(Path(args.dataset_path) if args.dataset_path else bench.DEFAULT_SQUAD,
+                                      args.num_prompts, args.seed)
+    else:
+        prompts = bench.random_prompts(args.num_prompts, args.input_len, args.seed)
+    rate = float("inf") if args.request_rate == "inf" else float(args.request_rate)
+    report = asyncio.run(bench.run(args.url.rstrip("/"), args.model, prompts, args.output_len, rate,
+                                   args.max_concurrency, args.api_key, slo, args.seed, progress=_progress()))
+    if args.label:
+        report["label"] = args.label
+    if args.out:
+        Path(args.out).write_text(bench.to_json(report), encoding="utf-8")
+    print(bench.to_json(report) if args.json else bench.format_report(report))
+    return 0 if report["failed"] == 0 else 1
+
+
 _SERVE_FLAGS = ("num_blocks", "block_size", "kv_cache_memory", "max_num_batched_tokens", "max_waiting")
 
 
@@ -395,6 +418,28 @@ def build_parser() -> argparse.ArgumentParser:
                    "max-batch-size full-length sequences need)")
     _add_switch_args(p)
     p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("bench", help="measurements: load against a running server")
+    bench = p.add_subparsers(dest="bench_command", required=True)
+    q = bench.add_parser("serve", help="Poisson load against a running server: throughput, TTFT, TPOT, ITL, "
+                         "latency, goodput")
+    q.add_argument("--url", default="http://127.0.0.1:8000")
+    q.add_argument("--model", required=True, help="the served model name to load")
+    q.add_argument("--num-prompts", type=int, default=32)
+    q.add_argument("--request-rate", default="inf", help="requests per second (Poisson), or inf: all at once")
+    q.add_argument("--max-concurrency", type=int, default=16)
+    q.add_argument("--dataset", choices=["squad", "random"], default="squad",
+                   help="SQuAD contexts + questions from ../shared/data, or random words")
+    q.add_argument("--dataset-path", default=None, help="a SQuAD-format JSON file (default: ../shared/data)")
+    q.add_argument("--input-len", type=int, default=128, help="words per random prompt")
+    q.add_argument("--output-len", type=int, default=64, help="tokens generated per request (EOS ignored)")
+    q.add_argument("--slo", default=None, help="goodput counts requests within e.g. ttft=0.5,tpot=0.05 (seconds)")
+    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--api-key", default=os.environ.get("INFER_RECIPES_API_KEY"))
+    q.add_argument("--label", default=None, help="a name for this run, kept in the JSON")
+    q.add_argument("--out", default=None, help="also write the JSON report to this file")
+    q.add_argument("--json", action="store_true")
+    q.set_defaults(func=cmd_bench_serve)
 
     p = sub.add_parser("recipes", help="list the recipes shipped with the package")
     p.add_argument("--verbose", "-v", action="store_true", help="with each recipe's description")

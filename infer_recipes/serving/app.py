@@ -346,7 +346,7 @@ def _api_error(e: BaseException) -> BaseException:
 async def _sse(events: AsyncIterator[dict], done) -> AsyncIterator[str]:
     try:
         async for event in events:
-            yield f"data: {json.dumps(event, ensure_ascii=False)}\n\n"
+            yield f"data: {json.dumps(event)}\n\n"  # ASCII: no U+2028 or NEL to split an SSE line
         yield "data: [DONE]\n\n"
     except Exception as e:  # after the 200 is sent an error can only travel inside the stream
         err = _api_error(e)

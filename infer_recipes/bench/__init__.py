@@ -1,0 +1,1 @@
+"""Measurement through the public API: load generation against the server."""
