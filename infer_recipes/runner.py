@@ -36,14 +36,15 @@ class StepSeq:
 
 
 class KVPool:
-    """Each layer's keys and values as [num_blocks, block_size, H_kv, D].
+    """Each layer's keys and values as [num_blocks, H_kv, block_size, D] (a block is a [block_size, D] matrix
+    per head, what the decode GEMMs read in place).
 
     On the CPU the pool is zero pages from the OS (numpy's calloc): memory is committed only as blocks are first
     written, so a pool sized for the worst case costs what is used. Blocks are reused most-recent-first."""
 
     def __init__(self, num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int,
                  dtype: torch.dtype, device: torch.device):
-        shape = (num_blocks, block_size, num_kv_heads, head_dim)
+        shape = (num_blocks, num_kv_heads, block_size, head_dim)
         self.num_blocks, self.block_size = num_blocks, block_size
         self.layers = [(self._zeros(shape, dtype, device), self._zeros(shape, dtype, device))
                        for _ in range(num_layers)]

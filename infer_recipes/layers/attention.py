@@ -129,9 +129,36 @@ class _Plan:
 
 
 def _gather(cache: torch.Tensor, blocks: torch.Tensor, rows: int) -> torch.Tensor:
-    """cache [num_blocks, block_size, H_kv, D], blocks [rows * n] -> [rows, H_kv, n * block_size, D]."""
-    _, bs, hkv, d = cache.shape
-    return cache.index_select(0, blocks).view(rows, -1, hkv, d).transpose(1, 2)
+    """cache [num_blocks, H_kv, block_size, D], blocks [rows * n] -> [rows, H_kv, n * block_size, D] (a copy)."""
+    _, hkv, bs, d = cache.shape
+    g = _select_blocks(cache, blocks).view(rows, -1, hkv, bs, d)
+    return g.transpose(1, 2).reshape(rows, hkv, -1, d)
+
+
+def _select_blocks(cache: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
+    """cache[blocks] through a 2-D view: index_select copies whole rows then (about twice as fast on CPU)."""
+    return cache.view(cache.shape[0], -1).index_select(0, blocks).view(-1, *cache.shape[1:])
+
+
+def _blockwise_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, blocks: torch.Tensor,
+                      mask: torch.Tensor, scale: float) -> torch.Tensor:
+    """One query per row against its blocks, without assembling contiguous K/V: q [B, H, D] -> [B, H, D].
+
+    Gathered blocks [B, n, H_kv, bs, D] are already a batch of [bs, D] matrices, so QK^T and PV run as batched
+    GEMMs per block straight on them (only the small score tensor is reshaped for the softmax over all n * bs
+    keys); the query heads sharing a K/V head are stacked, so GQA needs no repeated K/V either."""
+    B, H, D = q.shape
+    _, hkv, bs, _ = k_cache.shape
+    g = H // hkv
+    kb = _select_blocks(k_cache, blocks).view(B, -1, hkv, bs, D)
+    vb = _select_blocks(v_cache, blocks).view(B, -1, hkv, bs, D)
+    n = kb.shape[1]
+    scores = torch.matmul(q.view(B, 1, hkv, g, D), kb.transpose(-1, -2))  # [B, n, H_kv, G, bs]
+    scores = scores.permute(0, 2, 3, 1, 4).reshape(B, hkv, g, n * bs) * scale
+    scores = scores.masked_fill(~mask, float("-inf"))  # mask [B, 1, 1, n * bs]
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+    probs = probs.view(B, hkv, g, n, bs).permute(0, 3, 1, 2, 4)  # [B, n, H_kv, G, bs]
+    return torch.matmul(probs, vb).sum(1).reshape(B, H, D)
 
 
 def paged_attention_impl(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor | None,
@@ -139,20 +166,26 @@ def paged_attention_impl(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_ca
                          scale: float, fused: bool) -> torch.Tensor:
     """q [N, H, D], k, v [N, H_kv, D] (this step's tokens) -> [N, H, D]; writes k, v into the pool first.
 
-    Decodes are batched: their blocks are gathered into [Bd, H_kv, S, D] and attended with a padding mask. Each
-    prefill chunk attends causally (bottom-right aligned) over its context: straight from this step's k, v when it
-    is the whole context (a first chunk, or no cache), else gathered from its blocks.
+    The pool is [num_blocks, H_kv, block_size, D] per layer. Decodes are batched: fused, block by block
+    (`_blockwise_decode`); unfused (the textbook baseline), by gathering contiguous K/V and `eager_attention`.
+    Each prefill chunk attends causally (bottom-right aligned) over its context: straight from this step's k, v
+    when it is the whole context (a first chunk, or no cache), else gathered from its blocks.
     """
     attend = fused_attention if fused else eager_attention
     out = torch.empty_like(q)
     if k_cache is not None:
-        k_cache.view(-1, *k.shape[1:]).index_copy_(0, slot_mapping, k)
-        v_cache.view(-1, *v.shape[1:]).index_copy_(0, slot_mapping, v)
+        bs = k_cache.shape[2]
+        block, offset = slot_mapping // bs, slot_mapping % bs
+        k_cache[block, :, offset] = k
+        v_cache[block, :, offset] = v
     nd = plan.num_decodes
     if nd:
-        kd = _gather(k_cache, plan.decode_blocks, nd)
-        vd = _gather(v_cache, plan.decode_blocks, nd)
-        out[:nd] = attend(q[:nd].unsqueeze(2), kd, vd, plan.decode_mask, scale).squeeze(2)
+        if fused:
+            out[:nd] = _blockwise_decode(q[:nd], k_cache, v_cache, plan.decode_blocks, plan.decode_mask, scale)
+        else:
+            kd = _gather(k_cache, plan.decode_blocks, nd)
+            vd = _gather(v_cache, plan.decode_blocks, nd)
+            out[:nd] = attend(q[:nd].unsqueeze(2), kd, vd, plan.decode_mask, scale).squeeze(2)
     for i, (start, q_len, ctx) in enumerate(plan.prefills):
         qi = q[start:start + q_len].transpose(0, 1).unsqueeze(0)  # [1, H, T, D]
         if ctx == q_len:
