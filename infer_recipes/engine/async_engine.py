@@ -1,17 +1,24 @@
-"""The engine on a thread of its own, streaming each request's outputs to asyncio callers (the HTTP server).
+"""Engines driven from one device thread, streaming each request's outputs to asyncio callers (the server).
 
-The step loop runs on a worker thread so a forward pass never blocks the event loop. Callers never touch the
-engine: adds and aborts are commands the worker applies between steps, and outputs come back through one
-asyncio queue per request. A caller that stops listening (a client gone mid-stream) aborts its request, which
-frees its KV blocks at the next step boundary.
+All torch work of a serving process (loading models, every engine's steps) runs on one `DeviceThread`, and the
+event loop never runs torch. Two reasons, both measured on this 2-core CPU: a step on a thread other than the
+first one to run parallel torch code was ~35% slower (a second OpenMP team beside an idle first one; a 16x576 @
+576x1536 linear took 460 us there against 300 us), and two engines stepping at once on separate threads would
+only split the same cores between them. The device thread steps the engines that have work round-robin, one
+step each, so several models share the device fairly.
+
+Callers never touch an engine: adds and aborts are commands the device thread applies between steps, and outputs
+come back through one asyncio queue per request. A caller that stops listening (a client gone mid-stream) aborts
+its request, which frees its KV blocks at the next step boundary.
 """
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import itertools
 import queue
 import threading
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 
 from ..config import SamplingParams
 from ..errors import InferRecipesError
@@ -21,21 +28,91 @@ from .scheduler import QueueFullError
 
 
 class EngineDeadError(InferRecipesError):
-    """The engine's step loop failed; the model must be reloaded."""
+    """The engine's step failed; the model must be reloaded."""
+
+
+class DeviceThread:
+    """The one thread that runs torch: arbitrary calls (loading a model) and the steps of every attached engine."""
+
+    def __init__(self, name: str = "device"):
+        self._calls: queue.SimpleQueue = queue.SimpleQueue()
+        self._engines: list[AsyncEngine] = []
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    def call(self, fn: Callable, *args) -> concurrent.futures.Future:
+        """Runs fn(*args) on the device thread, between steps."""
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        self._calls.put((fn, args, future))
+        self._wake.set()
+        return future
+
+    async def run(self, fn: Callable, *args):
+        return await asyncio.wrap_future(self.call(fn, *args))
+
+    def call_and_wait(self, fn: Callable, *args, timeout: float | None = None):
+        """fn(*args) on the device thread, waiting for it (directly when already on that thread)."""
+        if threading.current_thread() is self._thread:
+            return fn(*args)
+        return self.call(fn, *args).result(timeout=timeout)
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    def _attach(self, engine: "AsyncEngine") -> None:
+        self._engines.append(engine)
+
+    def _detach(self, engine: "AsyncEngine") -> None:
+        if engine in self._engines:
+            self._engines.remove(engine)
+
+    def shutdown(self) -> None:
+        self._stop.set()
+        self._wake.set()
+        self._thread.join(timeout=30)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self._wake.clear()
+            while True:
+                try:
+                    fn, args, future = self._calls.get_nowait()
+                except queue.Empty:
+                    break
+                if future.set_running_or_notify_cancel():
+                    try:
+                        future.set_result(fn(*args))
+                    except BaseException as e:
+                        future.set_exception(e)
+            busy = False
+            for engine in list(self._engines):
+                engine._apply_commands()
+                if engine.engine.has_unfinished_requests():
+                    engine._step()
+                    busy = True
+            if not busy:
+                self._wake.wait(0.5)
 
 
 class AsyncEngine:
-    def __init__(self, engine: LLMEngine, name: str = "model"):
+    """One model's engine as seen from asyncio; its steps run on a DeviceThread (its own one if none is given)."""
+
+    def __init__(self, engine: LLMEngine, name: str = "model", device: DeviceThread | None = None):
+        if engine.driver is not None:
+            raise InferRecipesError(f"model {name!r}: its engine is already driven by another AsyncEngine")
+        engine.driver = self
         self.engine, self.name = engine, name
+        self._own_device = device is None
+        self.device = device or DeviceThread(f"device-{name}")
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self._pending = 0  # adds sent but not yet applied: counted against the waiting-queue bound
         self._lock = threading.Lock()
         self._ids = itertools.count()
-        self._stop = threading.Event()
         self.error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, name=f"engine-{name}", daemon=True)
-        self._thread.start()
+        self.device.call_and_wait(self.device._attach, self)
 
     # ---- caller side (event loop) ----------------------------------------------------------------------------
     @property
@@ -62,7 +139,7 @@ class AsyncEngine:
         with self._lock:
             self._streams[request_id] = (asyncio.get_running_loop(), outputs)
             self._pending += 1
-        self._commands.put(("add", request_id, list(prompt_ids), params))
+        self._send(("add", request_id, list(prompt_ids), params))
         finished = False
         try:
             while True:
@@ -77,62 +154,74 @@ class AsyncEngine:
             with self._lock:
                 self._streams.pop(request_id, None)
             if not finished:
-                self._commands.put(("abort", request_id))
+                self._send(("abort", request_id))
+
+    def _send(self, command) -> None:
+        self._commands.put(command)
+        self.device.wake()
 
     def shutdown(self) -> None:
-        self._stop.set()
-        self._commands.put(("wake",))
-        self._thread.join(timeout=30)
+        """Detaches from the device thread (aborting what is left); stops the thread if it is this engine's own."""
+        def detach():
+            self.device._detach(self)
+            for request_id in list(self.engine.requests):
+                self.engine.abort_request(request_id)
 
-    # ---- worker side (engine thread) ---------------------------------------------------------------------------
-    def _deliver(self, request_id: str, item) -> None:
+        self.device.call_and_wait(detach, timeout=60)
+        if self._own_device:
+            self.device.shutdown()
+        self.engine.driver = None
+
+    # ---- device side -------------------------------------------------------------------------------------------
+    def _deliver(self, items: list[tuple[str, object]]) -> None:
+        """Hands items to their callers' loops, one wake-up per loop per step."""
+        by_loop: dict[asyncio.AbstractEventLoop, list] = {}
         with self._lock:
-            target = self._streams.get(request_id)
-        if target is not None:
-            loop, outputs = target
+            for request_id, item in items:
+                target = self._streams.get(request_id)
+                if target is not None:
+                    by_loop.setdefault(target[0], []).append((target[1], item))
+        for loop, batch in by_loop.items():
             try:
-                loop.call_soon_threadsafe(outputs.put_nowait, item)
+                loop.call_soon_threadsafe(_put_all, batch)
             except RuntimeError:  # the caller's loop has closed
                 pass
 
-    def _apply(self, command) -> None:
-        kind = command[0]
-        if kind == "add":
-            _, request_id, ids, params = command
-            with self._lock:
-                self._pending -= 1
-                live = request_id in self._streams
-            if not live:  # the caller left before its request started
-                return
+    def _apply_commands(self) -> None:
+        while True:
             try:
-                self.engine.add_request(ids, params, request_id)
-            except InferRecipesError as e:
-                self._deliver(request_id, e)
-        elif kind == "abort":
-            self.engine.abort_request(command[1])
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            block = not self.engine.has_unfinished_requests()
-            try:
-                command = self._commands.get(timeout=0.5) if block else self._commands.get_nowait()
+                command = self._commands.get_nowait()
             except queue.Empty:
-                command = None
-            while command is not None:
-                self._apply(command)
-                try:
-                    command = self._commands.get_nowait()
-                except queue.Empty:
-                    command = None
-            if not self.engine.has_unfinished_requests():
-                continue
-            try:
-                outputs = self.engine.step()
-            except Exception as e:  # a failing step: fail every request loudly instead of hanging them
-                self.error = e
-                for request_id in list(self.engine.requests):
-                    self.engine.abort_request(request_id)
-                    self._deliver(request_id, EngineDeadError(f"model {self.name!r} failed: {e}"))
                 return
-            for out in outputs:
-                self._deliver(out.request_id, out)
+            if command[0] == "add":
+                _, request_id, ids, params = command
+                with self._lock:
+                    self._pending -= 1
+                    live = request_id in self._streams
+                if not live:  # the caller left before its request started
+                    continue
+                try:
+                    self.engine.add_request(ids, params, request_id)
+                except InferRecipesError as e:
+                    self._deliver([(request_id, e)])
+            elif command[0] == "abort":
+                self.engine.abort_request(command[1])
+
+    def _step(self) -> None:
+        if self.error is not None:
+            return
+        try:
+            outputs = self.engine.step()
+        except Exception as e:  # a failing step: fail every request loudly instead of hanging them
+            self.error = e
+            failed = list(self.engine.requests)
+            for request_id in failed:
+                self.engine.abort_request(request_id)
+            self._deliver([(r, EngineDeadError(f"model {self.name!r} failed: {e}")) for r in failed])
+            return
+        self._deliver([(out.request_id, out) for out in outputs])
+
+
+def _put_all(batch: list[tuple[asyncio.Queue, object]]) -> None:
+    for outputs, item in batch:
+        outputs.put_nowait(item)

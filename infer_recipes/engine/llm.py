@@ -142,8 +142,9 @@ class LLM:
             raise InferRecipesError(f"{len(params_list)} sampling params for {len(prompts)} prompts")
         for p in prompts:
             self.engine.token_ids(p)  # every prompt checked before any runs
-        if self.engine.has_unfinished_requests():
-            raise InferRecipesError("this LLM's engine is serving other requests: use one LLM per caller")
+        if self.engine.driver is not None or self.engine.has_unfinished_requests():
+            raise InferRecipesError("this LLM's engine is serving other requests (a server or another caller): "
+                                    "use one LLM per caller")
         ids = []
         try:
             for p, sp in zip(prompts, params_list):
@@ -164,6 +165,8 @@ class LLM:
 
     def stream(self, prompt: Prompt, sampling_params: SamplingParams | None = None) -> Iterator[str]:
         """Yields text as it is produced for one prompt; the final output is the generator's return value."""
+        if self.engine.driver is not None:
+            raise InferRecipesError("this LLM's engine is driven by a server: use one LLM per caller")
         request_id = self.engine.add_request(prompt, sampling_params or SamplingParams())
         final = None
         try:

@@ -56,6 +56,7 @@ class LLMEngine:
         self.requests: dict[str, Request] = {}
         self._ids = itertools.count()
         self.num_steps = 0
+        self.driver = None  # the AsyncEngine whose thread steps this engine, if any: nobody else may then
 
     # ---- requests -----------------------------------------------------------------------------------------------
     def token_ids(self, prompt: Prompt) -> tuple[str | None, list[int]]:

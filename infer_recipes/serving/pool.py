@@ -1,6 +1,7 @@
 """Several models in one process under a memory budget: load on demand, evict the least recently used idle one.
 
-Every model has its own engine (its own KV pool, scheduler and worker thread). A model counts against the budget
+Every model has its own engine (its own KV pool and scheduler); one device thread loads them and steps them all
+(see `engine/async_engine.py` for why one). A model counts against the budget
 with its weights plus its whole KV pool (what it may use). A model serving or holding requests is never evicted,
 nor one pinned; a model that cannot fit even after evicting every idle unpinned one is refused with a 503.
 """
@@ -17,7 +18,7 @@ import torch
 
 from ..config import EngineConfig, QUANTIZATIONS
 from ..device import resolve_device, resolve_dtype, trim_host_memory
-from ..engine.async_engine import AsyncEngine
+from ..engine.async_engine import AsyncEngine, DeviceThread
 from ..engine.llm import LLM
 from ..engine.llm_engine import kv_pool_blocks
 from ..errors import InferRecipesError
@@ -88,6 +89,7 @@ class ModelPool:
         self.log = log
         self._lock = asyncio.Lock()
         self.evictions = 0
+        self.device = DeviceThread("device")
 
     # ---- accounting ---------------------------------------------------------------------------------------------
     def used_bytes(self) -> int:
@@ -112,7 +114,7 @@ class ModelPool:
     def _load(self, entry: Entry) -> None:
         start = time.perf_counter()
         llm = self.loader(entry.spec)
-        entry.llm, entry.engine = llm, AsyncEngine(llm.engine, entry.spec.name)
+        entry.llm, entry.engine = llm, AsyncEngine(llm.engine, entry.spec.name, self.device)
         entry.nbytes = llm.weight_bytes() + llm.kv_cache_bytes()
         self.log(f"loaded model {entry.spec.name!r} ({entry.spec.model}) in {time.perf_counter() - start:.1f} s: "
                  f"{entry.nbytes / 2**20:.0f} MiB with its KV pool")
@@ -126,7 +128,7 @@ class ModelPool:
                 self.log(f"model {entry.spec.name!r} (~{estimate / 2**20:.0f} MiB) does not fit the budget now: "
                          f"it loads on its first request")
                 continue
-            self._load(entry)
+            self.device.call_and_wait(self._load, entry)
             entry.last_used = time.monotonic()
 
     async def acquire(self, name: str) -> Entry:
@@ -164,14 +166,18 @@ class ModelPool:
                                 f"budget ({self.memory_budget / 2**20:.0f} MiB) cannot make room: models busy or "
                                 f"pinned: {', '.join(busy) or 'none'}; retry later or raise --memory-budget",
                            "server_error", "model", "model_cannot_fit")
-        for victim in victims:
-            self._unload(victim)
-        await asyncio.to_thread(self._load, entry)
+        def swap():
+            for victim in victims:
+                self._unload(victim)
+            self._load(entry)
+
+        await self.device.run(swap)
 
     def shutdown(self) -> None:
         for entry in self.entries.values():
             if entry.engine is not None:
                 entry.engine.shutdown()
+        self.device.shutdown()
 
 
 def parse_model_arg(arg: str, base_options: dict) -> ModelSpec:
