@@ -9,6 +9,7 @@ import asyncio
 import json
 import secrets
 from collections.abc import AsyncIterator
+from dataclasses import replace
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -33,8 +34,7 @@ class _Job:
     def __init__(self, entry: Entry, prompts: list[list[int]], params: SamplingParams, n: int):
         self.entry, self.prompts, self.n = entry, prompts, n
         # every choice its own seed, so n > 1 with a seed gives n different (reproducible) answers
-        self.params = [SamplingParams(**{**params.__dict__, "seed": params.seed + j if params.seed is not None
-                                         else None}) for j in range(n)]
+        self.params = [replace(params, seed=None if params.seed is None else params.seed + j) for j in range(n)]
 
     @property
     def name(self) -> str:
