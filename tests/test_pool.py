@@ -76,6 +76,18 @@ def test_preload_loads_what_fits_and_unknown_names_are_404():
     assert loaded == ["a"] and err.status == 404 and err.code == "model_not_found"
 
 
+def test_a_model_that_cannot_load_is_a_503_naming_why():
+    async def main():
+        pool = ModelPool([ModelSpec("gone", "/nonexistent/model.gguf")], log=lambda _: None)
+        with pytest.raises(APIError) as e:
+            await pool.acquire("gone")
+        pool.shutdown()
+        return e.value, pool.entries["gone"].leases
+
+    err, leases = asyncio.run(main())
+    assert err.status == 503 and err.code == "model_load_failed" and "nonexistent" in err.message and leases == 0
+
+
 def test_model_arguments_and_deployments_parse_with_clear_errors():
     from infer_recipes import InferRecipesError
 

@@ -143,6 +143,10 @@ class ModelPool:
                 async with self._lock:
                     if not entry.loaded:
                         await self._make_room_and_load(entry)
+        except InferRecipesError as e:  # a spec that cannot load (moved file, bad switches): not the client's fault
+            entry.leases -= 1
+            raise APIError(503, f"model {name!r} could not be loaded: {e}", "server_error", "model",
+                           "model_load_failed") from None
         except BaseException:
             entry.leases -= 1
             raise
