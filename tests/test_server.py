@@ -291,3 +291,31 @@ def test_sigterm_drains_in_flight_requests_and_refuses_new_ones():
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+# ---- bench serve: the load generator against a real server ----------------------------------------------------
+def test_bench_serve_reports_every_request_and_goodput(capsys):
+    from infer_recipes.cli import main
+
+    proc, url = _start(["-m", "tiny=synthetic:tiny-llama3"])
+    try:
+        rc = main(["bench", "serve", "--url", url, "--model", "tiny", "--num-prompts", "12", "--max-concurrency", "4",
+                   "--request-rate", "50", "--dataset", "random", "--input-len", "8", "--output-len", "9",
+                   "--slo", "ttft=30,tpot=5", "--json"])
+        report = json.loads(capsys.readouterr().out)
+        assert rc == 0 and report["completed"] == 12 and report["failed"] == 0
+        assert report["output_tokens"] == 12 * 9  # fixed length: end-of-sequence ignored, usage counted exactly
+        for key in ("ttft_s", "tpot_s", "itl_s", "e2e_s"):
+            stats = report[key]
+            assert 0 < stats["median"] <= stats["p99"], key
+        assert report["e2e_s"]["median"] >= report["ttft_s"]["median"]
+        assert report["goodput_requests_per_s"] == pytest.approx(report["requests_per_s"])  # a generous SLO
+        assert main(["bench", "serve", "--url", url, "--model", "nope", "--num-prompts", "2", "--dataset", "random",
+                     "--json"]) == 1  # every request refused (404): a failing run
+        failed = json.loads(capsys.readouterr().out)
+        assert failed["failed"] == 2 and "404" in failed["errors"][0]
+    finally:
+        _stop(proc)
+    assert main(["bench", "serve", "--url", f"http://127.0.0.1:{_free_port()}", "--model", "tiny",
+                 "--dataset", "random"]) == 2  # no server: one line naming it, not a traceback
+    assert "no server at" in capsys.readouterr().err
