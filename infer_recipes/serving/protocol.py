@@ -1,12 +1,11 @@
 """The OpenAI wire format: request bodies (validated, with errors that name the field) and error objects."""
 from __future__ import annotations
 
-import math
 import time
 import uuid
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
 class APIError(Exception):
@@ -35,60 +34,19 @@ class _Sampling(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     model: str
-    max_tokens: int | None = None
-    temperature: float = 1.0
-    top_p: float = 1.0
-    n: int = 1
+    max_tokens: int | None = Field(None, ge=1)
+    temperature: float = Field(1.0, ge=0.0, le=2.0, allow_inf_nan=False)
+    top_p: float = Field(1.0, gt=0.0, le=1.0, allow_inf_nan=False)
+    n: int = Field(1, ge=1, le=16)
     stop: str | list[str] | None = None
     seed: int | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
     # extensions that vLLM and llama.cpp accept too
-    top_k: int = 0
-    min_p: float = 0.0
+    top_k: int = Field(0, ge=0)
+    min_p: float = Field(0.0, ge=0.0, le=1.0, allow_inf_nan=False)
     ignore_eos: bool = False
 
-    @field_validator("max_tokens")
-    @classmethod
-    def _max_tokens(cls, v):
-        if v is not None and v < 1:
-            raise ValueError(f"max_tokens must be at least 1, got {v}")
-        return v
-
-    @field_validator("temperature")
-    @classmethod
-    def _temperature(cls, v):
-        if math.isnan(v) or not 0.0 <= v <= 2.0:
-            raise ValueError(f"temperature must be between 0 and 2, got {v}")
-        return v
-
-    @field_validator("top_p")
-    @classmethod
-    def _top_p(cls, v):
-        if math.isnan(v) or not 0.0 < v <= 1.0:
-            raise ValueError(f"top_p must be in (0, 1], got {v}")
-        return v
-
-    @field_validator("n")
-    @classmethod
-    def _n(cls, v):
-        if not 1 <= v <= 16:
-            raise ValueError(f"n must be between 1 and 16, got {v}")
-        return v
-
-    @field_validator("top_k")
-    @classmethod
-    def _top_k(cls, v):
-        if v < 0:
-            raise ValueError(f"top_k must be >= 0, got {v}")
-        return v
-
-    @field_validator("min_p")
-    @classmethod
-    def _min_p(cls, v):
-        if math.isnan(v) or not 0.0 <= v <= 1.0:
-            raise ValueError(f"min_p must be in [0, 1], got {v}")
-        return v
 
     @field_validator("stop")
     @classmethod
@@ -109,7 +67,7 @@ class _Sampling(BaseModel):
 
 class CompletionRequest(_Sampling):
     prompt: str | list[str] | list[int] | list[list[int]]
-    logprobs: int | None = None  # top alternatives per token (0-5 in OpenAI's API; up to 20 here)
+    logprobs: int | None = Field(None, ge=0, le=20)  # top alternatives per token (OpenAI: 0-5; here up to 20)
     echo: bool = False
     best_of: int | None = None
     suffix: str | None = None
@@ -121,12 +79,6 @@ class CompletionRequest(_Sampling):
             raise ValueError("the prompt is empty")
         return v
 
-    @field_validator("logprobs")
-    @classmethod
-    def _logprobs(cls, v):
-        if v is not None and not 0 <= v <= 20:
-            raise ValueError(f"logprobs must be between 0 and 20, got {v}")
-        return v
 
     @model_validator(mode="after")
     def _unsupported(self):
@@ -159,31 +111,11 @@ class ChatMessage(BaseModel):
 
 
 class ChatCompletionRequest(_Sampling):
-    messages: list[ChatMessage]
-    max_completion_tokens: int | None = None
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False
-    top_logprobs: int | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=20)
 
-    @field_validator("messages")
-    @classmethod
-    def _messages(cls, v):
-        if not v:
-            raise ValueError("messages must hold at least one message")
-        return v
-
-    @field_validator("max_completion_tokens")
-    @classmethod
-    def _max_completion_tokens(cls, v):
-        if v is not None and v < 1:
-            raise ValueError(f"max_completion_tokens must be at least 1, got {v}")
-        return v
-
-    @field_validator("top_logprobs")
-    @classmethod
-    def _top_logprobs(cls, v):
-        if v is not None and not 0 <= v <= 20:
-            raise ValueError(f"top_logprobs must be between 0 and 20, got {v}")
-        return v
 
     @model_validator(mode="after")
     def _logprob_fields(self):
@@ -208,6 +140,8 @@ def parse(model: type[BaseModel], body: Any) -> BaseModel:
             message = f"'{param}' is a required field"
         elif param:
             message = f"{param}: {message}"
+            if "input" in err and not isinstance(err["input"], (dict, list)):
+                message += f", got {err['input']!r}"
         return_param = param.split(".")[0] if param else None
         raise bad_request(message, return_param) from None
 
