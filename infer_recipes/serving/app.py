@@ -19,7 +19,7 @@ from ..config import SamplingParams
 from ..engine.async_engine import EngineDeadError
 from ..engine.request import RequestOutput
 from ..engine.scheduler import QueueFullError
-from ..errors import InferRecipesError
+from ..errors import ContextLengthError, InferRecipesError
 from .metrics import Metrics
 from .pool import Entry, ModelPool
 from .protocol import APIError, ChatCompletionRequest, CompletionRequest, bad_request, new_id, now, parse, usage
@@ -179,14 +179,15 @@ def create_app(pool: ModelPool, cascades: dict[str, Cascade] | None = None, api_
             prompts = [llm.tokenizer.encode(p) if isinstance(p, str) else list(p) for p in items]
         limit = llm.max_model_len
         for ids in prompts:
-            bad = [t for t in ids if not 0 <= t < llm.model_config.vocab_size]
-            if bad:
-                raise bad_request(f"token id {bad[0]} is outside the vocabulary [0, {llm.model_config.vocab_size})",
-                                  "prompt")
-            if len(ids) >= limit:
-                raise bad_request(f"the request exceeds the available context size: the prompt has {len(ids)} "
-                                  f"tokens and the context is {limit} tokens (one must be left to generate); "
-                                  f"shorten the prompt", "messages" if chat else "prompt", "exceed_context_size")
+            try:
+                llm.engine.token_ids(ids)  # the engine's own checks: vocabulary, context
+            except ContextLengthError as e:
+                raise bad_request(f"the request exceeds the available context size: the prompt has "
+                                  f"{e.prompt_tokens} tokens and the context is {e.max_model_len} tokens (one must "
+                                  f"be left to generate); shorten the prompt", "messages" if chat else "prompt",
+                                  "exceed_context_size") from None
+            except InferRecipesError as e:
+                raise bad_request(str(e), "messages" if chat else "prompt") from None
             if req.max_tokens is not None and len(ids) + req.max_tokens > limit:
                 raise bad_request(f"the request exceeds the available context size: the prompt has {len(ids)} "
                                   f"tokens and max_tokens is {req.max_tokens}, {len(ids) + req.max_tokens} in all, "
