@@ -25,6 +25,12 @@ Prompt = str | Sequence[int]
 DEFAULT_KV_FRACTION = 0.25
 
 
+def kv_block_bytes(model: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
+    """Bytes of one KV block across all layers: keys and values of block_size tokens."""
+    return 2 * model.num_layers * model.num_kv_heads * model.head_dim * block_size \
+        * torch.empty((), dtype=dtype).element_size()
+
+
 def kv_pool_blocks(model: ModelConfig, cfg: EngineConfig, max_model_len: int, dtype: torch.dtype,
                    device: torch.device) -> int:
     """Blocks for the KV pool: `num_blocks` if given, else what `kv_cache_memory` of the device holds, capped at
@@ -36,10 +42,8 @@ def kv_pool_blocks(model: ModelConfig, cfg: EngineConfig, max_model_len: int, dt
                                     f"{max_model_len} tokens ({one_seq} blocks of {cfg.block_size}): raise "
                                     f"num_blocks or lower max_model_len")
         return cfg.num_blocks
-    per_block = 2 * model.num_layers * model.num_kv_heads * model.head_dim * cfg.block_size \
-        * torch.empty((), dtype=dtype).element_size()
     budget = int((cfg.kv_cache_memory or DEFAULT_KV_FRACTION) * device_memory_bytes(device))
-    return max(one_seq, min(cfg.max_batch_size * one_seq, budget // per_block))
+    return max(one_seq, min(cfg.max_batch_size * one_seq, budget // kv_block_bytes(model, cfg.block_size, dtype)))
 
 
 class LLMEngine:

@@ -20,7 +20,7 @@ from ..config import EngineConfig, QUANTIZATIONS
 from ..device import resolve_device, resolve_dtype, trim_host_memory
 from ..engine.async_engine import AsyncEngine, DeviceThread
 from ..engine.llm import LLM
-from ..engine.llm_engine import kv_pool_blocks
+from ..engine.llm_engine import kv_block_bytes, kv_pool_blocks
 from ..errors import InferRecipesError
 from ..loading import resolve_model_source
 from ..loading.weights import read_config
@@ -70,9 +70,7 @@ def estimate_bytes(spec: ModelSpec) -> int:
     max_len = min(cfg.max_model_len or config.max_position_embeddings, config.max_position_embeddings)
     kv = 0
     if cfg.kv_cache:
-        per_block = 2 * config.num_layers * config.num_kv_heads * config.head_dim * cfg.block_size \
-            * torch.empty((), dtype=dtype).element_size()
-        kv = kv_pool_blocks(config, cfg, max_len, dtype, device) * per_block
+        kv = kv_pool_blocks(config, cfg, max_len, dtype, device) * kv_block_bytes(config, cfg.block_size, dtype)
     return int(config.num_parameters * per_weight) + kv
 
 
