@@ -218,15 +218,21 @@ def shipped() -> dict[str, Path]:
     return {f"{p.parent.name}/{p.stem}": p for p in sorted(RECIPES_DIR.glob("*/*.yaml"))}
 
 
+def find_file(spec: str, catalogue: dict[str, Path], what: str, hint: str = "") -> Path:
+    """`spec` as a file path, else as a name in `catalogue` (shipped files); an error lists the names."""
+    path = Path(spec)
+    if path.is_file():
+        return path
+    found = catalogue.get(spec.removesuffix(".yaml"))
+    if found is None:
+        raise RecipeError(f"no {what} {spec!r}: not a file, nor a shipped {what}{hint} "
+                          f"({', '.join(catalogue) or 'none'})")
+    return found
+
+
 def load_recipe(spec: str, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
     """A recipe by path (`my.yaml`) or shipped name (`smollm2-135m-instruct/int8`)."""
-    path = Path(spec)
-    if not path.is_file():
-        found = shipped().get(spec.removesuffix(".yaml"))
-        if found is None:
-            raise RecipeError(f"no recipe {spec!r}: not a file, nor a shipped recipe; `infer-recipes recipes` lists "
-                              f"them ({', '.join(shipped())})")
-        path = found
+    path = find_file(spec, shipped(), "recipe", "; `infer-recipes recipes` lists them")
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:

@@ -17,7 +17,7 @@ from pathlib import Path
 import yaml
 
 from ..errors import InferRecipesError
-from ..recipe import load_recipe
+from ..recipe import find_file, load_recipe
 from .pool import ModelSpec
 from .routing import DEFAULT_THRESHOLD, Cascade
 
@@ -49,12 +49,7 @@ def shipped_deployments() -> dict[str, Path]:
 
 
 def load_deployment(spec: str) -> Deployment:
-    path = Path(spec)
-    if not path.is_file():
-        path = shipped_deployments().get(spec.removesuffix(".yaml"))
-        if path is None:
-            raise InferRecipesError(f"no deployment {spec!r}: not a file, nor shipped "
-                                    f"({', '.join(shipped_deployments()) or 'none'})")
+    path = find_file(spec, shipped_deployments(), "deployment")
     try:
         doc = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as e:
