@@ -269,6 +269,7 @@ def cmd_info(args) -> int:
 
 def cmd_serve(args) -> int:
     from .errors import InferRecipesError
+    from .recipe import load_recipe
     from .serving.deployment import load_deployment, parse_bytes
     from .serving.pool import ModelPool, ModelSpec, log_stderr, parse_model_arg
     from .serving.routing import Cascade
@@ -284,8 +285,6 @@ def cmd_serve(args) -> int:
         cascades += d.cascades
         budget = d.memory_budget
     for arg in args.recipe:
-        from .recipe import load_recipe
-
         name, sep, spec = arg.partition("=")
         if not sep:
             name, spec = "", arg

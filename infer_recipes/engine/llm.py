@@ -23,7 +23,6 @@ from .llm_engine import LLMEngine, Prompt, kv_pool_blocks
 from .request import RequestOutput
 
 
-
 class LLM:
     """A model, its tokenizer and an engine, ready to generate.
 
