@@ -60,6 +60,8 @@ class Request:
         p = len(self.prompt_token_ids)
         if start + count <= p:
             return self.prompt_token_ids[start:start + count]
+        if start >= p:  # a decode step: no copy of the whole sequence
+            return self.output_ids[start - p:start - p + count]
         return (self.prompt_token_ids + self.output_ids)[start:start + count]
 
     @property
