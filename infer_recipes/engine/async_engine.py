@@ -128,11 +128,11 @@ class AsyncEngine:
 
     async def generate(self, prompt_ids: Sequence[int], params: SamplingParams,
                        request_id: str | None = None) -> AsyncIterator[RequestOutput]:
-        """Yields the request's output after every step that advanced it, the last one finished. Leaving the
-        iteration early (or being cancelled) aborts the request."""
+        """Yields the request's output after every step that advanced it, the last one finished. A prompt the
+        engine refuses raises here (from the device thread's add). Leaving the iteration early (or being
+        cancelled) aborts the request."""
         if self.error is not None:
             raise EngineDeadError(f"model {self.name!r} failed earlier ({self.error}); restart the server")
-        self.engine.token_ids(list(prompt_ids))  # validation errors reach the caller now
         self.check_capacity()
         request_id = request_id or f"{self.name}-{next(self._ids)}"
         outputs: asyncio.Queue = asyncio.Queue()
