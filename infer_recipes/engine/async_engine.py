@@ -1,10 +1,10 @@
 """Engines driven from one device thread, streaming each request's outputs to asyncio callers (the server).
 
 All torch work of a serving process (loading models, every engine's steps) runs on one `DeviceThread`, and the
-event loop never runs torch. Two reasons, both measured on this 2-core CPU: a step on a thread other than the
-first one to run parallel torch code was ~35% slower (a second OpenMP team beside an idle first one; a 16x576 @
-576x1536 linear took 460 us there against 300 us), and two engines stepping at once on separate threads would
-only split the same cores between them. The device thread steps the engines that have work round-robin, one
+event loop never runs torch. Two reasons, both measured on a 2-core CPU: torch ops on a thread other than the
+first one to run parallel torch code are slower (a second OpenMP team beside an idle first one;
+`benchmarks/thread_cost.py`: a batch-16 SmolLM2 linear 1.4x, the block gather 2.1x), and two engines stepping at
+once on separate threads would only split the same cores between them. The device thread steps the engines that have work round-robin, one
 step each, so several models share the device fairly.
 
 Callers never touch an engine: adds and aborts are commands the device thread applies between steps, and outputs
