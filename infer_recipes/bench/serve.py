@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import json
 import random
-import statistics
 import sys
 import time
 from dataclasses import dataclass, field
@@ -18,6 +17,7 @@ from pathlib import Path
 import httpx
 
 from ..errors import InferRecipesError
+from ..stats import summary
 
 DEFAULT_SQUAD = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "squad" / "dev-v2.0.part-a.json"
 
@@ -95,14 +95,6 @@ async def _one(client: httpx.AsyncClient, url: str, model: str, prompt: str, out
     return result
 
 
-def _stats(values: list[float]) -> dict:
-    if not values:
-        return {"mean": None, "median": None, "p99": None}
-    ordered = sorted(values)
-    p99 = ordered[min(len(ordered) - 1, int(round(0.99 * (len(ordered) - 1))))]
-    return {"mean": statistics.fmean(values), "median": statistics.median(values), "p99": p99}
-
-
 async def run(url: str, model: str, prompts: list[str], output_len: int, request_rate: float,
               max_concurrency: int, api_key: str | None = None, slo: dict | None = None, seed: int = 0,
               progress: bool = True) -> dict:
@@ -146,8 +138,8 @@ async def run(url: str, model: str, prompts: list[str], output_len: int, request
         "duration_s": duration, "requests_per_s": len(ok) / duration,
         "output_tokens": out_tokens, "output_tokens_per_s": out_tokens / duration,
         "prompt_tokens": sum(r.prompt_tokens for r in ok),
-        "ttft_s": _stats([r.ttft for r in ok]), "tpot_s": _stats([r.tpot for r in ok if r.tpot is not None]),
-        "itl_s": _stats([x for r in ok for x in r.itl]), "e2e_s": _stats([r.e2e for r in ok]),
+        "ttft_s": summary([r.ttft for r in ok]), "tpot_s": summary([r.tpot for r in ok if r.tpot is not None]),
+        "itl_s": summary([x for r in ok for x in r.itl]), "e2e_s": summary([r.e2e for r in ok]),
     }
     if slo:
         good = [r for r in ok if r.ttft <= slo.get("ttft", float("inf"))
