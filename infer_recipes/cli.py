@@ -77,6 +77,17 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
 
 
+def _add_qa_args(p: argparse.ArgumentParser, data_help: str) -> None:
+    p.add_argument("--data", required=True, help=data_help)
+    p.add_argument("--limit", type=int, default=None, help="the first N questions of the file")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="questions in flight at once on the engine (default 16)")
+    p.add_argument("--max-tokens", type=int, default=32, help="tokens per answer at most (default 32)")
+    p.add_argument("--shots", type=int, default=3, help="fixed demonstrations (made-up context, never from the "
+                   "data) before the question, 0-3 (default 3)")
+    p.add_argument("--json", action="store_true", help="print the result as one JSON object")
+
+
 def _sampling(args):
     from .config import SamplingParams
 
@@ -176,6 +187,88 @@ def cmd_eval_agreement(args) -> int:
     return _print_result(args, result, f"top-1 agreement {result['top1_agreement']:.4f}, mean KL "
                          f"{result['mean_kl']:.5f} over {result['tokens']} tokens against {llm.source.name} with "
                          "every switch off, float32")
+
+
+def cmd_eval_qa(args) -> int:
+    from .eval.qa import answer_questions, load_qa, report, write_outputs
+
+    task = args.eval_command  # squad | cmrc
+    examples = load_qa(args.data, args.limit)  # a bad file fails before the slow load
+    spec, options = _model_and_options(args)
+    batch_size = args.batch_size or options.get("max_batch_size") or 16
+    options["max_batch_size"] = max(batch_size, options.get("max_batch_size") or 0)
+    llm = _load(spec, options)
+    lang = "zh" if task == "cmrc" else "en"
+    results, seconds = answer_questions(llm, examples, lang, args.shots, batch_size, args.max_tokens,
+                                        progress=_progress())
+    result = report(task, examples, results, seconds, data=args.data, model=llm.source.name,
+                    options={k: v for k, v in options.items()}, batch_size=batch_size, shots=args.shots,
+                    max_tokens=args.max_tokens, device=llm.device.type)
+    if args.out:
+        write_outputs(args.out, task, examples, results, result, args.data)
+    if args.json:
+        print(json.dumps(result, ensure_ascii=False))
+        return 0
+    m = result["metrics"]
+    name = "CMRC 2018" if task == "cmrc" else "SQuAD"
+    parts = [f"{name} on {m['total']} questions: EM {m['exact']:.2f}, F1 {m['f1']:.2f}"]
+    for subset in ("HasAns", "NoAns"):
+        if f"{subset}_total" in m:
+            parts.append(f"{subset} EM {m[subset + '_exact']:.2f} / F1 {m[subset + '_f1']:.2f} "
+                         f"({m[subset + '_total']} questions)")
+    print("; ".join(parts))
+    print(f"{result['questions_per_s']:.2f} questions/s, latency mean {result['latency_mean_s'] or 0:.2f} s, "
+          f"p99 {result['latency_p99_s'] or 0:.2f} s (batch {batch_size}), {result['generated_tokens']} tokens "
+          f"generated, {result['unanswered']} answered 'unanswerable'"
+          + (f", {result['prompts_too_long']} prompts longer than the context" if result["prompts_too_long"] else "")
+          + (f"; predictions.json, metrics.json, answers.jsonl, data.json in {args.out}" if args.out else ""))
+    return 0
+
+
+def cmd_eval_compare(args) -> int:
+    from pathlib import Path
+
+    from .errors import InferRecipesError
+    from .eval.compare import compare, table
+    from .eval.qa import detect_language, load_qa
+    from .serving.pool import log_stderr
+
+    if len(args.models) != 2:
+        raise InferRecipesError(f"--models takes two models (A B), got {len(args.models)}")
+    examples = load_qa(args.data, args.limit)
+    args.batch_size = args.batch_size or 16
+    specs = [_model_spec(m, {"max_batch_size": args.batch_size,
+                             **({"max_model_len": args.max_model_len} if args.max_model_len else {})})
+             for m in args.models]
+    if specs[0].name == specs[1].name:
+        specs[1].name += "-2"
+    lang = detect_language(examples)
+    task = args.metric or ("cmrc" if lang == "zh" else "squad")
+    result = compare(specs, examples, task, lang, args.shots, args.batch_size, args.max_tokens, args.policy,
+                     args.threshold, progress=_progress(), log=log_stderr)
+    result["data"] = args.data
+    text = table(result)
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "compare.json").write_text(json.dumps(result, ensure_ascii=False, indent=1), encoding="utf-8")
+        (out / "compare.md").write_text(text + "\n", encoding="utf-8")
+    print(json.dumps(result, ensure_ascii=False) if args.json else text)
+    return 0
+
+
+def _model_spec(arg: str, base: dict):
+    """`[NAME=]RECIPE` (a shipped recipe name or a .yaml file) or `[NAME=]SPEC[,KEY=VALUE...]` for a model."""
+    from .recipe import load_recipe, shipped
+    from .serving.pool import ModelSpec, parse_model_arg
+
+    name, sep, rest = arg.partition("=")
+    if not sep or "," in name:
+        name, rest = "", arg
+    if rest in shipped() or rest.endswith((".yaml", ".yml")):
+        recipe = load_recipe(rest)
+        return ModelSpec(name or rest, recipe.model, {**recipe.llm_kwargs(), **base})
+    return parse_model_arg(arg, base)
 
 
 def cmd_recipes(args) -> int:
@@ -355,7 +448,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--system", default=None, help="a system message")
     p.set_defaults(func=cmd_chat)
 
-    p = sub.add_parser("eval", help="accuracy: perplexity, agreement with the unoptimized model")
+    p = sub.add_parser("eval", help="accuracy: SQuAD / CMRC question answering, the two-model comparison, "
+                       "perplexity, agreement with the unoptimized model")
     ev = p.add_subparsers(dest="eval_command", required=True)
     q = ev.add_parser("perplexity", help="sliding-window perplexity over a text file")
     _add_engine_args(q)
@@ -371,6 +465,33 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--max-tokens", type=int, default=2048)
     q.add_argument("--json", action="store_true")
     q.set_defaults(func=cmd_eval_agreement)
+
+    for task, data_help in (("squad", "a SQuAD-format JSON file (v1.1 or v2.0), e.g. "
+                                      "../shared/data/squad/dev-v2.0.part-a.json"),
+                            ("cmrc", "a CMRC 2018 JSON file (SQuAD format), e.g. "
+                                     "../shared/data/cmrc2018/cmrc2018_trial.json")):
+        q = ev.add_parser(task, help=("SQuAD 2.0 / 1.1" if task == "squad" else "CMRC 2018 (Chinese)") +
+                          " extractive QA: exact match and F1 with the official semantics, questions/s, latency")
+        _add_engine_args(q)
+        _add_qa_args(q, data_help)
+        q.add_argument("--out", default=None, help="write predictions.json (official format), metrics.json and "
+                       "answers.jsonl, and data.json (the evaluated questions, for the official script) here")
+        q.set_defaults(func=cmd_eval_qa)
+    q = ev.add_parser("compare", help="two models served at once (and a cascade) on the same questions: "
+                      "latency, p99, questions/s, EM, F1, memory")
+    q.add_argument("--models", nargs="+", required=True, metavar="[NAME=]MODEL",
+                   help="two models: each a recipe (smollm2-135m-instruct/int4, my.yaml) or "
+                        "SPEC[,KEY=VALUE...] as for serve (smollm2-135m-instruct,quantization=int8); the first is "
+                        "the cascade's small model")
+    q.add_argument("--policy", choices=["cascade"], default=None,
+                   help="also run the cascade: the first model answers, the second re-answers unsure answers")
+    q.add_argument("--threshold", type=float, default=-1.0, help="cascade: re-ask when the mean token "
+                   "log-probability is below this (default -1.0)")
+    q.add_argument("--metric", choices=["squad", "cmrc"], default=None, help="default: cmrc for Chinese data")
+    q.add_argument("--max-model-len", type=int, default=None)
+    _add_qa_args(q, "a SQuAD-format JSON file (SQuAD or CMRC 2018)")
+    q.add_argument("--out", default=None, help="write compare.json and compare.md here")
+    q.set_defaults(func=cmd_eval_compare)
 
     p = sub.add_parser("run", help="run a recipe: load its model with its switches and generate for its prompts")
     p.add_argument("recipe", help="a recipe file or shipped name, e.g. smollm2-135m-instruct/int8")

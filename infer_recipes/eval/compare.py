@@ -1,0 +1,242 @@
+"""Two models served at once, and the cascade between them, on the same questions.
+
+Both models live in one process in the serving issue's model pool (each its own engine, KV pool and queue, one
+device thread stepping both). Phase 1 sends every question to both models at the same time, at most `batch_size`
+in flight per model; phase 2 (policy "cascade") sends every question to the first model and re-asks the second
+when the first's mean token log-probability is below the threshold. Latency is per question as the caller sees it
+(submitted -> answer; for the cascade both hops); memory is each model's weights plus the most KV blocks it held,
+and the process's peak resident set (or accelerator memory) during each phase.
+"""
+from __future__ import annotations
+
+import asyncio
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+
+import torch
+from tqdm import tqdm
+
+from ..config import SamplingParams
+from ..device import current_rss_bytes
+from ..errors import ContextLengthError
+from ..serving.pool import Entry, ModelPool, ModelSpec
+from ..serving.routing import Cascade
+from ..stats import summary
+from .qa import QAExample, QAResult, build_prompt, extract_answer, score
+
+
+@dataclass
+class Run:
+    """One row of the table: the questions some model (or the cascade) answered, and what it cost."""
+
+    name: str
+    results: list[QAResult] = field(default_factory=list)
+    seconds: float = 0.0
+    answered_by: dict[str, str] = field(default_factory=dict)  # cascade: question id -> model
+    parts: list["Run"] = field(default_factory=list)  # both models together: each model's own run
+    model_bytes: int | None = None  # weights + peak KV blocks in use
+    peak_bytes: int | None = None  # process (or accelerator) peak during the phase
+
+
+class PeakMemory:
+    """Samples resident memory (CPU) or reads the allocator's peak (CUDA) over a `with` block."""
+
+    def __init__(self, device: torch.device, interval: float = 0.05):
+        self.device, self.interval, self.peak = device, interval, 0
+        self._stop = threading.Event()
+
+    def __enter__(self):
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        else:
+            self.peak = current_rss_bytes()
+            self._thread = threading.Thread(target=self._sample, daemon=True)
+            self._thread.start()
+        return self
+
+    def _sample(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.peak = max(self.peak, current_rss_bytes())
+
+    def __exit__(self, *exc):
+        if self.device.type == "cuda":
+            self.peak = torch.cuda.max_memory_allocated(self.device)
+        else:
+            self._stop.set()
+            self._thread.join()
+            self.peak = max(self.peak, current_rss_bytes())
+
+
+class _KVPeak:
+    def __init__(self, entry: Entry):
+        engine = entry.llm.engine
+        self.pool, self.block_bytes = engine.block_pool, (entry.llm.kv_cache_bytes() // max(1, engine.block_pool.num_blocks))
+        self.peak_blocks = 0
+
+    def sample(self) -> None:
+        self.peak_blocks = max(self.peak_blocks, self.pool.num_blocks - self.pool.num_free)
+
+    @property
+    def bytes(self) -> int:
+        return self.peak_blocks * self.block_bytes
+
+
+async def _ask(entry: Entry, ids: list[int], params: SamplingParams, kv: _KVPeak | None = None):
+    final = None
+    async for out in entry.engine.generate(ids, params):
+        if kv is not None:
+            kv.sample()
+        final = out
+    return final
+
+
+async def _answer_all(entry: Entry, examples: list[QAExample], prompts: list[list[int]], lang: str,
+                      batch_size: int, max_tokens: int, bar: tqdm, kv: _KVPeak) -> Run:
+    limit = asyncio.Semaphore(batch_size)
+    params = SamplingParams(max_tokens=max_tokens, temperature=0.0)
+
+    async def one(ex: QAExample, ids: list[int]) -> QAResult:
+        async with limit:
+            start = time.perf_counter()
+            try:
+                out = await _ask(entry, ids, params, kv)
+            except ContextLengthError:
+                return QAResult(ex.id, "", "", None, len(ids), 0, "too_long")
+            finally:
+                bar.update(1)
+            return QAResult(ex.id, extract_answer(out.text, lang), out.text, time.perf_counter() - start,
+                            len(ids), len(out.token_ids), out.finish_reason)
+
+    start = time.perf_counter()
+    results = await asyncio.gather(*(one(ex, ids) for ex, ids in zip(examples, prompts)))
+    return Run(entry.spec.name, list(results), time.perf_counter() - start)
+
+
+async def _cascade(small: Entry, large: Entry, cascade: Cascade, examples: list[QAExample],
+                   prompts: dict[str, list[list[int]]], lang: str, batch_size: int, max_tokens: int,
+                   bar: tqdm) -> Run:
+    limit = asyncio.Semaphore(batch_size)
+    sure = SamplingParams(max_tokens=max_tokens, temperature=0.0, logprobs=0)
+    plain = SamplingParams(max_tokens=max_tokens, temperature=0.0)
+    run = Run(cascade.name)
+
+    async def one(i: int, ex: QAExample) -> QAResult:
+        async with limit:
+            start = time.perf_counter()
+            try:
+                out, by = await _ask(small, prompts[small.spec.name][i], sure), small.spec.name
+                if cascade.escalate(out.logprobs):
+                    out, by = await _ask(large, prompts[large.spec.name][i], plain), large.spec.name
+            except ContextLengthError:
+                return QAResult(ex.id, "", "", None, len(prompts[small.spec.name][i]), 0, "too_long")
+            finally:
+                bar.update(1)
+            run.answered_by[ex.id] = by
+            return QAResult(ex.id, extract_answer(out.text, lang), out.text, time.perf_counter() - start,
+                            len(out.prompt_token_ids), len(out.token_ids), out.finish_reason)
+
+    start = time.perf_counter()
+    run.results = list(await asyncio.gather(*(one(i, ex) for i, ex in enumerate(examples))))
+    run.seconds = time.perf_counter() - start
+    return run
+
+
+def compare(specs: list[ModelSpec], examples: list[QAExample], task: str, lang: str, shots: int = 0,
+            batch_size: int = 16, max_tokens: int = 32, policy: str | None = None, threshold: float = -1.0,
+            progress: bool = True, log=print) -> dict:
+    """Runs the comparison; returns {"rows": [...], "models": {...}, ...} (see `table`)."""
+    pool = ModelPool(specs, log=log)
+    try:
+        pool.preload()
+        entries = [pool.entries[s.name] for s in specs]
+        device = entries[0].llm.device
+        prompts = {e.spec.name: [build_prompt(e.llm.tokenizer, ex, lang, shots) for ex in examples] for e in entries}
+        weights = {e.spec.name: e.llm.weight_bytes() for e in entries}
+
+        async def both() -> list[Run]:
+            kvs = [_KVPeak(e) for e in entries]
+            bar = tqdm(total=len(examples) * len(entries), desc="both models", unit="question",
+                       disable=not progress, file=sys.stderr)
+            with PeakMemory(device) as peak:
+                start = time.perf_counter()
+                runs = await asyncio.gather(*(_answer_all(e, examples, prompts[e.spec.name], lang, batch_size,
+                                                          max_tokens, bar, kv) for e, kv in zip(entries, kvs)))
+                together = Run(" + ".join(e.spec.name for e in entries), [r for run in runs for r in run.results],
+                               time.perf_counter() - start, parts=list(runs))
+            bar.close()
+            for run, entry, kv in zip(runs, entries, kvs):
+                run.model_bytes = weights[entry.spec.name] + kv.bytes
+            together.model_bytes = sum(run.model_bytes for run in runs)
+            together.peak_bytes = peak.peak
+            return [*runs, together]
+
+        rows = asyncio.run(both())
+        cascade = None
+        if policy == "cascade":
+            cascade = Cascade("cascade", specs[0].name, specs[1].name, threshold)
+
+            async def cascaded() -> Run:
+                bar = tqdm(total=len(examples), desc="cascade", unit="question", disable=not progress,
+                           file=sys.stderr)
+                with PeakMemory(device) as peak:
+                    run = await _cascade(entries[0], entries[1], cascade, examples, prompts, lang, batch_size,
+                                         max_tokens, bar)
+                bar.close()
+                run.peak_bytes = peak.peak
+                return run
+
+            rows.append(asyncio.run(cascaded()))
+    finally:
+        pool.shutdown()
+    return {"task": task, "questions": len(examples), "batch_size": batch_size, "shots": shots,
+            "models": {s.name: {"model": s.model, "options": {k: v for k, v in s.options.items()}} for s in specs},
+            "cascade": None if cascade is None else {"small": cascade.small, "large": cascade.large,
+                                                     "threshold": cascade.threshold},
+            "device": str(device), "rows": [_row(run, task, examples) for run in rows]}
+
+
+def _row(run: Run, task: str, examples: list[QAExample]) -> dict:
+    if run.parts:  # both models together: every question once per model; the mean of the models' scores
+        parts = [score(task, examples, {r.id: r.prediction for r in part.results}) for part in run.parts]
+        metrics = {k: sum(p[k] for p in parts) / len(parts) for k in ("exact", "f1")}
+    else:
+        metrics = score(task, examples, {r.id: r.prediction for r in run.results})
+    lat = summary([r.latency_s for r in run.results if r.latency_s is not None])
+    row = {"name": run.name, "answers": len(run.results), "seconds": run.seconds,
+           "questions_per_s": len(run.results) / run.seconds if run.seconds > 0 else None,
+           "latency_mean_s": lat["mean"], "latency_p99_s": lat["p99"], "exact": metrics["exact"],
+           "f1": metrics["f1"], "model_bytes": run.model_bytes, "peak_bytes": run.peak_bytes,
+           "generated_tokens": sum(r.generated_tokens for r in run.results)}
+    if run.answered_by:
+        counts: dict[str, int] = {}
+        for by in run.answered_by.values():
+            counts[by] = counts.get(by, 0) + 1
+        row["answered_by"] = {k: v / len(run.answered_by) for k, v in counts.items()}
+        for name in counts:
+            mine = [ex for ex in examples if run.answered_by.get(ex.id) == name]
+            part = score(task, mine, {r.id: r.prediction for r in run.results if run.answered_by.get(r.id) == name})
+            row.setdefault("by_model", {})[name] = {"questions": len(mine), "exact": part["exact"],
+                                                    "f1": part["f1"]}
+    return row
+
+
+def table(result: dict) -> str:
+    """The comparison as a Markdown table."""
+    lines = ["| run | answers | mean latency s | p99 latency s | questions/s | EM | F1 | model MB | peak MB | "
+             "answered by |", "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
+    for row in result["rows"]:
+        def mb(v):
+            return f"{v / 2**20:.0f}" if v else "-"
+
+        by = ", ".join(f"{name} {share:.0%} (EM {row['by_model'][name]['exact']:.1f})"
+                       for name, share in row.get("answered_by", {}).items())
+        lines.append(f"| {row['name']} | {row['answers']} | {_f(row['latency_mean_s'], 2)} | "
+                     f"{_f(row['latency_p99_s'], 2)} | {_f(row['questions_per_s'], 2)} | {row['exact']:.1f} | "
+                     f"{row['f1']:.1f} | {mb(row['model_bytes'])} | {mb(row['peak_bytes'])} | {by or '-'} |")
+    return "\n".join(lines)
+
+
+def _f(value, digits: int) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
