@@ -70,13 +70,17 @@ class PeakMemory:
 
 
 class _KVPeak:
+    """The most KV blocks a model held, sampled as its outputs arrive (the engine's public stats)."""
+
     def __init__(self, entry: Entry):
-        engine = entry.llm.engine
-        self.pool, self.block_bytes = engine.block_pool, (entry.llm.kv_cache_bytes() // max(1, engine.block_pool.num_blocks))
+        self.engine = entry.llm.engine
+        total = self.engine.stats()["kv_blocks_total"]
+        self.block_bytes = entry.llm.kv_cache_bytes() // max(1, total)
         self.peak_blocks = 0
 
     def sample(self) -> None:
-        self.peak_blocks = max(self.peak_blocks, self.pool.num_blocks - self.pool.num_free)
+        stats = self.engine.stats()
+        self.peak_blocks = max(self.peak_blocks, stats["kv_blocks_total"] - stats["kv_blocks_free"])
 
     @property
     def bytes(self) -> int:
