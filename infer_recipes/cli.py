@@ -202,7 +202,7 @@ def cmd_eval_qa(args) -> int:
     results, seconds = answer_questions(llm, examples, lang, args.shots, batch_size, args.max_tokens,
                                         progress=_progress())
     result = report(task, examples, results, seconds, data=args.data, model=llm.source.name,
-                    options={k: v for k, v in options.items()}, batch_size=batch_size, shots=args.shots,
+                    options=dict(options), batch_size=batch_size, shots=args.shots,
                     max_tokens=args.max_tokens, device=llm.device.type)
     if args.out:
         write_outputs(args.out, task, examples, results, result, args.data)
@@ -259,16 +259,27 @@ def cmd_eval_compare(args) -> int:
 
 def _model_spec(arg: str, base: dict):
     """`[NAME=]RECIPE` (a shipped recipe name or a .yaml file) or `[NAME=]SPEC[,KEY=VALUE...]` for a model."""
-    from .recipe import load_recipe, shipped
-    from .serving.pool import ModelSpec, parse_model_arg
+    from .recipe import shipped
+    from .serving.pool import parse_model_arg
 
     name, sep, rest = arg.partition("=")
     if not sep or "," in name:
-        name, rest = "", arg
+        rest = arg
     if rest in shipped() or rest.endswith((".yaml", ".yml")):
-        recipe = load_recipe(rest)
-        return ModelSpec(name or rest, recipe.model, {**recipe.llm_kwargs(), **base})
+        return _recipe_spec(arg, base)
     return parse_model_arg(arg, base)
+
+
+def _recipe_spec(arg: str, base: dict, overrides: list[str] | tuple[str, ...] = ()):
+    """`[NAME=]RECIPE` as a served model: the recipe's model and switches, then `base` over them."""
+    from .recipe import load_recipe
+    from .serving.pool import ModelSpec
+
+    name, sep, spec = arg.partition("=")
+    if not sep:
+        name, spec = "", arg
+    recipe = load_recipe(spec, overrides)
+    return ModelSpec(name or spec, recipe.model, {**recipe.llm_kwargs(), **base})
 
 
 def cmd_recipes(args) -> int:
@@ -362,7 +373,6 @@ def cmd_info(args) -> int:
 
 def cmd_serve(args) -> int:
     from .errors import InferRecipesError
-    from .recipe import load_recipe
     from .serving.deployment import load_deployment, parse_bytes
     from .serving.pool import ModelPool, ModelSpec, log_stderr, parse_model_arg
     from .serving.routing import Cascade
@@ -377,12 +387,7 @@ def cmd_serve(args) -> int:
         specs += [ModelSpec(m.name, m.model, {**m.options, **base}, m.pinned) for m in d.models]
         cascades += d.cascades
         budget = d.memory_budget
-    for arg in args.recipe:
-        name, sep, spec = arg.partition("=")
-        if not sep:
-            name, spec = "", arg
-        recipe = load_recipe(spec, args.set)
-        specs.append(ModelSpec(name or spec, recipe.model, {**recipe.llm_kwargs(), **base}))
+    specs += [_recipe_spec(arg, base, args.set) for arg in args.recipe]
     specs += [parse_model_arg(m, base) for m in args.model]
     if not specs:
         specs.append(parse_model_arg("smollm2-135m-instruct", base))

@@ -156,6 +156,13 @@ class AsyncEngine:
             if not finished:
                 self._send(("abort", request_id))
 
+    async def final(self, prompt_ids: Sequence[int], params: SamplingParams) -> RequestOutput:
+        """The request's finished output (`generate` run to its end)."""
+        out = None
+        async for out in self.generate(prompt_ids, params):
+            pass
+        return out
+
     def _send(self, command) -> None:
         self._commands.put(command)
         self.device.wake()

@@ -24,7 +24,7 @@ from ..errors import ContextLengthError
 from ..serving.pool import Entry, ModelPool, ModelSpec
 from ..serving.routing import Cascade
 from ..stats import summary
-from .qa import QAExample, QAResult, build_prompt, extract_answer, score
+from .qa import QAExample, QAResult, build_prompt, score
 
 
 @dataclass
@@ -87,15 +87,6 @@ class _KVPeak:
         return self.peak_blocks * self.block_bytes
 
 
-async def _ask(entry: Entry, ids: list[int], params: SamplingParams, kv: _KVPeak | None = None):
-    final = None
-    async for out in entry.engine.generate(ids, params):
-        if kv is not None:
-            kv.sample()
-        final = out
-    return final
-
-
 async def _answer_all(entry: Entry, examples: list[QAExample], prompts: list[list[int]], lang: str,
                       batch_size: int, max_tokens: int, bar: tqdm, kv: _KVPeak) -> Run:
     limit = asyncio.Semaphore(batch_size)
@@ -105,13 +96,13 @@ async def _answer_all(entry: Entry, examples: list[QAExample], prompts: list[lis
         async with limit:
             start = time.perf_counter()
             try:
-                out = await _ask(entry, ids, params, kv)
+                async for out in entry.engine.generate(ids, params):
+                    kv.sample()  # after every step that advanced the question: the KV blocks held then
             except ContextLengthError:
-                return QAResult(ex.id, "", "", None, len(ids), 0, "too_long")
+                return QAResult.too_long(ex.id, len(ids))
             finally:
                 bar.update(1)
-            return QAResult(ex.id, extract_answer(out.text, lang), out.text, time.perf_counter() - start,
-                            len(ids), len(out.token_ids), out.finish_reason)
+            return QAResult.answered(ex.id, out, lang, time.perf_counter() - start)
 
     start = time.perf_counter()
     results = await asyncio.gather(*(one(ex, ids) for ex, ids in zip(examples, prompts)))
@@ -130,16 +121,15 @@ async def _cascade(small: Entry, large: Entry, cascade: Cascade, examples: list[
         async with limit:
             start = time.perf_counter()
             try:
-                out, by = await _ask(small, prompts[small.spec.name][i], sure), small.spec.name
+                out, by = await small.engine.final(prompts[small.spec.name][i], sure), small.spec.name
                 if cascade.escalate(out.logprobs):
-                    out, by = await _ask(large, prompts[large.spec.name][i], plain), large.spec.name
+                    out, by = await large.engine.final(prompts[large.spec.name][i], plain), large.spec.name
             except ContextLengthError:
-                return QAResult(ex.id, "", "", None, len(prompts[small.spec.name][i]), 0, "too_long")
+                return QAResult.too_long(ex.id, len(prompts[small.spec.name][i]))
             finally:
                 bar.update(1)
             run.answered_by[ex.id] = by
-            return QAResult(ex.id, extract_answer(out.text, lang), out.text, time.perf_counter() - start,
-                            len(out.prompt_token_ids), len(out.token_ids), out.finish_reason)
+            return QAResult.answered(ex.id, out, lang, time.perf_counter() - start)
 
     start = time.perf_counter()
     run.results = list(await asyncio.gather(*(one(i, ex) for i, ex in enumerate(examples))))
@@ -195,7 +185,7 @@ def compare(specs: list[ModelSpec], examples: list[QAExample], task: str, lang: 
     finally:
         pool.shutdown()
     return {"task": task, "questions": len(examples), "batch_size": batch_size, "shots": shots,
-            "models": {s.name: {"model": s.model, "options": {k: v for k, v in s.options.items()}} for s in specs},
+            "models": {s.name: {"model": s.model, "options": dict(s.options)} for s in specs},
             "cascade": None if cascade is None else {"small": cascade.small, "large": cascade.large,
                                                      "threshold": cascade.threshold},
             "device": str(device), "rows": [_row(run, task, examples) for run in rows]}

@@ -46,6 +46,16 @@ class QAResult:
     generated_tokens: int
     finish_reason: str  # stop, length, or too_long (the prompt did not fit the context: predicted "")
 
+    @classmethod
+    def answered(cls, qid: str, out, lang: str, latency_s: float | None) -> "QAResult":
+        """From the finished RequestOutput of the question's prompt."""
+        return cls(qid, extract_answer(out.text, lang), out.text, latency_s, len(out.prompt_token_ids),
+                   len(out.token_ids), out.finish_reason)
+
+    @classmethod
+    def too_long(cls, qid: str, prompt_tokens: int) -> "QAResult":
+        return cls(qid, "", "", None, prompt_tokens, 0, "too_long")
+
 
 # ---- data -----------------------------------------------------------------------------------------------------------
 def load_qa(path: str | os.PathLike, limit: int | None = None) -> list[QAExample]:
@@ -189,14 +199,12 @@ def answer_questions(llm, examples: list[QAExample], lang: str = "en", shots: in
                 try:
                     running[engine.add_request(prompts[i], params, f"qa-{i}")] = i
                 except ContextLengthError:
-                    results[examples[i].id] = QAResult(examples[i].id, "", "", None, len(prompts[i]), 0, "too_long")
+                    results[examples[i].id] = QAResult.too_long(examples[i].id, len(prompts[i]))
                     bar.update(1)
             for out in engine.step():
                 if out.finished:
-                    ex = examples[running.pop(out.request_id)]
-                    results[ex.id] = QAResult(ex.id, extract_answer(out.text, lang), out.text,
-                                              out.metrics.get("e2e_s"), len(out.prompt_token_ids),
-                                              len(out.token_ids), out.finish_reason)
+                    qid = examples[running.pop(out.request_id)].id
+                    results[qid] = QAResult.answered(qid, out, lang, out.metrics.get("e2e_s"))
                     bar.update(1)
     except BaseException:
         for request_id in running:
@@ -207,8 +215,12 @@ def answer_questions(llm, examples: list[QAExample], lang: str = "en", shots: in
     return [results[ex.id] for ex in examples], time.perf_counter() - start
 
 
+# task -> (metrics over a question set, (EM, F1) of one question)
+METRICS = {"squad": (squad_metrics, squad_score), "cmrc": (cmrc_metrics, cmrc_score)}
+
+
 def score(task: str, examples: list[QAExample], predictions: dict[str, str]) -> dict:
-    return (cmrc_metrics if task == "cmrc" else squad_metrics)(examples, predictions)
+    return METRICS[task][0](examples, predictions)
 
 
 def report(task: str, examples: list[QAExample], results: list[QAResult], seconds: float, **meta) -> dict:
@@ -240,7 +252,7 @@ def write_outputs(out_dir: str | os.PathLike, task: str, examples: list[QAExampl
         article["paragraphs"] = [p for p in article["paragraphs"] if p["qas"]]
     doc["data"] = [a for a in doc["data"] if a["paragraphs"]]
     (out / "data.json").write_text(json.dumps(doc, ensure_ascii=False), encoding="utf-8")
-    scorer = cmrc_score if task == "cmrc" else squad_score
+    scorer = METRICS[task][1]
     (out / "predictions.json").write_text(json.dumps({r.id: r.prediction for r in results}, ensure_ascii=False,
                                                      indent=1), encoding="utf-8")
     (out / "metrics.json").write_text(json.dumps(summary_, ensure_ascii=False, indent=1), encoding="utf-8")

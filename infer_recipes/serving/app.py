@@ -149,7 +149,7 @@ def create_app(pool: ModelPool, cascades: dict[str, Cascade] | None = None, api_
                 job_large = _job(large, req, chat)
                 choices = {c[0]: c for c in job_large.choices()}
                 large.engine.check_capacity(len(unsure))
-                results = await asyncio.gather(*(_final(large, choices[i][1], choices[i][2]) for i in unsure))
+                results = await asyncio.gather(*(large.engine.final(choices[i][1], choices[i][2]) for i in unsure))
             except BaseException as e:
                 raise _api_error(e) from None
             finally:
@@ -206,15 +206,9 @@ def create_app(pool: ModelPool, cascades: dict[str, Cascade] | None = None, api_
                                 ignore_eos=req.ignore_eos, logprobs=logprobs)
         return _Job(entry, prompts, params, req.n)
 
-    async def _final(entry: Entry, ids: list[int], params: SamplingParams) -> RequestOutput:
-        out = None
-        async for out in entry.engine.generate(ids, params):
-            pass
-        return out
-
     async def _run_all(job: _Job) -> dict[int, RequestOutput]:
         choices = job.choices()
-        outs = await asyncio.gather(*(_final(job.entry, ids, p) for _, ids, p in choices))
+        outs = await asyncio.gather(*(job.entry.engine.final(ids, p) for _, ids, p in choices))
         for out in outs:
             metrics.record(job.name, out.metrics, out.finish_reason)
         return {index: out for (index, _, _), out in zip(choices, outs)}
