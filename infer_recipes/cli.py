@@ -431,6 +431,153 @@ def cmd_bench_serve(args) -> int:
     return 0 if report["failed"] == 0 else 1
 
 
+def _add_bench_args(p: argparse.ArgumentParser, input_lens: list[int], multi_recipe: bool = True,
+                    grid: bool = True) -> None:
+    p.add_argument("--model", "-m", nargs="+", default=None,
+                   help=MODEL_HELP + " (one or more; default: the recipe's model, or smollm2-135m-instruct)")
+    p.add_argument("--recipe", nargs="+" if multi_recipe else None, default=None,
+                   help="recipe file(s) or shipped name(s) for our engine; flags given here override each")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override one recipe value (repeatable)")
+    p.add_argument("--device", default=None, help="auto (cuda, then npu, then cpu), cpu, cuda or npu")
+    p.add_argument("--dtype", default=None, choices=DTYPES)
+    _add_switch_args(p)
+    if grid:
+        p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 2, 4, 8, 16])
+        p.add_argument("--input-lens", type=int, nargs="+", default=input_lens)
+    p.add_argument("--output-len", type=int, default=128, help="tokens generated per sequence (EOS ignored)")
+    _add_measure_args(p)
+
+
+def _add_measure_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--prompts", default="en", help="en: cut from SQuAD contexts, zh: from CMRC 2018 contexts "
+                   "(../shared/data), or a UTF-8 text file")
+    p.add_argument("--runs", type=int, default=3, help="measured runs per cell (median reported)")
+    p.add_argument("--warmup", type=int, default=1, help="warm-up runs per cell (16 tokens)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--no-memory", dest="memory", action="store_false",
+                   help="skip peak memory (measured in a child process per engine)")
+    p.add_argument("--no-roofline", dest="roofline", action="store_false",
+                   help="skip the bandwidth / FLOP/s measurement and the roofline column")
+    p.add_argument("--out", default=None, help="directory for results.json, results.csv, report.md and plots")
+    p.add_argument("--json", action="store_true", help="print the result object as JSON")
+
+
+def _bench_targets(args):
+    from .bench.suite import Target
+    from .errors import InferRecipesError
+    from .recipe import load_recipe
+
+    recipes = args.recipe if isinstance(args.recipe, list) else [args.recipe]
+    if args.set and not any(recipes):
+        raise InferRecipesError("--set overrides a recipe's values: give --recipe too")
+    targets = []
+    for name in recipes:
+        options, model, label = {}, "smollm2-135m-instruct", "ours"
+        if name:
+            recipe = load_recipe(name, args.set)
+            options, model, label = recipe.llm_kwargs(), recipe.model, recipe.name
+        for flag in _FLAGS:
+            value = getattr(args, flag, None)
+            if value is not None:
+                options[flag] = tuple(value) if flag == "quantization_skip" else value
+        for m in args.model or [model]:
+            targets.append(Target(label, m, options, name))
+    seen = set()
+    for t in targets:
+        if (t.label, t.model) in seen:
+            raise InferRecipesError(f"{t.label} on {t.model} is given twice")
+        seen.add((t.label, t.model))
+    return targets
+
+
+def _bench_setup(args):
+    import torch
+
+    from .bench.prompts import load_prompt_set
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    return load_prompt_set(args.prompts)
+
+
+def _bench_finish(args, result: dict, text: str) -> int:
+    from .bench import report
+
+    if args.out:
+        files = report.write(args.out, result)
+        print(f"wrote {', '.join(files)} to {args.out}", file=sys.stderr)
+    print(json.dumps(result, ensure_ascii=False) if args.json else text)
+    return 0
+
+
+def cmd_bench_latency(args) -> int:
+    from .bench import report, suite
+    from .bench.latency import grid
+
+    prompts = _bench_setup(args)
+    result = suite.latency(_bench_targets(args), grid(args.batch_sizes, args.input_lens, args.output_len), prompts,
+                           args.runs, args.warmup, args.memory, args.roofline, _progress())
+    return _bench_finish(args, result, report.markdown(result))
+
+
+def cmd_bench_sweep(args) -> int:
+    from .bench import report, suite
+    from .bench.latency import grid
+
+    prompts = _bench_setup(args)
+    result = suite.sweep(_bench_targets(args), args.baseline, args.baseline_dtype,
+                         grid(args.batch_sizes, args.input_lens, args.output_len), prompts, args.runs, args.warmup,
+                         args.memory, args.roofline, _progress())
+    return _bench_finish(args, result, report.markdown(result))
+
+
+def cmd_bench_ablation(args) -> int:
+    from .bench import report, suite
+    from .bench.latency import grid
+
+    prompts = _bench_setup(args)
+    grid([args.batch], [args.input_len], args.output_len)  # the same checks as the grid commands
+    result = suite.ablation(args.model, args.device or "auto", args.steps, args.batch, args.input_len,
+                            args.output_len, prompts, args.runs, args.warmup, args.memory, args.roofline, _progress())
+    return _bench_finish(args, result, report.markdown(result))
+
+
+def cmd_bench_roofline(args) -> int:
+    from .bench import report, suite
+    from .bench.latency import grid
+    from .bench.roofline import format_machine
+
+    prompts = _bench_setup(args)
+    targets = _bench_targets(args)
+    result = suite.latency(targets, grid(args.batch_sizes, [args.input_len], args.output_len), prompts, args.runs,
+                           args.warmup, False, True, _progress())
+    lines = [format_machine(result["machine"]), "",
+             "| engine | model | batch | context | weights MB read / step | KV MB read / step | bound decode tok/s | "
+             "achieved decode tok/s | fraction |", "|" + " --- |" * 9]
+    for r in result["rows"]:
+        kv = r["batch"] * r["kv_bytes_per_token"] * (r["input_len"] + r["output_len"] / 2)
+        lines.append(f"| {r['engine']} | {r['model']} | {r['batch']} | {r['input_len']}+{r['output_len']} | "
+                     f"{r['weight_bytes_per_decode_step'] / 1e6:.1f} | {kv / 1e6:.1f} | "
+                     f"{r['decode_bound_tokens_per_s']:.1f} | {r['decode_tokens_per_s']:.1f} | "
+                     f"{100 * r['roofline_fraction']:.0f} % |")
+    return _bench_finish(args, result, "\n".join(lines) + "\n\n" + report.markdown(result))
+
+
+def cmd_profile(args) -> int:
+    from . import profile
+
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    spec, options = _model_and_options(args)
+    result = profile.run(spec, options, args.phase, args.batch_size, args.input_len, args.steps, args.prompts,
+                         args.top, args.out, args.roofline, _progress())
+    print(json.dumps(result, ensure_ascii=False) if args.json else profile.format_result(result))
+    return 0
+
+
 _SERVE_FLAGS = ("num_blocks", "block_size", "kv_cache_memory", "max_num_batched_tokens", "max_waiting")
 
 
@@ -544,8 +691,37 @@ def build_parser() -> argparse.ArgumentParser:
     _add_switch_args(p)
     p.set_defaults(func=cmd_serve)
 
-    p = sub.add_parser("bench", help="measurements: load against a running server")
+    p = sub.add_parser("bench", help="measurements: latency grids, a recipe against a baseline, the ablation, the "
+                       "roofline, load against a running server")
     bench = p.add_subparsers(dest="bench_command", required=True)
+    q = bench.add_parser("latency", help="TTFT, TPOT, latency, tokens/s, peak memory, roofline fraction, energy "
+                         "per batch size and input length, for one or more recipes")
+    _add_bench_args(q, [16, 64, 256, 512])
+    q.set_defaults(func=cmd_bench_latency)
+    q = bench.add_parser("sweep", help="a recipe against a baseline (transformers, our engine with every switch off, "
+                         "or llama.cpp): latency, throughput and memory change per model and batch size")
+    _add_bench_args(q, [512], multi_recipe=False)
+    q.add_argument("--baseline", choices=["transformers", "off", "llama.cpp"], default="transformers")
+    q.add_argument("--baseline-dtype", choices=DTYPES, default="float32",
+                   help="dtype of the transformers / off baseline (default float32)")
+    q.set_defaults(func=cmd_bench_sweep)
+    q = bench.add_parser("ablation", help="each optimization alone and cumulatively: which switch bought what")
+    q.add_argument("--model", "-m", default="smollm2-135m-instruct", help=MODEL_HELP)
+    q.add_argument("--device", default=None, help="auto (cuda, then npu, then cpu), cpu, cuda or npu")
+    q.add_argument("--steps", nargs="+", default=["kv_cache", "fusion", "compile", "bf16", "int8", "w8a8", "int4",
+                                                  "batching"],
+                   help="the switches, in the order the cumulative chain adds them")
+    q.add_argument("--batch", type=int, default=8, help="sequences for the batching step (others run batch 1)")
+    q.add_argument("--input-len", type=int, default=128)
+    q.add_argument("--output-len", type=int, default=32)
+    _add_measure_args(q)
+    q.set_defaults(func=cmd_bench_ablation)
+    q = bench.add_parser("roofline", help="this machine's bandwidth and matmul FLOP/s, and a model's decode against "
+                         "the bandwidth bound: bytes per step, bound tokens/s, achieved fraction")
+    _add_bench_args(q, [512], grid=False)
+    q.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8])
+    q.add_argument("--input-len", type=int, default=512)
+    q.set_defaults(func=cmd_bench_roofline)
     q = bench.add_parser("serve", help="Poisson load against a running server: throughput, TTFT, TPOT, ITL, "
                          "latency, goodput")
     q.add_argument("--url", default="http://127.0.0.1:8000")
@@ -565,6 +741,21 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--out", default=None, help="also write the JSON report to this file")
     q.add_argument("--json", action="store_true")
     q.set_defaults(func=cmd_bench_serve)
+
+    p = sub.add_parser("profile", help="torch.profiler over a few prefill or decode steps: top operators by self "
+                       "time, a Chrome trace, and whether the phase is memory- or compute-bound")
+    _add_engine_args(p)
+    p.add_argument("--phase", choices=["prefill", "decode"], default="decode")
+    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--input-len", type=int, default=512)
+    p.add_argument("--steps", type=int, default=8, help="decode steps profiled (prefill: batches profiled)")
+    p.add_argument("--prompts", default="en", help="en, zh or a text file (as for bench)")
+    p.add_argument("--top", type=int, default=15, help="operators in the table")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--no-roofline", dest="roofline", action="store_false", help="skip the verdict's measurement")
+    p.add_argument("--out", default=None, help="directory for trace.json (Chrome trace) and profile.json")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_profile)
 
     p = sub.add_parser("recipes", help="list the recipes shipped with the package")
     p.add_argument("--verbose", "-v", action="store_true", help="with each recipe's description")

@@ -6,6 +6,7 @@ import importlib.util
 import os
 import resource
 import sys
+import threading
 
 import torch
 
@@ -128,6 +129,13 @@ def device_name(device: torch.device) -> str:
         return torch.npu.get_device_name(device)
     import platform
 
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
     return platform.processor() or platform.machine()
 
 
@@ -138,3 +146,33 @@ def device_memory_bytes(device: torch.device) -> int:
     if device.type == "npu":
         return torch.npu.get_device_properties(device).total_memory
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+class PeakMemory:
+    """Peak memory over a `with` block: the resident set sampled every `interval` s on the CPU (the whole process),
+    the allocator's peak on CUDA / NPU (reset on entry)."""
+
+    def __init__(self, device: torch.device, interval: float = 0.05):
+        self.device, self.interval, self.peak = device, interval, 0
+        self._stop = threading.Event()
+
+    def __enter__(self):
+        if self.device.type in ("cuda", "npu"):
+            getattr(torch, self.device.type).reset_peak_memory_stats(self.device)
+        else:
+            self.peak = current_rss_bytes()
+            self._thread = threading.Thread(target=self._sample, daemon=True)
+            self._thread.start()
+        return self
+
+    def _sample(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.peak = max(self.peak, current_rss_bytes())
+
+    def __exit__(self, *exc):
+        if self.device.type in ("cuda", "npu"):
+            self.peak = getattr(torch, self.device.type).max_memory_allocated(self.device)
+        else:
+            self._stop.set()
+            self._thread.join()
+            self.peak = max(self.peak, current_rss_bytes())

@@ -11,15 +11,13 @@ from __future__ import annotations
 
 import asyncio
 import sys
-import threading
 import time
 from dataclasses import dataclass, field
 
-import torch
 from tqdm import tqdm
 
 from ..config import SamplingParams
-from ..device import current_rss_bytes
+from ..device import PeakMemory
 from ..errors import ContextLengthError
 from ..serving.pool import Entry, ModelPool, ModelSpec
 from ..serving.routing import Cascade
@@ -38,35 +36,6 @@ class Run:
     parts: list["Run"] = field(default_factory=list)  # both models together: each model's own run
     model_bytes: int | None = None  # weights + peak KV blocks in use
     peak_bytes: int | None = None  # process (or accelerator) peak during the phase
-
-
-class PeakMemory:
-    """Samples resident memory (CPU) or reads the allocator's peak (CUDA) over a `with` block."""
-
-    def __init__(self, device: torch.device, interval: float = 0.05):
-        self.device, self.interval, self.peak = device, interval, 0
-        self._stop = threading.Event()
-
-    def __enter__(self):
-        if self.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(self.device)
-        else:
-            self.peak = current_rss_bytes()
-            self._thread = threading.Thread(target=self._sample, daemon=True)
-            self._thread.start()
-        return self
-
-    def _sample(self) -> None:
-        while not self._stop.wait(self.interval):
-            self.peak = max(self.peak, current_rss_bytes())
-
-    def __exit__(self, *exc):
-        if self.device.type == "cuda":
-            self.peak = torch.cuda.max_memory_allocated(self.device)
-        else:
-            self._stop.set()
-            self._thread.join()
-            self.peak = max(self.peak, current_rss_bytes())
 
 
 class _KVPeak:

@@ -1,0 +1,116 @@
+"""The roofline: what this machine can move and compute, and what a model's decode and prefill need of it.
+
+Decode reads every weight once per step (whatever the batch) plus each sequence's KV cache, so its tokens/s is
+bounded by bandwidth / bytes per step x batch; prefill does 2 FLOPs per weight per token (plus attention), so
+long prompts meet the compute roof instead. A phase is memory-bound when moving its bytes takes longer at the
+measured bandwidth than doing its FLOPs at the measured matmul rate.
+"""
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+
+from ..device import device_name, synchronize
+
+
+def _best_time(fn: Callable[[], object], device: torch.device, repeats: int, min_seconds: float = 0.05) -> float:
+    """Median seconds per call over `repeats` rounds, each round long enough to time."""
+    fn()
+    synchronize(device)
+    start, calls = time.perf_counter(), 0
+    while time.perf_counter() - start < min_seconds or calls < 1:
+        fn()
+        calls += 1
+    synchronize(device)
+    per_round = max(1, calls)
+    times = []
+    for _ in range(repeats):
+        synchronize(device)
+        t = time.perf_counter()
+        for _ in range(per_round):
+            fn()
+        synchronize(device)
+        times.append((time.perf_counter() - t) / per_round)
+    return statistics.median(times)
+
+
+def _bandwidth(device: torch.device, nbytes: int, repeats: int) -> tuple[float, float]:
+    x = torch.ones(nbytes // 4, dtype=torch.float32, device=device)
+    y = torch.empty_like(x)
+    return nbytes / _best_time(x.sum, device, repeats), 2 * nbytes / _best_time(lambda: y.copy_(x), device, repeats)
+
+
+def measure_machine(device: torch.device, quick: bool = False) -> dict:
+    """Memory bandwidth (read: a sum over a buffer far larger than the caches; copy: read + write) and matmul
+    FLOP/s for float32, bfloat16 (float16 where bf16 is absent) and int8 (`torch._int_mm`, where supported)."""
+    accel = device.type != "cpu"
+    mb = (64 if quick else 256) * (8 if accel else 1)
+    repeats = 3 if quick else 5
+    read, copy = _bandwidth(device, mb * 2**20, repeats)
+    n = (1024 if quick else 2048) * (4 if accel else 1)
+    result = {"device": device.type, "device_name": device_name(device), "threads": torch.get_num_threads(),
+              "bandwidth_read_gbs": read / 1e9, "bandwidth_copy_gbs": copy / 1e9, "matmul_size": n, "gflops": {}}
+    low = torch.float16 if device.type == "cuda" and not torch.cuda.is_bf16_supported() else torch.bfloat16
+    for name, dtype in (("float32", torch.float32), (str(low).removeprefix("torch."), low)):
+        a = torch.randn(n, n, device=device).to(dtype)
+        result["gflops"][name] = 2 * n**3 / _best_time(lambda: a @ a, device, repeats) / 1e9
+    try:
+        a8 = torch.randint(-128, 127, (n, n), dtype=torch.int8, device=device)
+        result["gflops"]["int8"] = 2 * n**3 / _best_time(lambda: torch._int_mm(a8, a8), device, repeats) / 1e9
+    except (RuntimeError, NotImplementedError) as e:
+        result["gflops"]["int8"] = None
+        result["int8_unsupported"] = str(e).splitlines()[0][:200]
+    return result
+
+
+def decode_bytes(weight_bytes: int, kv_bytes_per_token: int, batch: int, input_len: int, output_len: int) -> float:
+    """Bytes one decode step reads on average over the generation: the weights once, and each sequence's cache
+    at its mean length over the decode steps."""
+    mean_context = input_len + output_len / 2
+    return weight_bytes + batch * kv_bytes_per_token * mean_context
+
+
+def decode_bound_tps(machine: dict, weight_bytes: int, kv_bytes_per_token: int, batch: int, input_len: int,
+                     output_len: int) -> float:
+    """The most decode tokens/s the memory bandwidth allows (every sequence of the batch gains a token per step)."""
+    step = decode_bytes(weight_bytes, kv_bytes_per_token, batch, input_len, output_len)
+    return batch * machine["bandwidth_read_gbs"] * 1e9 / step
+
+
+def matmul_flops_per_token(config, context: float) -> float:
+    """FLOPs for one token through the model: 2 per weight of every linear and the lm_head, plus attention's two
+    products over `context` positions."""
+    h, i, d = config.hidden_size, config.intermediate_size, config.head_dim
+    linear = h * (config.num_heads * d) * 2 + h * (config.num_kv_heads * d) * 2 + 3 * h * i
+    return 2 * (config.num_layers * linear + h * config.vocab_size) + 4 * config.num_layers * config.num_heads * d \
+        * context
+
+
+def compute_dtype(engine_dtype: str, quantization: str | None, phase: str) -> str:
+    """Which matmul roof applies: int8 for schemes whose GEMMs are int8 x int8 (w8a8; int4-w8a8's prefill), bf16
+    for weight-only schemes (their kernels take bf16 activations), else the model's dtype."""
+    if quantization == "w8a8" or (quantization == "int4-w8a8" and phase == "prefill"):
+        return "int8"
+    if quantization:
+        return "bfloat16"
+    return engine_dtype
+
+
+def verdict(machine: dict, seconds: float, bytes_moved: float, flops: float, dtype: str) -> dict:
+    """Memory- or compute-bound, and how close the measured time comes to the roof that binds."""
+    bw = machine["bandwidth_read_gbs"] * 1e9
+    peak = (machine["gflops"].get(dtype) or machine["gflops"]["float32"]) * 1e9
+    t_mem, t_compute = bytes_moved / bw, flops / peak
+    bound = "memory" if t_mem >= t_compute else "compute"
+    return {"bound": bound, "bytes": bytes_moved, "flops": flops, "intensity_flop_per_byte": flops / bytes_moved,
+            "machine_balance_flop_per_byte": peak / bw, "roof_seconds": max(t_mem, t_compute),
+            "measured_seconds": seconds, "fraction_of_roof": max(t_mem, t_compute) / seconds, "dtype": dtype}
+
+
+def format_machine(m: dict) -> str:
+    flops = ", ".join(f"{k} {v:.0f}" if v else f"{k} n/a" for k, v in m["gflops"].items())
+    return (f"{m['device_name']} ({m['device']}, {m['threads']} threads): memory read {m['bandwidth_read_gbs']:.1f} "
+            f"GB/s, copy {m['bandwidth_copy_gbs']:.1f} GB/s; matmul {m['matmul_size']}^3 GFLOP/s: {flops}")
