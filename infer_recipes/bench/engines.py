@@ -57,9 +57,9 @@ class Engine:
     def run(self, prompts: list[list[int]], output_len: int) -> Timing:
         raise NotImplementedError
 
-    def decode_weight_bytes(self) -> int:
-        """Weight bytes one decode step reads: every layer, the final norm and the lm_head (the embedding table
-        only where the lm_head is that table), whatever their storage."""
+    def weight_bytes_read(self, batch: int = 1) -> int:
+        """Weight bytes one decode step of `batch` sequences reads: every layer, the final norm and the lm_head (the
+        embedding table only where the lm_head is that table), whatever their storage."""
         raise NotImplementedError
 
     def kv_bytes_per_token(self) -> int:
@@ -73,10 +73,15 @@ def _unique_bytes(tensors) -> dict[int, int]:
     return {t.data_ptr(): t.numel() * t.element_size() for t in tensors if t.numel()}
 
 
-def _decode_bytes(model: torch.nn.Module, embedding: torch.nn.Module, head: torch.nn.Module) -> int:
-    """All weights, less the embedding table's tensors that the lm_head does not share (decode reads one row)."""
+def _decode_bytes(model: torch.nn.Module, embedding: torch.nn.Module, head: torch.nn.Module, rows: int) -> int:
+    """All weights, less the embedding table's tensors that the lm_head does not share (decode reads one row) and
+    the forms a module keeps for other row counts (`idle_parts`: int4-w8a8's prefill form)."""
     tensors = [*model.parameters(), *(b for n, b in model.named_buffers() if "rotary" not in n and "inv_freq" not in n)]
     total = _unique_bytes(tensors)
+    for m in model.modules():
+        for idle in getattr(m, "idle_parts", lambda rows: [])(rows):
+            for ptr in _unique_bytes([*idle.parameters(), *idle.buffers()]):
+                total.pop(ptr, None)
     head_ptrs = set(_unique_bytes([*head.parameters(), *head.buffers()]))
     for ptr in _unique_bytes([*embedding.parameters(), *embedding.buffers()]):
         if ptr not in head_ptrs:
@@ -137,9 +142,9 @@ class OurEngine(Engine):
             raise InferRecipesError(f"{self.spec.label}: a sequence stopped before {output_len} tokens")
         return Timing(first - start, end - start, engine.stats()["preemptions"] - before)
 
-    def decode_weight_bytes(self) -> int:
+    def weight_bytes_read(self, batch: int = 1) -> int:
         m = self.llm.model
-        return _decode_bytes(m, m.model.embed_tokens, m.lm_head)
+        return _decode_bytes(m, m.model.embed_tokens, m.lm_head, batch)
 
     def kv_bytes_per_token(self) -> int:
         return _kv_bytes(self.config, self.llm.dtype.itemsize)
@@ -225,8 +230,8 @@ class TransformersEngine(Engine):
             raise InferRecipesError(f"transformers made {out.shape[1] - ids.shape[1]} tokens, not {output_len}")
         return Timing(stamps[0] - start, end - start)
 
-    def decode_weight_bytes(self) -> int:
-        return _decode_bytes(self.model, self.model.get_input_embeddings(), self.model.get_output_embeddings())
+    def weight_bytes_read(self, batch: int = 1) -> int:
+        return _decode_bytes(self.model, self.model.get_input_embeddings(), self.model.get_output_embeddings(), batch)
 
     def kv_bytes_per_token(self) -> int:
         return _kv_bytes(self.config, self.model.dtype.itemsize)
@@ -266,7 +271,7 @@ class LlamaCppEngine(Engine):
                 break
         return Timing(first - start, time.perf_counter() - start)
 
-    def decode_weight_bytes(self) -> int:
+    def weight_bytes_read(self, batch: int = 1) -> int:
         return os.path.getsize(self.path)  # the file is the weights (a tied table is read as the lm_head)
 
     def kv_bytes_per_token(self) -> int:

@@ -177,7 +177,7 @@ class Bench:
                 row = {"engine": e.spec.label, "kind": e.spec.kind, "model": g.model, "recipe": e.spec.recipe,
                        "dtype": e.dtype, "device": e.device.type,
                        **summarize(cell, [t for t, _ in runs], [j for _, j in runs]),
-                       "weight_bytes_per_decode_step": e.decode_weight_bytes(),
+                       "weight_bytes_per_decode_step": e.weight_bytes_read(cell.batch),
                        "kv_bytes_per_token": e.kv_bytes_per_token(), "peak_memory_bytes": None}
                 if self.machine:
                     bound = roofline.decode_bound_tps(self.machine, row["weight_bytes_per_decode_step"],

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import InferRecipesError
 
-SHARED_DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
+SHARED_DATA = Path(os.environ.get("INFER_RECIPES_DATA", Path(__file__).resolve().parents[2].parent / "shared" / "data"))
 SOURCES = {"en": SHARED_DATA / "squad" / "dev-v2.0.part-a.json", "zh": SHARED_DATA / "cmrc2018" / "cmrc2018_trial.json"}
 
 

@@ -3,6 +3,7 @@ through `torch._int_mm`."""
 from __future__ import annotations
 
 import torch
+from torch import nn
 
 from .base import QuantizedLinear
 from .int8 import Int8Linear
@@ -46,5 +47,12 @@ class PhaseLinear(QuantizedLinear):
     def dequantize(self, dtype=torch.float32) -> torch.Tensor:
         return self.small.dequantize(dtype)
 
+    def form(self, rows: int) -> QuantizedLinear:
+        return self.small if rows <= self.ROWS else self.large
+
+    def idle_parts(self, rows: int) -> list[nn.Module]:
+        """The form a call of `rows` rows leaves unread (what a memory roofline must not count)."""
+        return [self.large if self.form(rows) is self.small else self.small]
+
     def _matmul(self, x: torch.Tensor) -> torch.Tensor:
-        return (self.small if x.shape[0] <= self.ROWS else self.large)._matmul(x)
+        return self.form(x.shape[0])._matmul(x)
