@@ -109,7 +109,8 @@ def run(model: str, options: dict, phase: str, batch: int, input_len: int, steps
     result = {"model": llm.source.name, "phase": phase, "batch": batch, "input_len": input_len, "steps": steps,
               "device": device.type, "dtype": eng.dtype, "quantization": opts.quantization, "fusion": opts.fusion,
               "compile": opts.compile, "kv_cache": opts.kv_cache, "unit": unit, "seconds_per_unit": seconds,
-              "times": times, "profiled_times": profiled, "profiled_self_ms": total_ms, "top_ops": ops, "machine": machine, "verdict": None,
+              "times": times, "profiled_times": profiled, "profiled_self_ms": total_ms, "top_ops": ops,
+              "machine": machine, "verdict": None,
               "trace": None}
     if machine:
         dtype = roofline.compute_dtype(eng.dtype, opts.quantization, phase)

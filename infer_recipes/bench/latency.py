@@ -62,7 +62,8 @@ def grid(batch_sizes: list[int], input_lens: list[int], output_len: int) -> list
         if not values or any(v < 1 for v in values):
             raise InferRecipesError(f"{name} must list positive integers, got {values}")
     if output_len < 2:
-        raise InferRecipesError(f"--output-len must be at least 2 (decode speed needs a second token), got {output_len}")
+        raise InferRecipesError(f"--output-len must be at least 2 (decode speed needs a second token), "
+                                f"got {output_len}")
     return [Cell(b, n, output_len) for n in sorted(set(input_lens)) for b in sorted(set(batch_sizes))]
 
 

@@ -5,7 +5,8 @@ together and never goes down; memory is therefore measured apart: one child per 
 cell once, smallest first (a CPU KV pool keeps the pages it has touched, so a smaller cell after a larger one
 would inherit its pages), sampling the resident set (CPU) or reading the allocator's peak (CUDA / NPU) per cell.
 
-    python -m infer_recipes.bench.memory < job.json   # {"engine", "cells", "prompts", "max_batch", "max_len", "threads"}
+    python -m infer_recipes.bench.memory < job.json
+    # job: {"engine", "cells", "prompts", "max_batch", "max_len", "threads"}
 """
 from __future__ import annotations
 

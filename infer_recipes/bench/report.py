@@ -78,8 +78,9 @@ def markdown(result: dict) -> str:
     tpc = ", ".join(f"{m}: {v:.3f}" for m, v in p["tokens_per_char"].items())
     parts.append(f"\nPrompts: {p['kind']} ({p['source']}); tokens per character of that text: {tpc}. "
                  f"Output length fixed (end-of-sequence ignored), greedy; median of {result['settings']['runs']} "
-                 f"runs after {result['settings']['warmup']} warm-up, engines alternating run by run"
-                 + (" (ablation: one configuration loaded at a time)." if result["command"] == "ablation" else "."))
+                 f"runs after {result['settings']['warmup']} warm-up, "
+                 + ("one configuration loaded and measured at a time." if result["command"] == "ablation"
+                    else "engines alternating run by run."))
     for note in result["notes"]:
         parts.append(f"\n**Note:** {note}.")
     if result["machine"]:
@@ -128,6 +129,13 @@ def plots(out: Path, result: dict) -> list[str]:
         plt.close(fig)
         written.append(name)
 
+    if result["command"] == "ablation":
+        _ablation_plot(plt, result["ablation"], save)
+        mem = [(r["engine"], r["peak_memory_bytes"] / 1e6) for r in rows if r["peak_memory_bytes"]]
+        if mem:
+            _memory_plot(plt, mem, "", save)
+        return written
+
     lens = sorted({r["input_len"] for r in rows})
     fig, axes = plt.subplots(1, len(lens), figsize=(5 * len(lens), 4), squeeze=False)
     for ax, n in zip(axes[0], lens):
@@ -148,7 +156,8 @@ def plots(out: Path, result: dict) -> list[str]:
     fig, axes = plt.subplots(1, len(batches), figsize=(5 * len(batches), 4), squeeze=False)
     for ax, b in zip(axes[0], batches):
         for e, m in series:
-            pts = sorted((r["input_len"], r["e2e_s"]) for r in rows if (r["engine"], r["model"], r["batch"]) == (e, m, b))
+            pts = sorted((r["input_len"], r["e2e_s"]) for r in rows
+                         if (r["engine"], r["model"], r["batch"]) == (e, m, b))
             if pts:
                 ax.plot(*zip(*pts), marker="o", label=label(e, m))
         ax.set(title=f"batch {b}", xlabel="input length (tokens)", ylabel="latency s (end to end)")
@@ -159,16 +168,32 @@ def plots(out: Path, result: dict) -> list[str]:
     biggest = max(rows, key=lambda r: (r["batch"] * (r["input_len"] + r["output_len"]), r["batch"]), default=None)
     mem = [(label(r["engine"], r["model"]), r["peak_memory_bytes"] / 1e6) for r in rows if biggest
            and (r["batch"], r["input_len"]) == (biggest["batch"], biggest["input_len"]) and r["peak_memory_bytes"]]
-    if result["command"] == "ablation":
-        mem = [(r["engine"], r["peak_memory_bytes"] / 1e6) for r in rows if r["peak_memory_bytes"]]
     if mem:
-        fig, ax = plt.subplots(figsize=(max(5, 1.1 * len(mem)), 4))
-        ax.bar(range(len(mem)), [v for _, v in mem])
-        ax.set_xticks(range(len(mem)), [n for n, _ in mem], rotation=30, ha="right", fontsize=8)
-        where = "" if result["command"] == "ablation" else f" (batch {biggest['batch']}, input {biggest['input_len']})"
-        ax.set(ylabel="peak memory MB", title="peak memory per engine" + where)
-        save(fig, "memory.png")
+        _memory_plot(plt, mem, f" (batch {biggest['batch']}, input {biggest['input_len']})", save)
     return written
+
+
+def _memory_plot(plt, mem: list[tuple[str, float]], where: str, save) -> None:
+    fig, ax = plt.subplots(figsize=(max(5, 1.1 * len(mem)), 4))
+    ax.bar(range(len(mem)), [v for _, v in mem])
+    ax.set_xticks(range(len(mem)), [n for n, _ in mem], rotation=30, ha="right", fontsize=8)
+    ax.set(ylabel="peak memory MB", title="peak memory per engine" + where)
+    save(fig, "memory.png")
+
+
+def _ablation_plot(plt, ab: dict, save) -> None:
+    """Output tokens/s of each step alone and of the cumulative chain, against everything off."""
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    for ax, key, title in ((axes[0], "alone", "each switch alone (on top of off)"),
+                           (axes[1], "cumulative", "cumulative (left to right)")):
+        entries = [e for e in ab[key] if e["tokens_per_s"]]
+        ax.bar(range(len(entries)), [e["tokens_per_s"] for e in entries])
+        for i, e in enumerate(entries):
+            ax.text(i, e["tokens_per_s"], f"{e['vs_off']:.1f}x", ha="center", va="bottom", fontsize=8)
+        ax.set_xticks(range(len(entries)), [e["step"] for e in entries], rotation=30, ha="right", fontsize=8)
+        ax.set(title=title, ylabel="output tokens/s")
+        ax.grid(alpha=0.3, axis="y")
+    save(fig, "ablation.png")
 
 
 def write(out_dir: str | Path, result: dict) -> list[str]:
