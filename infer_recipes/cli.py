@@ -578,6 +578,34 @@ def cmd_profile(args) -> int:
     return 0
 
 
+def cmd_plan(args) -> int:
+    from . import plan
+    from .loading import resolve_model_source
+    from .loading.weights import read_config
+    from .models.registry import PRESETS
+
+    spec = f"synthetic:{args.model}" if args.model in PRESETS else args.model
+    config = read_config(resolve_model_source(spec))
+    bandwidth, efficiency, calibrated = args.bandwidth, args.efficiency, None
+    if args.calibrate:
+        calibrated = plan.calibrate(args.calibrate)
+        bandwidth = bandwidth or calibrated["bandwidth_gbs"]
+        efficiency = efficiency or calibrated["efficiency"]
+    hw = plan.Hardware(args.devices, args.device_memory, bandwidth or 2000.0, args.link, args.link_latency_us,
+                       efficiency=efficiency or 1.0)
+    scheme = args.quantization or args.dtype
+    layouts = plan.plan(config, hw, scheme, args.kv_dtype, args.batch, args.context)
+    if args.json:
+        print(json.dumps({"model": args.model, "scheme": scheme, "kv_dtype": args.kv_dtype, "batch": args.batch,
+                          "context": args.context, "calibrated_from": calibrated, **plan.to_json(layouts, hw)}))
+        return 0
+    print(plan.format_table(args.model, layouts, hw, scheme, args.kv_dtype, args.batch, args.context))
+    if calibrated:
+        print(f"- bandwidth and efficiency calibrated from {args.calibrate} ({calibrated['device_name']}; "
+              "efficiency = the median fraction of the roof our decode reached there)")
+    return 0
+
+
 _SERVE_FLAGS = ("num_blocks", "block_size", "kv_cache_memory", "max_num_batched_tokens", "max_waiting")
 
 
@@ -756,6 +784,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="directory for trace.json (Chrome trace) and profile.json")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_profile)
+
+    p = sub.add_parser("plan", help="deployment planner: memory per device, largest batch and context, and a "
+                       "roofline estimate of decode speed for one device, TP, PP and TP x PP")
+    p.add_argument("--model", "-m", required=True, help="a preset (llama-2-7b, llama-2-70b, llama-3.2-1b, "
+                   "llama-3.2-3b, ...), or any model spec as for generate (only its config is read)")
+    p.add_argument("--devices", type=int, default=1)
+    p.add_argument("--device-memory", type=float, default=80.0, help="GB per device (default 80)")
+    p.add_argument("--bandwidth", type=float, default=None,
+                   help="memory bandwidth per device, GB/s (default 2000, or --calibrate's measurement)")
+    p.add_argument("--link", type=float, default=300.0, help="device-to-device bandwidth, GB/s (default 300)")
+    p.add_argument("--link-latency-us", type=float, default=10.0, help="per message (default 10 us)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="bfloat16")
+    p.add_argument("--quantization", choices=["int8", "w8a8", "int4"], default=None)
+    p.add_argument("--kv-dtype", choices=["float32", "bfloat16", "float16"], default="bfloat16")
+    p.add_argument("--batch", type=int, default=1, help="sequences decoded together for the estimate")
+    p.add_argument("--context", type=int, default=4096, help="tokens per sequence for the batch and estimate")
+    p.add_argument("--efficiency", type=float, default=None,
+                   help="fraction of the bandwidth roof the kernels reach (default 1, or --calibrate's)")
+    p.add_argument("--calibrate", default=None, help="a bench roofline / latency results.json: its measured "
+                   "bandwidth and our median roofline fraction replace the defaults")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser("recipes", help="list the recipes shipped with the package")
     p.add_argument("--verbose", "-v", action="store_true", help="with each recipe's description")

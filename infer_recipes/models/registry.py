@@ -32,4 +32,9 @@ PRESETS: dict[str, ModelConfig] = {
         vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_layers=32, num_heads=32, num_kv_heads=32,
         head_dim=128, max_position_embeddings=4096, rms_norm_eps=1e-5, rope_theta=10000.0,
         tie_word_embeddings=False, bos_token_id=1, eos_token_ids=(2,), name="llama-2-7b"),
+    # for the planner above all: random weights of this size need ~140 GB in bf16
+    "llama-2-70b": ModelConfig(
+        vocab_size=32000, hidden_size=8192, intermediate_size=28672, num_layers=80, num_heads=64, num_kv_heads=8,
+        head_dim=128, max_position_embeddings=4096, rms_norm_eps=1e-5, rope_theta=10000.0,
+        tie_word_embeddings=False, bos_token_id=1, eos_token_ids=(2,), name="llama-2-70b"),
 }
