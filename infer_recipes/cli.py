@@ -62,11 +62,24 @@ def _model_and_options(args) -> tuple[str, dict]:
             raise InferRecipesError("--set overrides a recipe's values: give --recipe too")
         recipe = load_recipe(args.recipe, args.set)
         model, options = recipe.model, recipe.llm_kwargs()
+    return args.model or model or "smollm2-135m-instruct", {**options, **_flag_options(args)}
+
+
+def _flag_options(args) -> dict:
+    """The LLM options given as flags on the command line (those left unset are absent)."""
+    options = {}
     for name in _FLAGS:
         value = getattr(args, name, None)
         if value is not None:
             options[name] = tuple(value) if name == "quantization_skip" else value
-    return args.model or model or "smollm2-135m-instruct", options
+    return options
+
+
+def _set_threads(args) -> None:
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-tokens", type=int, default=128)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
@@ -477,10 +490,7 @@ def _bench_targets(args):
         if name:
             recipe = load_recipe(name, args.set)
             options, model, label = recipe.llm_kwargs(), recipe.model, recipe.name
-        for flag in _FLAGS:
-            value = getattr(args, flag, None)
-            if value is not None:
-                options[flag] = tuple(value) if flag == "quantization_skip" else value
+        options = {**options, **_flag_options(args)}
         for m in args.model or [model]:
             targets.append(Target(label, m, options, name))
     seen = set()
@@ -492,12 +502,9 @@ def _bench_targets(args):
 
 
 def _bench_setup(args):
-    import torch
-
     from .bench.prompts import load_prompt_set
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    _set_threads(args)
     return load_prompt_set(args.prompts)
 
 
@@ -546,7 +553,7 @@ def cmd_bench_ablation(args) -> int:
 def cmd_bench_roofline(args) -> int:
     from .bench import report, suite
     from .bench.latency import grid
-    from .bench.roofline import format_machine
+    from .bench.roofline import decode_bytes, format_machine
 
     prompts = _bench_setup(args)
     targets = _bench_targets(args)
@@ -556,7 +563,7 @@ def cmd_bench_roofline(args) -> int:
              "| engine | model | batch | context | weights MB read / step | KV MB read / step | bound decode tok/s | "
              "achieved decode tok/s | fraction |", "|" + " --- |" * 9]
     for r in result["rows"]:
-        kv = r["batch"] * r["kv_bytes_per_token"] * (r["input_len"] + r["output_len"] / 2)
+        kv = decode_bytes(0, r["kv_bytes_per_token"], r["batch"], r["input_len"], r["output_len"])
         lines.append(f"| {r['engine']} | {r['model']} | {r['batch']} | {r['input_len']}+{r['output_len']} | "
                      f"{r['weight_bytes_per_decode_step'] / 1e6:.1f} | {kv / 1e6:.1f} | "
                      f"{r['decode_bound_tokens_per_s']:.1f} | {r['decode_tokens_per_s']:.1f} | "
@@ -567,10 +574,7 @@ def cmd_bench_roofline(args) -> int:
 def cmd_profile(args) -> int:
     from . import profile
 
-    if args.threads:
-        import torch
-
-        torch.set_num_threads(args.threads)
+    _set_threads(args)
     spec, options = _model_and_options(args)
     result = profile.run(spec, options, args.phase, args.batch_size, args.input_len, args.steps, args.prompts,
                          args.top, args.out, args.roofline, _progress())

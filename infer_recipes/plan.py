@@ -30,7 +30,6 @@ from .errors import InferRecipesError
 WEIGHT_BYTES = {"float32": 4.0, "bfloat16": 2.0, "float16": 2.0, "int8": 1.0 + 2 / 4096, "w8a8": 1.0 + 4 / 4096,
                 "int4": 0.5 + 4 / 32}
 KV_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
-GIB = 2**30
 
 
 @dataclass(frozen=True)
@@ -78,9 +77,8 @@ def weight_bytes(c: ModelConfig, scheme: str, tp: int = 1, pp: int = 1) -> float
         raise InferRecipesError(f"unknown weight format {scheme!r}: choose one of {', '.join(WEIGHT_BYTES)}")
     per_weight = WEIGHT_BYTES[scheme]
     h, d = c.hidden_size, c.head_dim
-    kv_heads = max(1, c.num_kv_heads // tp) if c.num_kv_heads >= tp else 1  # replicated when fewer than ranks
     q = h * c.num_heads * d / tp
-    kv = 2 * h * kv_heads * d
+    kv = 2 * h * _kv_heads_per_rank(c, tp) * d
     layer = (q * 2 + kv + 3 * h * c.intermediate_size / tp) * per_weight + 2 * h * 2  # + two bf16 norms
     layers = math.ceil(c.num_layers / pp)
     vocab = c.vocab_size * h / tp
@@ -90,9 +88,13 @@ def weight_bytes(c: ModelConfig, scheme: str, tp: int = 1, pp: int = 1) -> float
     return layers * layer + ends
 
 
+def _kv_heads_per_rank(c: ModelConfig, tp: int) -> float:
+    """KV heads split over the ranks, or one replicated head per rank when there are fewer heads than ranks."""
+    return c.num_kv_heads / tp if c.num_kv_heads >= tp else 1
+
+
 def kv_bytes_per_token(c: ModelConfig, kv_dtype: str, tp: int = 1, pp: int = 1) -> float:
-    kv_heads = c.num_kv_heads / tp if c.num_kv_heads >= tp else 1
-    return math.ceil(c.num_layers / pp) * 2 * kv_heads * c.head_dim * KV_BYTES[kv_dtype]
+    return math.ceil(c.num_layers / pp) * 2 * _kv_heads_per_rank(c, tp) * c.head_dim * KV_BYTES[kv_dtype]
 
 
 def _allreduce_s(nbytes: float, tp: int, hw: Hardware) -> float:
@@ -103,14 +105,11 @@ def _allreduce_s(nbytes: float, tp: int, hw: Hardware) -> float:
 
 def layout(c: ModelConfig, hw: Hardware, tp: int, pp: int, scheme: str, kv_dtype: str, batch: int,
            context: int) -> Layout:
-    if c.num_heads % tp:
-        return Layout(tp, pp, False, f"{c.num_heads} heads do not split over {tp} ranks", 0, 0, 0, 0, 0, None,
-                      None, None)
-    if c.num_kv_heads >= tp and c.num_kv_heads % tp:
-        return Layout(tp, pp, False, f"{c.num_kv_heads} KV heads do not split over {tp} ranks", 0, 0, 0, 0, 0,
-                      None, None, None)
-    if pp > c.num_layers:
-        return Layout(tp, pp, False, f"{pp} stages for {c.num_layers} layers", 0, 0, 0, 0, 0, None, None, None)
+    refused = (f"{c.num_heads} heads do not split over {tp} ranks" if c.num_heads % tp else
+               f"{c.num_kv_heads} KV heads do not split over {tp} ranks" if c.num_kv_heads >= tp and
+               c.num_kv_heads % tp else f"{pp} stages for {c.num_layers} layers" if pp > c.num_layers else "")
+    if refused:  # nothing to size: the layout cannot be built
+        return Layout(tp, pp, False, refused, 0, 0, 0, 0, 0, None, None, None)
     w = weight_bytes(c, scheme, tp, pp)
     kv = kv_bytes_per_token(c, kv_dtype, tp, pp)
     budget = hw.memory_gb * 1e9 * hw.utilization - hw.activation_reserve_gb * 1e9

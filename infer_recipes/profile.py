@@ -100,7 +100,7 @@ def run(model: str, options: dict, phase: str, batch: int, input_len: int, steps
             profiled = [timed(engine.step) for _ in range(steps)]
         _steps_until(engine, lambda: not engine.has_unfinished_requests())
         context = input_len + 1 + steps
-        bytes_moved = eng.weight_bytes_read(batch) + batch * eng.kv_bytes_per_token() * context
+        bytes_moved = roofline.decode_bytes(eng.weight_bytes_read(batch), eng.kv_bytes_per_token(), batch, context, 0)
         flops = batch * roofline.matmul_flops_per_token(cfg, context)
         unit = f"decode step of batch {batch} at context ~{context:.0f}"
     seconds = statistics.median(times)

@@ -146,32 +146,24 @@ class Bench:
             here = [e for e in engines if cell in g.cells[e.spec.label]]
             batch_prompts = prompts[cell.input_len][:cell.batch]
             timings: dict[str, list] = {e.spec.label: [] for e in here}
-            for i in range(self.warmup):
+            # warm-ups (short, untimed) then the measured runs, every engine in turn at each
+            attempts = [("warm-up", min(cell.output_len, WARMUP_TOKENS), False)] * self.warmup + \
+                [(f"run {r + 1}/{self.runs}", cell.output_len, True) for r in range(self.runs)]
+            for i, (what, tokens, timed) in enumerate(attempts):
                 for e in list(here):
-                    bar.set_description(f"{e.spec.label} b{cell.batch} in{cell.input_len} warm-up")
+                    bar.set_description(f"{e.spec.label} b{cell.batch} in{cell.input_len} {what}")
+                    before = self.energy.read() if timed and self.energy else None
                     try:
-                        e.run(batch_prompts, min(cell.output_len, WARMUP_TOKENS))
+                        t = e.run(batch_prompts, tokens)
                     except Unsupported as err:
                         out.skipped.append({"engine": e.spec.label, "model": g.model, "batch": cell.batch,
                                             "input_len": cell.input_len, "why": str(err)})
                         here.remove(e)
-                        bar.update(self.warmup + self.runs - i)
-                    else:
-                        bar.update(1)
-            for r in range(self.runs):
-                for e in list(here):
-                    bar.set_description(f"{e.spec.label} b{cell.batch} in{cell.input_len} run {r + 1}/{self.runs}")
-                    before = self.energy.read() if self.energy else None
-                    try:
-                        t = e.run(batch_prompts, cell.output_len)
-                    except Unsupported as err:  # no warm-up asked for
-                        out.skipped.append({"engine": e.spec.label, "model": g.model, "batch": cell.batch,
-                                            "input_len": cell.input_len, "why": str(err)})
-                        here.remove(e)
-                        bar.update(self.runs - r)
+                        bar.update(len(attempts) - i)
                         continue
-                    after = self.energy.read() if self.energy else None
-                    timings[e.spec.label].append((t, None if before is None else after - before))
+                    if timed:
+                        after = self.energy.read() if self.energy else None
+                        timings[e.spec.label].append((t, None if before is None else after - before))
                     bar.update(1)
             for e in here:
                 runs = timings[e.spec.label]

@@ -136,34 +136,13 @@ def plots(out: Path, result: dict) -> list[str]:
             _memory_plot(plt, mem, "", save)
         return written
 
-    lens = sorted({r["input_len"] for r in rows})
-    fig, axes = plt.subplots(1, len(lens), figsize=(5 * len(lens), 4), squeeze=False)
-    for ax, n in zip(axes[0], lens):
-        for e, m in series:
-            pts = sorted((r["batch"], r["output_tokens_per_s"]) for r in rows
-                         if (r["engine"], r["model"], r["input_len"]) == (e, m, n))
-            if pts:
-                ax.plot(*zip(*pts), marker="o", label=label(e, m))
-        ax.set(title=f"input {n} tokens", xlabel="batch size", ylabel="output tokens/s")
-        ax.set_xscale("log", base=2)
-        ticks = sorted({r["batch"] for r in rows})
-        ax.set_xticks(ticks, [str(b) for b in ticks])
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    save(fig, "throughput_vs_batch.png")
-
     batches = sorted({r["batch"] for r in rows})
-    fig, axes = plt.subplots(1, len(batches), figsize=(5 * len(batches), 4), squeeze=False)
-    for ax, b in zip(axes[0], batches):
-        for e, m in series:
-            pts = sorted((r["input_len"], r["e2e_s"]) for r in rows
-                         if (r["engine"], r["model"], r["batch"]) == (e, m, b))
-            if pts:
-                ax.plot(*zip(*pts), marker="o", label=label(e, m))
-        ax.set(title=f"batch {b}", xlabel="input length (tokens)", ylabel="latency s (end to end)")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    save(fig, "latency_vs_input.png")
+    _line_panels(plt, rows, series, label, "input_len", "batch", "output_tokens_per_s", "input {} tokens",
+                 "batch size", "output tokens/s", batches)
+    save(plt.gcf(), "throughput_vs_batch.png")
+    _line_panels(plt, rows, series, label, "batch", "input_len", "e2e_s", "batch {}", "input length (tokens)",
+                 "latency s (end to end)")
+    save(plt.gcf(), "latency_vs_input.png")
 
     biggest = max(rows, key=lambda r: (r["batch"] * (r["input_len"] + r["output_len"]), r["batch"]), default=None)
     mem = [(label(r["engine"], r["model"]), r["peak_memory_bytes"] / 1e6) for r in rows if biggest
@@ -171,6 +150,25 @@ def plots(out: Path, result: dict) -> list[str]:
     if mem:
         _memory_plot(plt, mem, f" (batch {biggest['batch']}, input {biggest['input_len']})", save)
     return written
+
+
+def _line_panels(plt, rows: list[dict], series, label, panel: str, x: str, y: str, title: str, xlabel: str,
+                 ylabel: str, log2_ticks: list[int] | None = None) -> None:
+    """One panel per value of `panel`, a line of y against x per engine; log2_ticks: a log-2 x axis with these
+    ticks."""
+    values = sorted({r[panel] for r in rows})
+    _, axes = plt.subplots(1, len(values), figsize=(5 * len(values), 4), squeeze=False)
+    for ax, v in zip(axes[0], values):
+        for e, m in series:
+            pts = sorted((r[x], r[y]) for r in rows if (r["engine"], r["model"], r[panel]) == (e, m, v))
+            if pts:
+                ax.plot(*zip(*pts), marker="o", label=label(e, m))
+        ax.set(title=title.format(v), xlabel=xlabel, ylabel=ylabel)
+        if log2_ticks:
+            ax.set_xscale("log", base=2)
+            ax.set_xticks(log2_ticks, [str(t) for t in log2_ticks])
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
 
 
 def _memory_plot(plt, mem: list[tuple[str, float]], where: str, save) -> None:
