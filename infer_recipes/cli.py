@@ -76,7 +76,11 @@ def _flag_options(args) -> dict:
 
 
 def _set_threads(args) -> None:
-    if args.threads:
+    if args.threads is not None:
+        if args.threads < 1:
+            from .errors import InferRecipesError
+
+            raise InferRecipesError(f"--threads must be a positive integer, got {args.threads}")
         import torch
 
         torch.set_num_threads(args.threads)

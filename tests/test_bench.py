@@ -173,6 +173,7 @@ def test_bench_ablation_alone_and_cumulative(prompts_file, capsys):
     (["latency", "--prompts", "/nonexistent/prompts.txt"], "choose en, zh or an existing text file"),
     (["ablation", "--steps", "kv_cache", "turbo"], "unknown ablation step(s) turbo"),
     (["sweep", "--recipe", "smollm2-135m-instruct/nope"], "smollm2-135m-instruct/nope"),
+    (["latency", "--threads", "-1"], "--threads must be a positive integer"),
 ])
 def test_bench_bad_arguments_are_one_line(args, message, capsys):
     extra = [] if "--prompts" in args else ["--prompts", __file__]
