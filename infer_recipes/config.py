@@ -93,6 +93,9 @@ class EngineConfig:
     #   what max_batch_size sequences of max_model_len tokens need)
     max_num_batched_tokens: int = 512  # tokens per step: the chunked-prefill budget
     max_waiting: int = 1024  # queued requests at most; more are refused (the server answers 429)
+    # across devices (torch.distributed, launched by torchrun): ranks = tensor x pipeline parallel size
+    tensor_parallel_size: int = 1  # heads, MLP columns and vocabulary split across this many ranks
+    pipeline_parallel_size: int = 1  # contiguous layer stages on this many ranks
 
     def __post_init__(self) -> None:
         _require(self.device in DEVICES or self.device.startswith(("cuda:", "npu:")), "device",
@@ -113,7 +116,8 @@ class EngineConfig:
         if isinstance(self.quantization_skip, str):
             object.__setattr__(self, "quantization_skip", (self.quantization_skip,))
         object.__setattr__(self, "quantization_skip", tuple(self.quantization_skip or ()))
-        for name in ("block_size", "max_num_batched_tokens", "max_waiting"):
+        for name in ("block_size", "max_num_batched_tokens", "max_waiting", "tensor_parallel_size",
+                     "pipeline_parallel_size"):
             value = getattr(self, name)
             _require(isinstance(value, int) and not isinstance(value, bool) and value >= 1, name,
                      f"must be a positive integer, got {value!r}")

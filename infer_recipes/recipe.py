@@ -11,7 +11,7 @@ Every error names the file, the line, the key and what is allowed.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import yaml
@@ -74,8 +74,8 @@ SCHEMA: dict[str, dict[str, tuple]] = {
         "group_size": ((int,), GROUP_SIZES, ""),
     },
     "parallel": {
-        "tensor_parallel_size": ((int,), (1,), "tensor parallel is not built yet: 1"),
-        "pipeline_parallel_size": ((int,), (1,), "pipeline parallel is not built yet: 1"),
+        "tensor_parallel_size": ((int,), None, "ranks splitting each layer (heads, MLP, vocabulary)"),
+        "pipeline_parallel_size": ((int,), None, "ranks holding contiguous layer stages"),
     },
     "scheduler": {
         "max_batch_size": ((int,), None, "sequences run together"),
@@ -106,7 +106,6 @@ class Recipe:
     description: str
     model: str
     engine: EngineConfig
-    parallel: dict = field(default_factory=dict)
     data: DataConfig = DataConfig()
     path: Path | None = None
 
@@ -196,7 +195,8 @@ def parse_recipe(text: str, where: str = "<recipe>", path: Path | None = None,
     if not model.get("name"):
         raise RecipeError(f"{where}: model.name is required (a directory, .gguf file, alias or synthetic:<preset>)")
     opt, sched, data = doc.get("optimization", {}), doc.get("scheduler", {}), doc.get("data", {})
-    engine_values = {**{k: v for k, v in model.items() if k in _ENGINE_KEYS}, **opt, **sched}
+    engine_values = {**{k: v for k, v in model.items() if k in _ENGINE_KEYS}, **opt, **sched,
+                     **doc.get("parallel", {})}
     if "quantization_skip" in engine_values:
         engine_values["quantization_skip"] = tuple(engine_values["quantization_skip"])
     try:
@@ -210,7 +210,7 @@ def parse_recipe(text: str, where: str = "<recipe>", path: Path | None = None,
         raise RecipeError(f"{where}{f' line {line}' if line else ''}: {section}.{e}") from None
     name = doc.get("name") or (path.stem if path else "recipe")
     return Recipe(name=str(name), description=str(doc.get("description", "")).strip(), model=str(model["name"]),
-                  engine=engine, parallel=dict(doc.get("parallel", {})), data=data_cfg, path=path)
+                  engine=engine, data=data_cfg, path=path)
 
 
 def shipped() -> dict[str, Path]:

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from .distributed import ParallelContext
 from .layers.attention import PagedMetadata
 from .models.llama import LlamaForCausalLM
 
@@ -87,7 +88,8 @@ class CompiledLayers:
         # 2 graph classes x (first layer, other layers), more once quantized layers differ: above the default 8
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
         self._compiled = torch.compile(run_layer, backend=self._backend, fullgraph=True)
-        for layer in model.model.layers:
+        for i in model.layer_range:
+            layer = model.model.layers[i]
             layer.forward = functools.partial(self, layer)  # the instance's forward; the class's stays eager
 
     def _backend(self, gm, example_inputs):
@@ -122,14 +124,28 @@ def _run_layer(layer, h, residual, cos, sin, meta, kv):
 
 
 class ModelRunner:
+    """Runs steps of one model. Split across ranks (`world` given), rank 0's `execute` first sends the step to
+    the other ranks, whose worker loop calls `run` with it; `run` is every rank's part: its layers, its slice of
+    each, the all-reduces inside the model, and between pipeline stages the activations, micro-batch by
+    micro-batch so that stage s works on micro-batch m while stage s+1 works on m-1."""
+
     def __init__(self, model: LlamaForCausalLM, device: torch.device, dtype: torch.dtype, kv_cache: bool = True,
-                 compile: bool = False, num_blocks: int = 0, block_size: int = 16):
+                 compile: bool = False, num_blocks: int = 0, block_size: int = 16,
+                 world: ParallelContext | None = None, model_id: int = 0):
         self.model, self.device, self.dtype, self.kv_cache = model, device, dtype, kv_cache
         self.config = cfg = model.config
         self.block_size = block_size
-        self.pool = (KVPool(cfg.num_layers, num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim, dtype, device)
-                     if kv_cache else None)
+        self.world, self.model_id = world, model_id
+        shard = model.shard
+        kv_first, kv_end = shard.kv_heads(cfg.num_kv_heads)
+        self.pool = (KVPool(len(model.layer_range), num_blocks, block_size, kv_end - kv_first, cfg.head_dim, dtype,
+                            device) if kv_cache else None)
         self.compiled = CompiledLayers(model) if compile else None
+        # pipeline neighbours (global ranks; stage-major layout, see distributed.py)
+        if world is not None:
+            self.prev_rank, self.next_rank = world.rank - shard.tp_size, world.rank + shard.tp_size
+            self.pp_size = world.world_size // shard.tp_size
+            self.last_stage_head = (self.pp_size - 1) * shard.tp_size  # sends the logits to rank 0
 
     @property
     def compiles(self) -> int:
@@ -163,34 +179,101 @@ class ModelRunner:
         """Runs one step; returns float32 logits [S, V] for the sequences with `sample`, in their given order."""
         if not self.kv_cache and any(s.start for s in seqs):
             raise ValueError("without a KV cache every step must recompute each sequence from position 0")
+        if self.world is None:
+            return self.run("execute", seqs)
+        with self.world.command("run", self.model_id, "execute", seqs):
+            return self.run("execute", seqs)
+
+    @torch.inference_mode()
+    def run(self, kind: str, payload) -> torch.Tensor | None:
+        """This rank's part of a step (`execute`: a list of StepSeq) or of a scoring pass (`full_logits`: token
+        ids); the logits on rank 0, None elsewhere."""
+        if kind == "full_logits":
+            n = len(payload)
+            meta = PagedMetadata.build([], [(0, n, n, [])], None, self.block_size, self.device)
+            tokens = torch.tensor([payload], dtype=torch.long, device=self.device)
+            positions = torch.arange(n, device=self.device).unsqueeze(0)
+            return self._pipeline([(tokens, positions, meta, list(range(n)))], None, n)
+        seqs = payload
         order = sorted(range(len(seqs)), key=lambda i: not (self.kv_cache and len(seqs[i].token_ids) == 1))
         ordered = [seqs[i] for i in order]
-        tokens, positions, meta = self._inputs(ordered)
-        hidden = self.model(tokens, positions, meta, self.pool.layers if self.pool else None)[0]  # [N, hidden]
-        ends = list(itertools.accumulate(len(s.token_ids) for s in ordered))
-        last = {i: ends[j] - 1 for j, i in enumerate(order)}
-        rows = [last[i] for i, s in enumerate(seqs) if s.sample]
-        return self.model.compute_logits(hidden[rows])
+        batches = []
+        for part in self._micro_batches(ordered):
+            tokens, positions, meta = self._inputs(part)
+            ends = itertools.accumulate(len(s.token_ids) for s in part)
+            batches.append((tokens, positions, meta, [e - 1 for e, s in zip(ends, part) if s.sample]))
+        sampled = [i for i in order if seqs[i].sample]  # the logits' rows come in this order
+        logits = self._pipeline(batches, self.pool.layers if self.pool else None, len(sampled))
+        if logits is None or sampled == sorted(sampled):
+            return logits
+        where = {i: row for row, i in enumerate(sampled)}
+        return logits[[where[i] for i in sorted(sampled)]]
+
+    def _micro_batches(self, ordered: list[StepSeq]) -> list[list[StepSeq]]:
+        """One batch, or with pipeline stages up to one micro-batch per stage, contiguous, of similar token
+        counts."""
+        parts = min(self.pp_size if self.world is not None else 1, len(ordered))
+        if parts <= 1:
+            return [ordered]
+        total, out, current, done = sum(len(s.token_ids) for s in ordered), [], [], 0
+        for i, s in enumerate(ordered):
+            current.append(s)
+            done += len(s.token_ids)
+            left_parts, left_seqs = parts - len(out) - 1, len(ordered) - i - 1
+            if left_parts and (done >= total * (len(out) + 1) / parts or left_seqs == left_parts):
+                out.append(current)
+                current = []
+        return out + [current] if current else out
+
+    def _pipeline(self, batches, kv, num_rows: int) -> torch.Tensor | None:
+        """Runs (tokens, positions, meta, rows to score) batches through this rank's stage; returns the
+        float32 logits of the rows, batch after batch, on rank 0."""
+        shard, world = self.model.shard, self.world
+        hidden_size = self.config.hidden_size
+        outputs, sends = [], []
+        for tokens, positions, meta, rows in batches:
+            hidden = None
+            if not shard.first_stage:
+                hidden = world.recv((1, tokens.shape[1], hidden_size), self.dtype, self.prev_rank)
+            out = self.model(tokens, positions, meta, kv, hidden=hidden)
+            if not shard.last_stage:
+                sends.append((world.send(out, self.next_rank), out))
+            elif rows:
+                outputs.append(self.model.compute_logits(out[0][rows]))
+        for work, _ in sends:
+            work.wait()
+        if shard.last_stage:
+            logits = torch.cat(outputs) if outputs else torch.empty(0, self.config.vocab_size, device=self.device)
+            if world is None or world.rank == 0:
+                return logits
+            if world.rank == self.last_stage_head and num_rows:
+                world.send(logits, 0).wait()
+            return None
+        if world.rank == 0:
+            if not num_rows:
+                return torch.empty(0, self.config.vocab_size, device=self.device)
+            return world.recv((num_rows, self.config.vocab_size), torch.float32, self.last_stage_head)
+        return None
 
     @torch.inference_mode()
     def warm_up(self) -> int:
         """Compiles every graph class once (one token and more, first layer and others); returns the count."""
         if self.compiled is None:
             return 0
+        # every rank warms up at load, together: run, not execute
         tables = ([0], [1]) if self.kv_cache else ([], [])
-        self.execute([StepSeq([1, 2, 3], 0, tables[0], True)])  # N > 1
+        self.run("execute", [StepSeq([1, 2, 3], 0, tables[0], True)])  # N > 1
         if self.kv_cache:
-            self.execute([StepSeq([4], 3, tables[0], True)])  # N = 1: a decode
-            self.execute([StepSeq([5], 4, tables[0], True), StepSeq([1, 2], 0, tables[1], True)])
+            self.run("execute", [StepSeq([4], 3, tables[0], True)])  # N = 1: a decode
+            self.run("execute", [StepSeq([5], 4, tables[0], True), StepSeq([1, 2], 0, tables[1], True)])
         else:
-            self.execute([StepSeq([4], 0, [], True)])
+            self.run("execute", [StepSeq([4], 0, [], True)])
         return self.compiles
 
     @torch.inference_mode()
     def full_logits(self, token_ids: list[int]) -> torch.Tensor:
         """Logits [T, V] for every position of one sequence, without touching the KV pool (evaluation, tests)."""
-        n = len(token_ids)
-        meta = PagedMetadata.build([], [(0, n, n, [])], None, self.block_size, self.device)
-        tokens = torch.tensor([token_ids], dtype=torch.long, device=self.device)
-        positions = torch.arange(n, device=self.device).unsqueeze(0)
-        return self.model.compute_logits(self.model(tokens, positions, meta, None))[0]
+        if self.world is None:
+            return self.run("full_logits", list(token_ids))
+        with self.world.command("run", self.model_id, "full_logits", list(token_ids)):
+            return self.run("full_logits", list(token_ids))

@@ -45,7 +45,7 @@ def test_every_shipped_recipe_loads_with_all_sections():
     ("model:\n  name: m\nscheduler:\n  max_batch_size: 0\n", 4, ["max_batch_size", "positive"]),
     ("model:\n  name: m\noptimization:\n  group_size: 48\n", 4, ["group_size", "32, 64, 128"]),
     ("model:\n  name: m\noptimization:\n  kv_cache: maybe\n", 4, ["kv_cache", "true, false"]),
-    ("model:\n  name: m\nparallel:\n  tensor_parallel_size: 2\n", 4, ["tensor_parallel_size", "not built yet"]),
+    ("model:\n  name: m\nparallel:\n  tensor_parallel_size: 0\n", 4, ["parallel.tensor_parallel_size", "positive"]),
     ("model:\n  name: m\nextras:\n  a: 1\n", 3, ["unknown section 'extras'"]),
     ("model:\n  name: m\nmodel:\n  name: n\n", 3, ["appears twice"]),
     ("model:\n  name: [unclosed\n", 3, ["not valid YAML"]),

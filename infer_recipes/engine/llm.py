@@ -1,20 +1,25 @@
 """The offline API: `LLM(model).generate(prompts, SamplingParams(...))` and `LLM.chat(messages)`."""
 from __future__ import annotations
 
+import gc
 import sys
 import time
+import weakref
 from collections.abc import Iterator, Sequence
+from dataclasses import replace
 
 import torch
 from tqdm import tqdm
 
+from .. import distributed
 from ..config import EngineConfig, ModelConfig, SamplingParams
 from ..device import resolve_device, resolve_dtype, returning_host_memory
 from ..errors import InferRecipesError
 from ..loading import load_model, resolve_model_source
 from ..loading.gguf import quantized_blocks
+from ..layers.parallel import Shard, check_split, stage_layers
 from ..loading.weights import drop_metadata, read_config, release_loader_memory
-from ..models.llama import LlamaForCausalLM
+from ..models.llama import LlamaForCausalLM, shard_range
 from ..quantization import quantize
 from ..quantization.api import check_scheme, quantize_embedding, quantize_gguf
 from ..runner import ModelRunner
@@ -28,49 +33,62 @@ class LLM:
 
     model: a Hugging Face directory, a .gguf file, an alias (`smollm2-135m-instruct`) or `synthetic:<preset>`
     (random weights in a published shape: fast to build, meaningless output).
+
+    Across devices (`tensor_parallel_size` x `pipeline_parallel_size` > 1, every rank started by torchrun): the
+    constructor returns on rank 0 only, which holds the tokenizer and the engine and drives the others. On the
+    other ranks it runs the steps rank 0 sends (for this LLM and any rank 0 builds later) and exits the process
+    when rank 0 stops them (`infer_recipes.distributed.shutdown()`, or rank 0's exit).
     """
 
+    _next_id = 0
+
     def __init__(self, model: str, device: str = "auto", dtype: str = "float32", max_model_len: int | None = None,
-                 max_batch_size: int = 16, progress: bool = True, **switches):
+                 max_batch_size: int = 16, progress: bool = True, _worker_id: int | None = None, **switches):
         """switches: the optimization fields of `EngineConfig` (kv_cache, fusion, compile, quantization,
-        quantization_skip, group_size)."""
+        quantization_skip, group_size) and the parallel sizes (tensor_parallel_size, pipeline_parallel_size)."""
         known = set(EngineConfig.__dataclass_fields__) - {"device", "dtype", "max_model_len", "max_batch_size"}
         unknown = sorted(set(switches) - known)
         if unknown:
             raise InferRecipesError(f"unknown LLM option(s): {', '.join(unknown)}; known: {', '.join(sorted(known))}")
-        self.engine_config = EngineConfig(device=device, dtype=dtype, max_model_len=max_model_len,
-                                          max_batch_size=max_batch_size, **switches)
+        self.engine_config = cfg = EngineConfig(device=device, dtype=dtype, max_model_len=max_model_len,
+                                                max_batch_size=max_batch_size, **switches)
         self.device = resolve_device(device)
-        self.dtype = resolve_dtype(dtype, self.device)
+        if distributed.launched() and _worker_id is None:
+            world = distributed.context(self.device.type)
+            if world.rank != 0:
+                run_worker(world)  # serves rank 0's models until it stops them
+                raise SystemExit(0)
         self.source = resolve_model_source(model)
+        driver = _worker_id is None
+        progress = progress and driver
         with returning_host_memory():
             self.model_config: ModelConfig = read_config(self.source)
+            self._check_switches()
+            ranks = cfg.tensor_parallel_size * cfg.pipeline_parallel_size
+            self.world = distributed.context(self.device.type) if ranks > 1 else None
+            if self.world is not None:
+                self.device = self.world.device
+            self.dtype = resolve_dtype(dtype, self.device)
             self.max_model_len = min(max_model_len or self.model_config.max_position_embeddings,
                                      self.model_config.max_position_embeddings)
-            self.tokenizer: LLMTokenizer = load_tokenizer(self.source)
+            self.tokenizer: LLMTokenizer | None = load_tokenizer(self.source) if driver else None
             drop_metadata(self.source)
-            self._check_switches()
-            self._gguf_replaced = 0
-            # fusion and quantization happen layer by layer as the loader fills them (see load_model)
-            self.model = load_model(self.source, self.dtype, self.device, max_positions=self.max_model_len,
-                                    progress=progress, config=self.model_config, on_loaded=self._optimize_unit)
-            release_loader_memory()
-        if self.engine_config.quantization == "gguf" and self._gguf_replaced == 0:
-            raise InferRecipesError("this GGUF file has no Q4_0/Q4_1 tensors to keep: use int4 or int8")
-        self.load_seconds = self.model.load_seconds
-        self.compile_seconds = 0.0
-        cfg = self.engine_config
-        self.runner = ModelRunner(self.model, self.device, self.dtype, kv_cache=cfg.kv_cache, compile=cfg.compile,
-                                  num_blocks=kv_pool_blocks(self.model_config, cfg, self.max_model_len, self.dtype,
-                                                            self.device) if cfg.kv_cache else 0,
-                                  block_size=cfg.block_size)
-        if self.engine_config.compile:
-            start = time.perf_counter()
-            if progress:
-                print("compiling the decoder layer (torch.compile: one token / more x first layer / others)...",
-                      file=sys.stderr)
-            self.runner.warm_up()
-            self.compile_seconds = time.perf_counter() - start
+            num_blocks = self._kv_blocks() if cfg.kv_cache else 0
+            if self.world is None:
+                self.model_id = 0
+                self._build(Shard(), num_blocks, progress)
+            elif driver:
+                self.model_id, LLM._next_id = LLM._next_id, LLM._next_id + 1
+                kwargs = dict(device=device, dtype=dtype, max_model_len=max_model_len, max_batch_size=max_batch_size,
+                              progress=False, **{**switches, "num_blocks": num_blocks or None})
+                with self.world.command("load", self.model_id, model, kwargs):  # the others build theirs now
+                    self._build(self._shard(), num_blocks, progress)
+                weakref.finalize(self, self.world.free_later, self.model_id)
+            else:
+                self.model_id = _worker_id
+                self._build(self._shard(), num_blocks, progress)
+        if not driver:
+            return
         eos = set(self.model_config.eos_token_ids)
         if self.tokenizer.eos_token_id is not None:
             eos.add(self.tokenizer.eos_token_id)
@@ -78,8 +96,57 @@ class LLM:
         self.engine = LLMEngine(self.runner, self.tokenizer, cfg, self.max_model_len, self.model_config.vocab_size,
                                 self.eos_token_ids)
 
+    def _shard(self) -> Shard:
+        cfg = self.engine_config
+        return self.world.shard(self.model_config.num_layers, cfg.tensor_parallel_size, cfg.pipeline_parallel_size)
+
+    def _kv_blocks(self) -> int:
+        """KV blocks per rank (every rank has the same count, rank 0 decides): a rank holds its KV heads of its
+        layers, so the blocks are sized by the largest share."""
+        cfg, mc = self.engine_config, self.model_config
+        tp, pp = cfg.tensor_parallel_size, cfg.pipeline_parallel_size
+        first, end = stage_layers(mc.num_layers, pp, 0)
+        kv_heads = max(1, mc.num_kv_heads // tp)
+        per_rank = replace(mc, num_layers=end - first, num_heads=kv_heads, num_kv_heads=kv_heads)
+        return kv_pool_blocks(per_rank, cfg, self.max_model_len, self.dtype, self.device)
+
+    def _build(self, shard: Shard, num_blocks: int, progress: bool) -> None:
+        """Loads this rank's part of the model (fused and quantized as it loads) and its runner."""
+        cfg = self.engine_config
+        self._gguf_replaced, self._shard_held = 0, shard
+        # fusion and quantization happen layer by layer as the loader fills them (see load_model)
+        self.model = load_model(self.source, self.dtype, self.device, max_positions=self.max_model_len,
+                                progress=progress, config=self.model_config, on_loaded=self._optimize_unit,
+                                shard=shard)
+        release_loader_memory()
+        if cfg.quantization == "gguf" and self._gguf_replaced == 0 and shard.first_stage:
+            raise InferRecipesError("this GGUF file has no Q4_0/Q4_1 tensors to keep: use int4 or int8")
+        self.load_seconds = self.model.load_seconds
+        self.compile_seconds = 0.0
+        self.runner = ModelRunner(self.model, self.device, self.dtype, kv_cache=cfg.kv_cache, compile=cfg.compile,
+                                  num_blocks=num_blocks, block_size=cfg.block_size, world=self.world,
+                                  model_id=self.model_id)
+        if cfg.compile:
+            start = time.perf_counter()
+            if progress:
+                print("compiling the decoder layer (torch.compile: one token / more x first layer / others)...",
+                      file=sys.stderr)
+            self.runner.warm_up()
+            self.compile_seconds = time.perf_counter() - start
+
     def _check_switches(self) -> None:
         cfg = self.engine_config
+        tp, pp = cfg.tensor_parallel_size, cfg.pipeline_parallel_size
+        mc = self.model_config
+        why = check_split(mc.num_heads, mc.num_kv_heads, mc.intermediate_size, mc.num_layers, tp, pp)
+        if why:
+            raise InferRecipesError(f"{mc.name} cannot run with tensor_parallel_size {tp} x pipeline_parallel_size "
+                                    f"{pp}: {why}")
+        if tp * pp > 1 and not distributed.launched():
+            raise InferRecipesError(
+                f"tensor_parallel_size {tp} x pipeline_parallel_size {pp} needs {tp * pp} processes: start the "
+                f"same command under torchrun --nproc-per-node {tp * pp} (several nodes: torchrun's --nnodes and "
+                f"--rdzv-endpoint)")
         if cfg.quantization == "gguf" and self.source.kind != "gguf":
             raise InferRecipesError("quantization 'gguf' keeps a GGUF file's own blocks: the model must be a "
                                     "GGUF file (or use int4 / int8 for other sources)")
@@ -87,7 +154,20 @@ class LLM:
             check_scheme(cfg.quantization, cfg.group_size)
 
     def _gguf_blocks(self, name: str):
-        return quantized_blocks(self.source.location, self.model_config, name)
+        found = quantized_blocks(self.source.location, self.model_config, name)
+        where = shard_range(name, self.model_config, self._shard_held)
+        if found is None or where in (None, (0, 0, 0)):
+            return found
+        qtype, blocks = found  # [rows, blocks of 32 per row x bytes]: slice whole rows or whole blocks
+        dim, lo, hi = where
+        if dim == 0:
+            return qtype, blocks[lo:hi]
+        if lo % 32 or hi % 32:
+            return None  # this rank's columns cut through blocks: the layer stays float
+        mc = self.model_config
+        per_block = blocks.shape[1] // ((mc.num_heads * mc.head_dim if "o_proj" in name else mc.intermediate_size)
+                                        // 32)
+        return qtype, blocks[:, lo // 32 * per_block:hi // 32 * per_block]
 
     def _optimize_unit(self, model: LlamaForCausalLM, unit: str) -> None:
         """Fusion and quantization of one unit (a decoder layer, the embedding, the lm_head) as soon as the
@@ -98,7 +178,7 @@ class LLM:
                 model.get_submodule(unit).fuse()
             self._quantize(model, unit)
         elif unit == "model.embed_tokens" and cfg.quantization:
-            if model.config.tie_word_embeddings:
+            if model.config.tie_word_embeddings and model.shard.last_stage:
                 self._quantize(model, "lm_head")  # the tied head first: the int8 table can then share its weight
             quantize_embedding(model, cfg.quantization_skip)
         elif unit == "lm_head":
@@ -191,3 +271,24 @@ class LLM:
     def logits(self, prompt: Prompt) -> torch.Tensor:
         """Next-token logits [T, V] (float32) at every position of one prompt."""
         return self.runner.full_logits(self.engine.token_ids(prompt)[1])
+
+
+def run_worker(world: distributed.ParallelContext) -> None:
+    """A rank other than 0: builds the models rank 0 builds and runs their steps, until rank 0 stops."""
+    models: dict[int, LLM] = {}
+    while True:
+        message = world.receive()
+        if message[0] == "load":
+            _, model_id, spec, kwargs = message
+            models[model_id] = LLM(spec, _worker_id=model_id, **kwargs)
+        elif message[0] == "run":
+            _, model_id, kind, payload = message
+            models[model_id].runner.run(kind, payload)
+        elif message[0] == "free":
+            models.pop(message[1], None)
+            gc.collect()
+        elif message[0] == "stop":
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+            return

@@ -13,7 +13,8 @@ from tqdm import tqdm
 from ..config import ModelConfig
 from ..device import trim_host_memory
 from ..errors import ModelSourceError
-from ..models.llama import LlamaForCausalLM
+from ..layers.parallel import Shard
+from ..models.llama import LlamaForCausalLM, shard_tensor
 from . import gguf as gguf_loader
 from . import hf as hf_loader
 from . import synthetic
@@ -63,17 +64,21 @@ def _unit(param_name: str) -> str:
 
 def load_model(source: ModelSource, dtype: torch.dtype, device: torch.device, max_positions: int | None = None,
                progress: bool = True, config: ModelConfig | None = None,
-               on_loaded: Callable[[LlamaForCausalLM, str], None] | None = None) -> LlamaForCausalLM:
+               on_loaded: Callable[[LlamaForCausalLM, str], None] | None = None,
+               shard: Shard = Shard()) -> LlamaForCausalLM:
     """Reads config and weights; returns the model in eval mode on `device` in `dtype`.
 
     on_loaded(model, unit) runs as soon as one unit has all its weights, in whatever order the checkpoint holds
     them; units are the decoder layers (`model.layers.3`) and the other modules with weights
     (`model.embed_tokens`, `model.norm`, `lm_head` when untied). There the engine fuses and quantizes a unit
-    while the next ones load, so the whole model never sits in float at once."""
+    while the next ones load, so the whole model never sits in float at once.
+
+    shard: what this rank holds when the model is split across devices; each tensor is sliced as it arrives
+    (and skipped when another pipeline stage holds it), so a rank never holds more than one whole tensor."""
     config = config or read_config(source)
     start = time.perf_counter()
     with torch.device("meta"):
-        model = LlamaForCausalLM(config, max_positions=max_positions)
+        model = LlamaForCausalLM(config, max_positions=max_positions, shard=shard)
     if source.kind == "hf":
         tensors, total = hf_loader.iter_tensors(source.location, config), hf_loader.count_tensors(source.location)
     elif source.kind == "gguf":
@@ -92,6 +97,11 @@ def load_model(source: ModelSource, dtype: torch.dtype, device: torch.device, ma
         if name.endswith("rotary_emb.inv_freq"):
             bar.update()
             continue
+        if shard != Shard():
+            tensor = shard_tensor(name, tensor, config, shard)
+            if tensor is None:
+                bar.update()
+                continue
         _set_parameter(model, name, tensor.to(device=device, dtype=dtype))
         del tensor
         bar.update()

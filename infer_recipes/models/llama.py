@@ -13,13 +13,19 @@ from ..config import ModelConfig
 from ..layers.activation import silu_and_mul
 from ..layers.attention import PagedMetadata, paged_attention
 from ..layers.norm import RMSNorm
+from ..layers.parallel import Shard
 from ..layers.rotary import RotaryEmbedding, apply_rotary
 
 
 class LlamaAttention(nn.Module):
-    def __init__(self, config: ModelConfig):
+    """q/k/v column-parallel (this rank's heads), o_proj row-parallel: one all-reduce per block."""
+
+    def __init__(self, config: ModelConfig, shard: Shard = Shard()):
         super().__init__()
-        self.num_heads, self.num_kv_heads, self.head_dim = config.num_heads, config.num_kv_heads, config.head_dim
+        self.shard = shard
+        kv_first, kv_end = shard.kv_heads(config.num_kv_heads)
+        self.num_heads, self.num_kv_heads = config.num_heads // shard.tp_size, kv_end - kv_first
+        self.head_dim = config.head_dim
         self.scale = self.head_dim ** -0.5
         h, bias = config.hidden_size, config.attention_bias
         self.q_proj = nn.Linear(h, self.num_heads * self.head_dim, bias=bias)
@@ -44,13 +50,16 @@ class LlamaAttention(nn.Module):
         q = apply_rotary(q.view(N, H, D), cos, sin)
         k = apply_rotary(k.view(N, Hkv, D), cos, sin)
         out = paged_attention(q, k, v.view(N, Hkv, D), kv, meta, self.scale, fused=hasattr(self, "qkv_proj"))
-        return self.o_proj(out.view(1, N, H * D))
+        return self.shard.all_reduce(self.o_proj(out.view(1, N, H * D)))
 
 
 class LlamaMLP(nn.Module):
-    def __init__(self, config: ModelConfig):
+    """gate/up column-parallel, down row-parallel: one all-reduce."""
+
+    def __init__(self, config: ModelConfig, shard: Shard = Shard()):
         super().__init__()
-        h, i = config.hidden_size, config.intermediate_size
+        self.shard = shard
+        h, i = config.hidden_size, config.intermediate_size // shard.tp_size
         self.gate_proj = nn.Linear(h, i, bias=False)
         self.up_proj = nn.Linear(h, i, bias=False)
         self.down_proj = nn.Linear(i, h, bias=False)
@@ -61,16 +70,16 @@ class LlamaMLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if hasattr(self, "gate_up_proj"):
-            return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+            return self.shard.all_reduce(self.down_proj(silu_and_mul(self.gate_up_proj(x))))
+        return self.shard.all_reduce(self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x)))
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, shard: Shard = Shard()):
         super().__init__()
         self.fused = False
-        self.self_attn = LlamaAttention(config)
-        self.mlp = LlamaMLP(config)
+        self.self_attn = LlamaAttention(config, shard)
+        self.mlp = LlamaMLP(config, shard)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
@@ -99,20 +108,36 @@ class LlamaDecoderLayer(nn.Module):
         return self.mlp(h), residual
 
 
+class Absent(nn.Module):
+    """The place of a decoder layer another pipeline stage holds (layer indices, and so parameter names, stay
+    the checkpoint's)."""
+
+
 class LlamaModel(nn.Module):
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, shard: Shard = Shard()):
         super().__init__()
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(LlamaDecoderLayer(config) for _ in range(config.num_layers))
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        vocab = shard.vocab(config.vocab_size)
+        if shard.first_stage or (shard.last_stage and config.tie_word_embeddings):  # a tied lm_head needs it
+            self.embed_tokens = nn.Embedding(vocab[1] - vocab[0], config.hidden_size)
+        local = shard.layer_range(config.num_layers)
+        self.layers = nn.ModuleList(LlamaDecoderLayer(config, shard) if i in local else Absent()
+                                    for i in range(config.num_layers))
+        if shard.last_stage:
+            self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
 
 class LlamaForCausalLM(nn.Module):
-    def __init__(self, config: ModelConfig, max_positions: int | None = None):
+    """The whole model, or what one rank holds of it (`shard`): the loader slices checkpoint tensors with
+    `shard_tensor`, and forward runs this rank's part."""
+
+    def __init__(self, config: ModelConfig, max_positions: int | None = None, shard: Shard = Shard()):
         super().__init__()
-        self.config = config
-        self.model = LlamaModel(config)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.config, self.shard = config, shard
+        self.layer_range = shard.layer_range(config.num_layers)
+        self.vocab_range = shard.vocab(config.vocab_size)
+        self.model = LlamaModel(config, shard)
+        if shard.last_stage:
+            self.lm_head = nn.Linear(config.hidden_size, self.vocab_range[1] - self.vocab_range[0], bias=False)
         # the cos/sin table covers the positions the engine will use, not necessarily the whole 128k context
         self.rotary = RotaryEmbedding(config.head_dim, max_positions or config.max_position_embeddings,
                                       config.rope_theta, config.rope_scaling)
@@ -120,25 +145,42 @@ class LlamaForCausalLM(nn.Module):
 
     def tie_weights(self) -> None:
         """A tied lm_head uses the embedding table (once quantized, each holds its own form, or shares it)."""
-        if self.config.tie_word_embeddings and type(self.lm_head) is nn.Linear \
-                and type(self.model.embed_tokens) is nn.Embedding:
+        if self.config.tie_word_embeddings and type(getattr(self, "lm_head", None)) is nn.Linear \
+                and type(getattr(self.model, "embed_tokens", None)) is nn.Embedding:
             self.lm_head.weight = self.model.embed_tokens.weight
 
+    def embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Vocabulary-parallel lookup: rows of this rank's range, zeros elsewhere, summed over the ranks."""
+        if self.shard.tp_size == 1:
+            return self.model.embed_tokens(tokens)
+        lo, hi = self.vocab_range
+        inside = (tokens >= lo) & (tokens < hi)
+        rows = self.model.embed_tokens(torch.where(inside, tokens - lo, 0))
+        return self.shard.all_reduce(rows * inside.unsqueeze(-1).to(rows.dtype))
+
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor, meta: PagedMetadata,
-                kv_cache: list[tuple[torch.Tensor, torch.Tensor]] | None = None) -> torch.Tensor:
+                kv_cache: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
+                hidden: torch.Tensor | None = None) -> torch.Tensor:
         """tokens, positions [1, N] (every sequence's tokens of this step end to end) -> final hidden states
-        [1, N, hidden]. kv_cache: each layer's (keys, values) pool, or None."""
-        h, residual = self.model.embed_tokens(tokens), None
+        [1, N, hidden]. kv_cache: each of this rank's layers' (keys, values) pool, or None.
+
+        Pipeline stages: a later stage is given the previous stage's output as `hidden` (tokens then only
+        serve their shape); a stage before the last returns its layers' output, un-normalised."""
+        h, residual = self.embed(tokens) if hidden is None else hidden, None
         cos, sin = self.rotary(positions[0], h.dtype)
-        for i, layer in enumerate(self.model.layers):
-            h, residual = layer(h, residual, cos, sin, meta, kv_cache[i] if kv_cache is not None else None)
+        for j, i in enumerate(self.layer_range):
+            h, residual = self.model.layers[i](h, residual, cos, sin, meta,
+                                               kv_cache[j] if kv_cache is not None else None)
+        if not self.shard.last_stage:
+            return h if residual is None else h + residual  # what the next stage's first layer would sum
         if residual is None:
             return self.model.norm(h)
         return self.model.norm.forward_with_residual(h, residual)[0]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """hidden [..., hidden] -> float32 logits [..., vocab]."""
-        return self.lm_head(hidden).float()
+        """hidden [..., hidden] -> float32 logits [..., vocab] (gathered over the tensor-parallel ranks)."""
+        logits = self.shard.all_gather_last(self.lm_head(hidden).float())
+        return logits[..., :self.config.vocab_size] if logits.shape[-1] != self.config.vocab_size else logits
 
 
 def _merged_linear(parts: list[nn.Linear]) -> nn.Linear:
@@ -151,3 +193,52 @@ def _merged_linear(parts: list[nn.Linear]) -> nn.Linear:
     if has_bias:
         merged.bias = nn.Parameter(torch.cat([p.bias.detach() for p in parts]), requires_grad=False)
     return merged
+
+
+# how each checkpoint tensor splits: column-parallel (dim 0, by heads or columns), row-parallel (dim 1)
+_COLUMN = {"q_proj": "heads", "k_proj": "kv_heads", "v_proj": "kv_heads", "gate_proj": "mlp", "up_proj": "mlp"}
+_ROW = {"o_proj": "heads", "down_proj": "mlp"}
+
+
+def shard_range(name: str, config: ModelConfig, shard: Shard) -> tuple[int, int, int] | None:
+    """How this rank slices checkpoint tensor `name`: (dim, start, end), (0, 0, 0) for the whole tensor, or None
+    when another pipeline stage holds it. Ranges are in elements (for a bias, along its only dim)."""
+    parts = name.split(".")
+    if parts[:2] == ["model", "layers"]:
+        if int(parts[2]) not in shard.layer_range(config.num_layers):
+            return None
+        leaf = parts[-2]
+        kind = _COLUMN.get(leaf) or _ROW.get(leaf)
+        if kind is None or shard.tp_size == 1:
+            return 0, 0, 0  # norms are replicated
+        D = config.head_dim
+        if kind == "heads":
+            lo, hi = shard.split(config.num_heads)
+            lo, hi = lo * D, hi * D
+        elif kind == "kv_heads":
+            lo, hi = shard.kv_heads(config.num_kv_heads)
+            lo, hi = lo * D, hi * D
+        else:
+            lo, hi = shard.split(config.intermediate_size)
+        return (1 if leaf in _ROW else 0), lo, hi
+    if name == "model.embed_tokens.weight":
+        held = shard.first_stage or (shard.last_stage and config.tie_word_embeddings)
+    elif name == "lm_head.weight":
+        held = shard.last_stage and not config.tie_word_embeddings
+    else:  # model.norm
+        return (0, 0, 0) if shard.last_stage else None
+    if not held:
+        return None
+    return (0, *shard.vocab(config.vocab_size)) if shard.tp_size > 1 else (0, 0, 0)
+
+
+def shard_tensor(name: str, tensor: torch.Tensor, config: ModelConfig, shard: Shard) -> torch.Tensor | None:
+    """This rank's slice of checkpoint tensor `name` (vocabulary rows past the end padded with zeros), or None."""
+    where = shard_range(name, config, shard)
+    if where is None or where == (0, 0, 0):
+        return None if where is None else tensor
+    dim, lo, hi = where
+    if dim == 0 and hi > tensor.shape[0]:  # the last vocabulary range
+        pad = tensor.new_zeros((hi - tensor.shape[0], *tensor.shape[1:]))
+        return torch.cat([tensor[lo:], pad]) if lo < tensor.shape[0] else pad
+    return tensor.narrow(dim, lo, hi - lo).clone()
