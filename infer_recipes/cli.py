@@ -44,10 +44,15 @@ def _add_switch_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--quantization-skip", action="append", default=None,
                    help="module-name pattern kept in float, e.g. lm_head or 'model.layers.0.*' (repeatable)")
     g.add_argument("--group-size", type=int, default=None, choices=GROUP_SIZES, help="int4 group size")
+    g = p.add_argument_group("across devices (start the command under torchrun --nproc-per-node TP*PP)")
+    g.add_argument("--tensor-parallel-size", "-tp", type=int, default=None,
+                   help="ranks splitting every layer: heads, MLP columns, vocabulary (default 1)")
+    g.add_argument("--pipeline-parallel-size", "-pp", type=int, default=None,
+                   help="ranks holding contiguous layer stages (default 1)")
 
 
 _FLAGS = ("device", "dtype", "max_model_len", "max_batch_size", "kv_cache", "fusion", "compile", "quantization",
-          "quantization_skip", "group_size")
+          "quantization_skip", "group_size", "tensor_parallel_size", "pipeline_parallel_size")
 
 
 def _model_and_options(args) -> tuple[str, dict]:
@@ -507,8 +512,13 @@ def _bench_targets(args):
 
 def _bench_setup(args):
     from .bench.prompts import load_prompt_set
+    from .distributed import launched
 
     _set_threads(args)
+    if launched() and args.memory:
+        print("note: peak memory is measured in a child process per engine, which cannot join this torchrun "
+              "world: skipped (--no-memory)", file=sys.stderr)
+        args.memory = False
     return load_prompt_set(args.prompts)
 
 
@@ -827,11 +837,35 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _join_world(args) -> bool:
+    """Under torchrun: joins the world (before the command sets its threads, so --threads wins over the
+    per-rank default) and says whether this rank only follows rank 0, running model steps, never the command."""
+    from . import distributed
+    from .device import resolve_device
+
+    if not distributed.launched():
+        return False
+    world = distributed.context(resolve_device(getattr(args, "device", None) or "auto").type)
+    return world.rank != 0
+
+
+def _follow(args) -> int:
+    from . import distributed
+    from .engine.llm import run_worker
+
+    if getattr(args, "threads", None) is not None:
+        _set_threads(args)
+    run_worker(distributed.current())
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from .errors import InferRecipesError
 
     try:
+        if _join_world(args):
+            return _follow(args)
         return args.func(args)
     except InferRecipesError as e:
         print(f"error: {e}", file=sys.stderr)

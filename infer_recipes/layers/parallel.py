@@ -64,7 +64,8 @@ class Shard:
             return x
         import torch.distributed._functional_collectives as funcol
 
-        return funcol.wait_tensor(funcol.all_gather_tensor(x.contiguous(), x.dim() - 1, self.group))
+        gather = getattr(funcol, "all_gather_single", None) or funcol.all_gather_tensor  # renamed in torch 2.12
+        return funcol.wait_tensor(gather(x.contiguous(), x.dim() - 1, self.group))
 
 
 def check_split(num_heads: int, num_kv_heads: int, intermediate_size: int, num_layers: int, tp: int,
