@@ -62,6 +62,23 @@ class KVPool:
         return sum(t.numel() * t.element_size() for pair in self.layers for t in pair)
 
 
+def micro_batches(seqs: list, parts: int) -> list[list]:
+    """`seqs` cut into at most `parts` contiguous, non-empty groups of similar token counts (pipeline stages
+    overlap on them)."""
+    parts = min(parts, len(seqs))
+    if parts <= 1:
+        return [seqs]
+    total, out, current, done = sum(len(s.token_ids) for s in seqs), [], [], 0
+    for i, s in enumerate(seqs):
+        current.append(s)
+        done += len(s.token_ids)
+        open_parts, left = parts - len(out) - 1, len(seqs) - i - 1
+        if open_parts and (done >= total * (len(out) + 1) / parts or left == open_parts):
+            out.append(current)
+            current = []
+    return out + [current] if current else out
+
+
 _RUNNER_IDS = itertools.count()
 
 
@@ -198,7 +215,7 @@ class ModelRunner:
         order = sorted(range(len(seqs)), key=lambda i: not (self.kv_cache and len(seqs[i].token_ids) == 1))
         ordered = [seqs[i] for i in order]
         batches = []
-        for part in self._micro_batches(ordered):
+        for part in micro_batches(ordered, self.pp_size if self.world is not None else 1):
             tokens, positions, meta = self._inputs(part)
             ends = itertools.accumulate(len(s.token_ids) for s in part)
             batches.append((tokens, positions, meta, [e - 1 for e, s in zip(ends, part) if s.sample]))
@@ -208,22 +225,6 @@ class ModelRunner:
             return logits
         where = {i: row for row, i in enumerate(sampled)}
         return logits[[where[i] for i in sorted(sampled)]]
-
-    def _micro_batches(self, ordered: list[StepSeq]) -> list[list[StepSeq]]:
-        """One batch, or with pipeline stages up to one micro-batch per stage, contiguous, of similar token
-        counts."""
-        parts = min(self.pp_size if self.world is not None else 1, len(ordered))
-        if parts <= 1:
-            return [ordered]
-        total, out, current, done = sum(len(s.token_ids) for s in ordered), [], [], 0
-        for i, s in enumerate(ordered):
-            current.append(s)
-            done += len(s.token_ids)
-            left_parts, left_seqs = parts - len(out) - 1, len(ordered) - i - 1
-            if left_parts and (done >= total * (len(out) + 1) / parts or left_seqs == left_parts):
-                out.append(current)
-                current = []
-        return out + [current] if current else out
 
     def _pipeline(self, batches, kv, num_rows: int) -> torch.Tensor | None:
         """Runs (tokens, positions, meta, rows to score) batches through this rank's stage; returns the

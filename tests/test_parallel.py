@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import socket
+import time
 
 import pytest
 import torch
@@ -41,10 +42,18 @@ def _rank_main(rank: int, world: int, port: int, fn, args, out: str) -> None:
     distributed.shutdown()
 
 
-def launch(world: int, fn, *args, tmp_path) -> dict:
-    """Runs fn on `world` CPU ranks (gloo); returns rank 0's result."""
+def launch(world: int, fn, *args, tmp_path, timeout: float = 600) -> dict:
+    """Runs fn on `world` CPU ranks (gloo); returns rank 0's result. A rank that fails fails the test (its
+    traceback in the error); ranks still running after `timeout` seconds are killed: a hang fails, never blocks."""
     out = str(tmp_path / "rank0.pt")
-    mp.start_processes(_rank_main, args=(world, _free_port(), fn, args, out), nprocs=world, start_method="spawn")
+    ranks = mp.start_processes(_rank_main, args=(world, _free_port(), fn, args, out), nprocs=world,
+                               start_method="spawn", join=False)
+    deadline = time.monotonic() + timeout
+    while not ranks.join(timeout=1):
+        if time.monotonic() > deadline:
+            for p in ranks.processes:
+                p.kill()
+            pytest.fail(f"{world} ranks still running after {timeout:.0f} s")
     return torch.load(out)
 
 
@@ -187,6 +196,20 @@ def test_pipeline_stages_cover_the_layers_once():
     other_stage = Shard(first_layer=0, end_layer=15, last_stage=False)
     assert shard_tensor("model.layers.20.mlp.up_proj.weight", torch.ones(2), PRESETS["smollm2-135m"],
                         other_stage) is None
+
+
+def test_micro_batches_are_contiguous_balanced_and_never_empty():
+    from infer_recipes.runner import StepSeq, micro_batches
+
+    decode = [StepSeq([1], 10, [0], True) for _ in range(6)]
+    prompt = StepSeq(list(range(40)), 0, [1], True)
+    for seqs, parts in ((decode, 2), (decode, 4), (decode + [prompt], 2), ([prompt] + decode, 3), (decode[:1], 2),
+                        (decode[:2], 8)):
+        groups = micro_batches(seqs, parts)
+        assert [s for g in groups for s in g] == seqs and all(groups)
+        assert len(groups) == min(parts, len(seqs))
+    assert [len(g) for g in micro_batches(decode, 2)] == [3, 3]
+    assert [len(g) for g in micro_batches(decode + [prompt], 2)] == [6, 1]  # the prompt outweighs the decodes
 
 
 def test_heads_that_do_not_divide_are_a_clear_error():
