@@ -117,13 +117,18 @@ class ParallelContext:
         self._pending_free.append(model_id)
 
     def stop(self) -> None:
-        """On rank 0: ends the workers' loops (at exit at the latest) and leaves the world."""
-        with self.lock:
+        """On rank 0: ends the workers' loops (at exit at the latest) and leaves the world. A step that does not
+        finish within a minute is abandoned: torchrun then ends the other ranks when this one exits."""
+        if not self.lock.acquire(timeout=60):
+            return
+        try:
             if self.stopped or not dist.is_initialized():
                 return
             self._broadcast(("stop",))
             self.stopped = True
             dist.destroy_process_group()
+        finally:
+            self.lock.release()
 
     # ---- tensors between ranks -------------------------------------------------------------------------------
     @staticmethod
