@@ -126,7 +126,7 @@ class ParallelContext:
                 return
             self._broadcast(("stop",))
             self.stopped = True
-            dist.destroy_process_group()
+            leave_world(self.control)
         finally:
             self.lock.release()
 
@@ -143,6 +143,25 @@ class ParallelContext:
 
 
 _CONTEXT: ParallelContext | None = None
+
+
+def leave_world(control) -> None:
+    """Every rank, after the stop command. A barrier first, so that no rank tears its connections down while
+    another still waits on them; then the groups; and rank 0, which hosts torchrun's rendezvous store, keeps it
+    until every other rank has left it (a store going away under connected ranks aborts processes at exit)."""
+    from torch.distributed.distributed_c10d import _get_default_store
+
+    store, rank, world_size = _get_default_store(), dist.get_rank(), dist.get_world_size()
+    dist.barrier(group=control)
+    dist.destroy_process_group()
+    if rank != 0:
+        store.add("infer_recipes/left", 1)
+    else:
+        import time
+
+        deadline = time.monotonic() + 30
+        while store.add("infer_recipes/left", 0) < world_size - 1 and time.monotonic() < deadline:
+            time.sleep(0.01)
 
 
 def context(device_type: str) -> ParallelContext:

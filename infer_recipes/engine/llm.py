@@ -288,7 +288,5 @@ def run_worker(world: distributed.ParallelContext) -> None:
             models.pop(message[1], None)
             gc.collect()
         elif message[0] == "stop":
-            import torch.distributed as dist
-
-            dist.destroy_process_group()
+            distributed.leave_world(world.control)
             return
