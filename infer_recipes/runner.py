@@ -196,10 +196,14 @@ class ModelRunner:
         """Runs one step; returns float32 logits [S, V] for the sequences with `sample`, in their given order."""
         if not self.kv_cache and any(s.start for s in seqs):
             raise ValueError("without a KV cache every step must recompute each sequence from position 0")
+        return self._drive("execute", seqs)
+
+    def _drive(self, kind: str, payload) -> torch.Tensor:
+        """Runs this rank's part; split across ranks, first sends the work to the others (rank 0 only)."""
         if self.world is None:
-            return self.run("execute", seqs)
-        with self.world.command("run", self.model_id, "execute", seqs):
-            return self.run("execute", seqs)
+            return self.run(kind, payload)
+        with self.world.command("run", self.model_id, kind, payload):
+            return self.run(kind, payload)
 
     @torch.inference_mode()
     def run(self, kind: str, payload) -> torch.Tensor | None:
@@ -210,7 +214,7 @@ class ModelRunner:
             meta = PagedMetadata.build([], [(0, n, n, [])], None, self.block_size, self.device)
             tokens = torch.tensor([payload], dtype=torch.long, device=self.device)
             positions = torch.arange(n, device=self.device).unsqueeze(0)
-            return self._pipeline([(tokens, positions, meta, list(range(n)))], None, n)
+            return self._pipeline([(tokens, positions, meta, list(range(n)))], None, None, n)
         seqs = payload
         order = sorted(range(len(seqs)), key=lambda i: not (self.kv_cache and len(seqs[i].token_ids) == 1))
         ordered = [seqs[i] for i in order]
@@ -219,19 +223,17 @@ class ModelRunner:
             tokens, positions, meta = self._inputs(part)
             ends = itertools.accumulate(len(s.token_ids) for s in part)
             batches.append((tokens, positions, meta, [e - 1 for e, s in zip(ends, part) if s.sample]))
-        sampled = [i for i in order if seqs[i].sample]  # the logits' rows come in this order
-        logits = self._pipeline(batches, self.pool.layers if self.pool else None, len(sampled))
-        if logits is None or sampled == sorted(sampled):
-            return logits
+        sampled = [i for i in order if seqs[i].sample]  # the scored rows come in this order
         where = {i: row for row, i in enumerate(sampled)}
-        return logits[[where[i] for i in sorted(sampled)]]
+        given = None if sampled == sorted(sampled) else [where[i] for i in sorted(sampled)]
+        return self._pipeline(batches, self.pool.layers if self.pool else None, given, len(sampled))
 
-    def _pipeline(self, batches, kv, num_rows: int) -> torch.Tensor | None:
-        """Runs (tokens, positions, meta, rows to score) batches through this rank's stage; returns the
-        float32 logits of the rows, batch after batch, on rank 0."""
+    def _pipeline(self, batches, kv, reorder: list[int] | None, num_rows: int) -> torch.Tensor | None:
+        """Runs (tokens, positions, meta, rows to score) batches through this rank's stage; returns, on rank 0,
+        the float32 logits of the scored rows (put in `reorder`'s order first, when given)."""
         shard, world = self.model.shard, self.world
         hidden_size = self.config.hidden_size
-        outputs, sends = [], []
+        scored, sends = [], []
         for tokens, positions, meta, rows in batches:
             hidden = None
             if not shard.first_stage:
@@ -239,12 +241,16 @@ class ModelRunner:
             out = self.model(tokens, positions, meta, kv, hidden=hidden)
             if not shard.last_stage:
                 sends.append((world.send(out, self.next_rank), out))
-            elif rows:
-                outputs.append(self.model.compute_logits(out[0][rows]))
+            else:
+                scored.append(out[0][rows])
         for work, _ in sends:
             work.wait()
         if shard.last_stage:
-            logits = torch.cat(outputs) if outputs else torch.empty(0, self.config.vocab_size, device=self.device)
+            if num_rows:
+                hidden = scored[0] if len(scored) == 1 else torch.cat(scored)
+                logits = self.model.compute_logits(hidden if reorder is None else hidden[reorder])  # one lm_head
+            else:  # a step of prefill chunks only: nothing to score
+                logits = torch.empty(0, self.config.vocab_size, device=self.device)
             if world is None or world.rank == 0:
                 return logits
             if world.rank == self.last_stage_head and num_rows:
@@ -274,7 +280,4 @@ class ModelRunner:
     @torch.inference_mode()
     def full_logits(self, token_ids: list[int]) -> torch.Tensor:
         """Logits [T, V] for every position of one sequence, without touching the KV pool (evaluation, tests)."""
-        if self.world is None:
-            return self.run("full_logits", list(token_ids))
-        with self.world.command("run", self.model_id, "full_logits", list(token_ids)):
-            return self.run("full_logits", list(token_ids))
+        return self._drive("full_logits", list(token_ids))
