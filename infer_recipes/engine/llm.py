@@ -1,6 +1,7 @@
 """The offline API: `LLM(model).generate(prompts, SamplingParams(...))` and `LLM.chat(messages)`."""
 from __future__ import annotations
 
+import functools
 import gc
 import sys
 import time
@@ -19,7 +20,7 @@ from ..loading import load_model, resolve_model_source
 from ..loading.gguf import quantized_blocks
 from ..layers.parallel import Shard, check_split, stage_layers
 from ..loading.weights import drop_metadata, read_config, release_loader_memory
-from ..models.llama import LlamaForCausalLM, shard_range
+from ..models.llama import WHOLE, LlamaForCausalLM, shard_range
 from ..quantization import quantize
 from ..quantization.api import check_scheme, quantize_embedding, quantize_gguf
 from ..runner import ModelRunner
@@ -106,14 +107,15 @@ class LLM:
         cfg, mc = self.engine_config, self.model_config
         tp, pp = cfg.tensor_parallel_size, cfg.pipeline_parallel_size
         first, end = stage_layers(mc.num_layers, pp, 0)
-        kv_heads = max(1, mc.num_kv_heads // tp)
+        kv_first, kv_end = Shard(tp_size=tp).kv_heads(mc.num_kv_heads)
+        kv_heads = kv_end - kv_first
         per_rank = replace(mc, num_layers=end - first, num_heads=kv_heads, num_kv_heads=kv_heads)
         return kv_pool_blocks(per_rank, cfg, self.max_model_len, self.dtype, self.device)
 
     def _build(self, shard: Shard, num_blocks: int, progress: bool) -> None:
         """Loads this rank's part of the model (fused and quantized as it loads) and its runner."""
         cfg = self.engine_config
-        self._gguf_replaced, self._shard_held = 0, shard
+        self._gguf_replaced = 0
         # fusion and quantization happen layer by layer as the loader fills them (see load_model)
         self.model = load_model(self.source, self.dtype, self.device, max_positions=self.max_model_len,
                                 progress=progress, config=self.model_config, on_loaded=self._optimize_unit,
@@ -153,21 +155,22 @@ class LLM:
         if cfg.quantization and cfg.quantization != "gguf":
             check_scheme(cfg.quantization, cfg.group_size)
 
-    def _gguf_blocks(self, name: str):
+    def _gguf_blocks(self, name: str, shard: Shard):
+        """The GGUF blocks of checkpoint tensor `name` that this rank's slice of it holds."""
         found = quantized_blocks(self.source.location, self.model_config, name)
-        where = shard_range(name, self.model_config, self._shard_held)
-        if found is None or where in (None, (0, 0, 0)):
+        where = shard_range(name, self.model_config, shard)
+        if found is None or where in (None, WHOLE):
             return found
-        qtype, blocks = found  # [rows, blocks of 32 per row x bytes]: slice whole rows or whole blocks
+        qtype, blocks = found  # [rows, bytes of the row's blocks]: slice whole rows or whole blocks
         dim, lo, hi = where
         if dim == 0:
             return qtype, blocks[lo:hi]
-        if lo % 32 or hi % 32:
+        import gguf
+
+        elements, nbytes = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[qtype]]
+        if lo % elements or hi % elements:
             return None  # this rank's columns cut through blocks: the layer stays float
-        mc = self.model_config
-        per_block = blocks.shape[1] // ((mc.num_heads * mc.head_dim if "o_proj" in name else mc.intermediate_size)
-                                        // 32)
-        return qtype, blocks[:, lo // 32 * per_block:hi // 32 * per_block]
+        return qtype, blocks[:, lo // elements * nbytes:hi // elements * nbytes]
 
     def _optimize_unit(self, model: LlamaForCausalLM, unit: str) -> None:
         """Fusion and quantization of one unit (a decoder layer, the embedding, the lm_head) as soon as the
@@ -187,7 +190,8 @@ class LLM:
     def _quantize(self, model: LlamaForCausalLM, root: str) -> None:
         cfg = self.engine_config
         if cfg.quantization == "gguf":
-            self._gguf_replaced += quantize_gguf(model, self._gguf_blocks, cfg.quantization_skip, False, root)
+            blocks = functools.partial(self._gguf_blocks, shard=model.shard)
+            self._gguf_replaced += quantize_gguf(model, blocks, cfg.quantization_skip, False, root)
         elif cfg.quantization:
             quantize(model, cfg.quantization, cfg.quantization_skip, cfg.group_size, progress=False, root=root)
 

@@ -10,7 +10,8 @@ all-gather concatenates them.
 Pipeline parallel: a rank holds contiguous decoder layers [first_layer, end_layer); the first stage holds the
 embedding, the last the final norm and the lm_head.
 
-The collectives are PyTorch's functional ones, so a `torch.compile`d layer traces them into its graph.
+The collectives are c10d's own when eager; inside a `torch.compile`d layer the functional ones, which it traces
+into its graph.
 """
 from __future__ import annotations
 

@@ -97,11 +97,10 @@ def load_model(source: ModelSource, dtype: torch.dtype, device: torch.device, ma
         if name.endswith("rotary_emb.inv_freq"):
             bar.update()
             continue
-        if shard != Shard():
-            tensor = shard_tensor(name, tensor, config, shard)
-            if tensor is None:
-                bar.update()
-                continue
+        tensor = shard_tensor(name, tensor, config, shard)
+        if tensor is None:  # another pipeline stage holds it
+            bar.update()
+            continue
         _set_parameter(model, name, tensor.to(device=device, dtype=dtype))
         del tensor
         bar.update()

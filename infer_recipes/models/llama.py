@@ -179,8 +179,7 @@ class LlamaForCausalLM(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [..., hidden] -> float32 logits [..., vocab] (gathered over the tensor-parallel ranks)."""
-        logits = self.shard.all_gather_last(self.lm_head(hidden).float())
-        return logits[..., :self.config.vocab_size] if logits.shape[-1] != self.config.vocab_size else logits
+        return self.shard.all_gather_last(self.lm_head(hidden).float())[..., :self.config.vocab_size]  # no padding
 
 
 def _merged_linear(parts: list[nn.Linear]) -> nn.Linear:
@@ -198,11 +197,12 @@ def _merged_linear(parts: list[nn.Linear]) -> nn.Linear:
 # how each checkpoint tensor splits: column-parallel (dim 0, by heads or columns), row-parallel (dim 1)
 _COLUMN = {"q_proj": "heads", "k_proj": "kv_heads", "v_proj": "kv_heads", "gate_proj": "mlp", "up_proj": "mlp"}
 _ROW = {"o_proj": "heads", "down_proj": "mlp"}
+WHOLE = (0, 0, 0)  # shard_range's answer for a tensor every rank that holds it holds whole
 
 
 def shard_range(name: str, config: ModelConfig, shard: Shard) -> tuple[int, int, int] | None:
-    """How this rank slices checkpoint tensor `name`: (dim, start, end), (0, 0, 0) for the whole tensor, or None
-    when another pipeline stage holds it. Ranges are in elements (for a bias, along its only dim)."""
+    """How this rank slices checkpoint tensor `name`: (dim, start, end), WHOLE, or None when another pipeline
+    stage holds it. Ranges are in elements (for a bias, along its only dim)."""
     parts = name.split(".")
     if parts[:2] == ["model", "layers"]:
         if int(parts[2]) not in shard.layer_range(config.num_layers):
@@ -210,7 +210,7 @@ def shard_range(name: str, config: ModelConfig, shard: Shard) -> tuple[int, int,
         leaf = parts[-2]
         kind = _COLUMN.get(leaf) or _ROW.get(leaf)
         if kind is None or shard.tp_size == 1:
-            return 0, 0, 0  # norms are replicated
+            return WHOLE  # norms are replicated
         D = config.head_dim
         if kind == "heads":
             lo, hi = shard.split(config.num_heads)
@@ -226,17 +226,17 @@ def shard_range(name: str, config: ModelConfig, shard: Shard) -> tuple[int, int,
     elif name == "lm_head.weight":
         held = shard.last_stage and not config.tie_word_embeddings
     else:  # model.norm
-        return (0, 0, 0) if shard.last_stage else None
+        return WHOLE if shard.last_stage else None
     if not held:
         return None
-    return (0, *shard.vocab(config.vocab_size)) if shard.tp_size > 1 else (0, 0, 0)
+    return (0, *shard.vocab(config.vocab_size)) if shard.tp_size > 1 else WHOLE
 
 
 def shard_tensor(name: str, tensor: torch.Tensor, config: ModelConfig, shard: Shard) -> torch.Tensor | None:
     """This rank's slice of checkpoint tensor `name` (vocabulary rows past the end padded with zeros), or None."""
     where = shard_range(name, config, shard)
-    if where is None or where == (0, 0, 0):
-        return None if where is None else tensor
+    if where is None or where == WHOLE:
+        return tensor if where else None
     dim, lo, hi = where
     if dim == 0 and hi > tensor.shape[0]:  # the last vocabulary range
         pad = tensor.new_zeros((hi - tensor.shape[0], *tensor.shape[1:]))
