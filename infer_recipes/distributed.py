@@ -28,9 +28,14 @@ BACKENDS = {"cpu": "gloo", "cuda": "nccl", "npu": "hccl"}
 CONTROL_TIMEOUT = timedelta(days=30)
 
 
+def world_size() -> int:
+    """Ranks torchrun (or an equivalent launcher) started; 1 outside it."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
 def launched() -> bool:
-    """Whether this process is one rank of several started by torchrun (or an equivalent launcher)."""
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+    """Whether this process is one rank of several."""
+    return world_size() > 1
 
 
 class ParallelContext:
@@ -76,10 +81,8 @@ class ParallelContext:
 
     # ---- layouts -----------------------------------------------------------------------------------------------
     def shard(self, num_layers: int, tp: int, pp: int) -> Shard:
-        """This rank's Shard of a model split tp x pp ways (every rank calls this in the same order)."""
-        if tp * pp != self.world_size:
-            raise InferRecipesError(f"tensor_parallel_size {tp} x pipeline_parallel_size {pp} = {tp * pp} ranks, "
-                                    f"but torchrun started {self.world_size}: make them equal")
+        """This rank's Shard of a model split tp x pp ways, tp x pp = the world size (every rank calls this in the
+        same order)."""
         if (tp, pp) not in self._groups:  # new_group is collective: every rank creates every group, in order
             self._groups[(tp, pp)] = [dist.new_group(list(range(s * tp, (s + 1) * tp))) if tp > 1 else None
                                       for s in range(pp)]

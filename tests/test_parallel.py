@@ -226,23 +226,39 @@ def test_a_split_model_outside_torchrun_says_how_to_launch(monkeypatch):
         LLM(TINY, device="cpu", progress=False, pipeline_parallel_size=2)
 
 
-def test_generate_under_torchrun_matches_one_process(tmp_path):
-    """The CLI as users launch it: rank 0 runs the command, rank 1 only follows its steps."""
-    import json
+def _torchrun(*args: str, nproc: int = 2):
     import shutil
     import subprocess
     import sys
 
     torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable)) or shutil.which("torchrun")
-    cli = [sys.executable, "-m", "infer_recipes.cli"]
-    args = ["generate", "-m", TINY, "--device", "cpu", "-p", "hello world", "--max-tokens", "8", "--temperature",
-            "0", "--json"]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     env.pop("WORLD_SIZE", None)
-    split = subprocess.run([torchrun, "--nproc-per-node", "2", "--master-port", str(_free_port()), "-m",
-                            "infer_recipes.cli", *args, "-tp", "2"], capture_output=True, text=True, env=env,
-                           timeout=300)
+    return subprocess.run([torchrun, "--nproc-per-node", str(nproc), "--master-port", str(_free_port()), "-m",
+                           "infer_recipes.cli", *args], capture_output=True, text=True, env=env, timeout=300)
+
+
+def test_generate_under_torchrun_matches_one_process(tmp_path):
+    """The CLI as users launch it: rank 0 runs the command, rank 1 only follows its steps."""
+    import json
+    import subprocess
+    import sys
+
+    args = ["generate", "-m", TINY, "--device", "cpu", "-p", "hello world", "--max-tokens", "8", "--temperature",
+            "0", "--json"]
+    split = _torchrun(*args, "-tp", "2")
     assert split.returncode == 0, split.stderr[-2000:]
-    one = subprocess.run(cli + args, capture_output=True, text=True, env=env, timeout=300)
+    env = {k: v for k, v in os.environ.items() if k != "WORLD_SIZE"}
+    one = subprocess.run([sys.executable, "-m", "infer_recipes.cli", *args], capture_output=True, text=True,
+                         env=env, timeout=300)
     assert one.returncode == 0, one.stderr[-2000:]
     assert json.loads(split.stdout)["token_ids"] == json.loads(one.stdout)["token_ids"]
+
+
+def test_a_layout_that_does_not_match_the_ranks_is_one_error_line():
+    run = _torchrun("generate", "-m", TINY, "--device", "cpu", "-p", "hi", "-tp", "4")
+    assert run.returncode != 0
+    ours = [line for line in run.stderr.splitlines() if line.startswith("error:")]
+    assert ours == ["error: tensor_parallel_size 4 x pipeline_parallel_size 1 = 4 ranks, but torchrun started 2: "
+                    "make them equal"]
+    assert "Connection closed by peer" not in run.stderr  # the other rank was stopped, not cut off

@@ -149,6 +149,9 @@ class LLM:
                 f"tensor_parallel_size {tp} x pipeline_parallel_size {pp} needs {tp * pp} processes: start the "
                 f"same command under torchrun --nproc-per-node {tp * pp} (several nodes: torchrun's --nnodes and "
                 f"--rdzv-endpoint)")
+        if tp * pp > 1 and tp * pp != distributed.world_size():  # before rank 0 asks the others for anything
+            raise InferRecipesError(f"tensor_parallel_size {tp} x pipeline_parallel_size {pp} = {tp * pp} ranks, "
+                                    f"but torchrun started {distributed.world_size()}: make them equal")
         if cfg.quantization == "gguf" and self.source.kind != "gguf":
             raise InferRecipesError("quantization 'gguf' keeps a GGUF file's own blocks: the model must be a "
                                     "GGUF file (or use int4 / int8 for other sources)")
