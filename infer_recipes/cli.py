@@ -6,6 +6,7 @@ import json
 import os
 import sys
 import time
+from typing import NoReturn
 
 from .config import DTYPES, GROUP_SIZES, QUANTIZATIONS
 
@@ -849,14 +850,13 @@ def _join_world(args) -> bool:
     return world.rank != 0
 
 
-def _follow(args) -> int:
+def _follow(args) -> NoReturn:
     from . import distributed
     from .engine.llm import run_worker
 
     if getattr(args, "threads", None) is not None:
         _set_threads(args)
-    run_worker(distributed.current())
-    return 0
+    run_worker(distributed.current())  # ends the process when rank 0 stops the workers
 
 
 def main(argv: list[str] | None = None) -> int:

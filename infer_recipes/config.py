@@ -5,7 +5,7 @@ Frozen and validated at construction; every error names the field at fault. Stan
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from .errors import InferRecipesError
 
@@ -146,7 +146,10 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: int | None = None  # return the chosen token's log-probability and this many alternatives
     include_stop_str_in_output: bool = False
-    extra: dict = field(default_factory=dict, compare=False, repr=False)
+    # OpenAI's penalties on the tokens generated so far: logit -= frequency * count + presence * (count > 0)
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added to its logit), a dict is accepted too
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -167,6 +170,26 @@ class SamplingParams:
         if self.logprobs is not None:
             _require(isinstance(self.logprobs, int) and 0 <= self.logprobs <= 20, "logprobs",
                      f"must be an integer in [0, 20], got {self.logprobs!r}")
+        if self.seed is not None:
+            _require(isinstance(self.seed, int) and not isinstance(self.seed, bool) and -2**63 <= self.seed < 2**64,
+                     "seed", f"must be an integer in [-2^63, 2^64), got {self.seed!r}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            _require(isinstance(value, (int, float)) and not isinstance(value, bool) and -2.0 <= value <= 2.0,
+                     name, f"must be a number in [-2, 2], got {value!r}")
+        bias = self.logit_bias.items() if isinstance(self.logit_bias, dict) else (self.logit_bias or ())
+        try:
+            bias = tuple(sorted((int(t), float(b)) for t, b in bias))
+        except (TypeError, ValueError):
+            raise ConfigError(f"logit_bias: must map token ids to numbers, got {self.logit_bias!r}") from None
+        _require(all(t >= 0 and -100.0 <= b <= 100.0 for t, b in bias), "logit_bias",
+                 "token ids must be >= 0 and biases in [-100, 100]")
+        object.__setattr__(self, "logit_bias", bias)
+
+    @property
+    def penalized(self) -> bool:
+        """Whether the logits need processing before sampling (penalties or a bias)."""
+        return bool(self.presence_penalty or self.frequency_penalty or self.logit_bias)
 
     @property
     def greedy(self) -> bool:

@@ -13,9 +13,12 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import gc
 import os
+import sys
 import threading
 from datetime import timedelta
+from typing import NoReturn
 
 import torch
 import torch.distributed as dist
@@ -129,7 +132,7 @@ class ParallelContext:
                 return
             self._broadcast(("stop",))
             self.stopped = True
-            leave_world(self.control)
+            leave_world(self)
         finally:
             self.lock.release()
 
@@ -148,15 +151,19 @@ class ParallelContext:
 _CONTEXT: ParallelContext | None = None
 
 
-def leave_world(control) -> None:
+def leave_world(world: ParallelContext) -> None:
     """Every rank, after the stop command. A barrier first, so that no rank tears its connections down while
-    another still waits on them; then the groups; and rank 0, which hosts torchrun's rendezvous store, keeps it
-    until every other rank has left it (a store going away under connected ranks aborts processes at exit)."""
+    another still waits on them; then every process group goes, here and now, so that each one's C++ side joins
+    its worker threads (gloo's) while the process is whole, not during the interpreter's exit, where the order
+    of teardown is not ours; and rank 0, which hosts torchrun's rendezvous store, keeps it until every other rank
+    has left it (a store going away under connected ranks aborts processes at exit)."""
     from torch.distributed.distributed_c10d import _get_default_store
 
     store, rank, world_size = _get_default_store(), dist.get_rank(), dist.get_world_size()
-    dist.barrier(group=control)
+    dist.barrier(group=world.control)
     dist.destroy_process_group()
+    world.control, world._groups = None, {}
+    gc.collect()  # the groups' last references (Shards of freed models) go now
     if rank != 0:
         store.add("infer_recipes/left", 1)
     else:
@@ -165,6 +172,14 @@ def leave_world(control) -> None:
         deadline = time.monotonic() + 30
         while store.add("infer_recipes/left", 0) < world_size - 1 and time.monotonic() < deadline:
             time.sleep(0.01)
+
+
+def exit_process(code: int) -> NoReturn:
+    """Ends a rank that only followed rank 0, once it has left the world: output flushed, then `os._exit`, so no
+    library's static teardown runs after the work is done (as multiprocessing ends its children)."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def context(device_type: str) -> ParallelContext:

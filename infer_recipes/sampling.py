@@ -1,6 +1,8 @@
-"""Choosing the next token from logits: greedy, temperature, top-k, top-p, min-p, per-request seeds, logprobs."""
+"""Choosing the next token from logits: greedy, temperature, top-k, top-p, min-p, penalties, logit bias,
+per-request seeds, logprobs."""
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -32,18 +34,42 @@ def _filter(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
     return logits
 
 
-def sample(logits: torch.Tensor, params: list[SamplingParams],
-           generators: list[torch.Generator | None]) -> SampleResult:
-    """logits [B, V] float32 -> one token per row. One host synchronization: the final `.tolist()`."""
+def apply_penalties(logits: torch.Tensor, params: Sequence[SamplingParams],
+                    outputs: Sequence[Sequence[int]]) -> torch.Tensor:
+    """logits [B, V] with each row's presence / frequency penalties (over the tokens that row generated so far)
+    and logit bias applied, as OpenAI defines them; a new tensor when any row has one, else `logits` itself."""
+    rows = [i for i, p in enumerate(params) if p.penalized]
+    if not rows:
+        return logits
+    logits = logits.clone()
+    vocab = logits.shape[-1]
+    for i in rows:
+        p = params[i]
+        if (p.presence_penalty or p.frequency_penalty) and outputs[i]:
+            ids, counts = torch.tensor(outputs[i], device=logits.device).unique(return_counts=True)
+            logits[i, ids] -= p.frequency_penalty * counts.to(logits.dtype) + p.presence_penalty
+        bias = [(t, b) for t, b in p.logit_bias if t < vocab]  # ids past the vocabulary are refused earlier
+        if bias:
+            ids = torch.tensor([t for t, _ in bias], device=logits.device)
+            logits[i, ids] += torch.tensor([b for _, b in bias], dtype=logits.dtype, device=logits.device)
+    return logits
+
+
+def sample(logits: torch.Tensor, params: Sequence[SamplingParams], generators: Sequence[torch.Generator | None],
+           outputs: Sequence[Sequence[int]] | None = None) -> SampleResult:
+    """logits [B, V] float32 -> one token per row. outputs: each row's generated tokens so far (for penalties).
+
+    One host synchronization: the final `.tolist()` (tokens, with the logprobs packed beside them when asked)."""
+    processed = apply_penalties(logits, params, outputs or [()] * len(params))
     if all(p.greedy for p in params):
-        tokens = logits.argmax(dim=-1)
+        tokens = processed.argmax(dim=-1)
     else:
         rows = []
         for i, p in enumerate(params):
             if p.greedy:
-                rows.append(logits[i].argmax())
+                rows.append(processed[i].argmax())
                 continue
-            probs = torch.softmax(_filter(logits[i] / p.temperature, p), dim=-1)
+            probs = torch.softmax(_filter(processed[i] / p.temperature, p), dim=-1)
             # exponential race: argmax(p / E) with E ~ Exp(1) draws from p, with a per-request generator
             noise = torch.empty_like(probs).exponential_(generator=generators[i])
             rows.append((probs / noise).argmax())
@@ -51,16 +77,20 @@ def sample(logits: torch.Tensor, params: list[SamplingParams],
     want = [p.logprobs for p in params if p.logprobs is not None]
     if not want:
         return SampleResult(tokens.tolist(), None, None)
-    logp = torch.log_softmax(logits, dim=-1)
-    chosen = logp.gather(1, tokens.unsqueeze(1)).squeeze(1)
+    logp = torch.log_softmax(logits, dim=-1)  # the model's own distribution, before penalties and bias
+    chosen = logp.gather(1, tokens.unsqueeze(1))  # [B, 1]
     k = max(want)
-    top_vals, top_ids = logp.topk(k, dim=-1) if k > 0 else (logp[:, :0], tokens[:, None][:, :0])
-    top = [[(int(t), float(v)) for t, v in zip(ids[: p.logprobs or 0], vals[: p.logprobs or 0])]
-           for ids, vals, p in zip(top_ids.tolist(), top_vals.tolist(), params)]
-    return SampleResult(tokens.tolist(), chosen.tolist(), top)
+    top_vals, top_ids = logp.topk(k, dim=-1) if k > 0 else (logp[:, :0], logp[:, :0])
+    # one read back to the host: token ids are exact in float32 (< 2^24)
+    rows = torch.cat([tokens[:, None].to(logp.dtype), chosen, top_ids.to(logp.dtype), top_vals], dim=1).tolist()
+    top = [list(zip(map(int, r[2:2 + (p.logprobs or 0)]), r[2 + k:2 + k + (p.logprobs or 0)]))
+           for r, p in zip(rows, params)]
+    return SampleResult([int(r[0]) for r in rows], [r[1] for r in rows], top)
 
 
 def make_generator(seed: int | None, device: torch.device) -> torch.Generator | None:
+    """A request's own generator; any integer seed (a server adds the choice index to it) wraps into the
+    generator's 64-bit range, so distinct seeds below 2^64 apart stay distinct."""
     if seed is None:
         return None
-    return torch.Generator(device=device).manual_seed(seed)
+    return torch.Generator(device=device).manual_seed(seed % 2**64)

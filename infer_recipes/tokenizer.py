@@ -5,6 +5,7 @@ Sources: a `tokenizer.json`, a SentencePiece `tokenizer.model` (Llama 2), or the
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 from datetime import datetime
@@ -142,7 +143,18 @@ class LLMTokenizer:
         return self.tokenizer.get_vocab_size(with_added_tokens=True)
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        return self.tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
+        # the batch call releases the GIL while it works (the single one holds it: a 3 MB prompt would stop every
+        # other thread of a server for seconds), and is no slower for one text
+        try:
+            return self.tokenizer.encode_batch([text], add_special_tokens=add_special_tokens)[0].ids
+        except (TypeError, ValueError) as e:  # e.g. an unpaired surrogate, which is not Unicode text
+            raise InferRecipesError(f"the text cannot be tokenized ({e}): it must be valid Unicode") from None
+
+    @functools.cached_property
+    def max_token_chars(self) -> int:
+        """At most this many characters per token: a text longer than context x this cannot fit (checked before
+        tokenizing a huge prompt)."""
+        return max(len(t) for t in self.tokenizer.get_vocab(with_added_tokens=True))
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return self.tokenizer.decode(list(ids), skip_special_tokens=skip_special_tokens)

@@ -17,7 +17,10 @@ import asyncio
 import concurrent.futures
 import itertools
 import queue
+import sys
 import threading
+import time
+import traceback
 from collections.abc import AsyncIterator, Callable, Sequence
 
 from ..config import SamplingParams
@@ -27,8 +30,11 @@ from .request import RequestOutput
 from .scheduler import QueueFullError
 
 
-class EngineDeadError(InferRecipesError):
-    """The engine's step failed; the model must be reloaded."""
+class RequestFailedError(InferRecipesError):
+    """A request failed inside the engine through no fault of its own (a server error, not bad input)."""
+
+
+WEDGED_AFTER_S = 300.0  # a step or call running longer than this: /health reports the device thread wedged
 
 
 class DeviceThread:
@@ -39,8 +45,18 @@ class DeviceThread:
         self._engines: list[AsyncEngine] = []
         self._wake = threading.Event()
         self._stop = threading.Event()
+        self._busy_since: float | None = None  # when the step or call now running began
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
+
+    def health(self) -> str | None:
+        """None when the thread is alive and not stuck in one step or call; otherwise what is wrong."""
+        if not self._thread.is_alive():
+            return "the device thread has stopped"
+        since = self._busy_since
+        if since is not None and time.monotonic() - since > WEDGED_AFTER_S:
+            return f"the device thread has been in one step for {time.monotonic() - since:.0f} s"
+        return None
 
     def call(self, fn: Callable, *args) -> concurrent.futures.Future:
         """Runs fn(*args) on the device thread, between steps."""
@@ -82,16 +98,22 @@ class DeviceThread:
                 except queue.Empty:
                     break
                 if future.set_running_or_notify_cancel():
+                    self._busy_since = time.monotonic()
                     try:
                         future.set_result(fn(*args))
                     except BaseException as e:
                         future.set_exception(e)
+                    finally:
+                        self._busy_since = None
             busy = False
             for engine in list(self._engines):
-                engine._apply_commands()
-                if engine.engine.has_unfinished_requests():
-                    engine._step()
-                    busy = True
+                self._busy_since = time.monotonic()
+                try:
+                    busy = engine._advance() or busy
+                except BaseException as e:  # nothing an engine does may stop the thread that serves them all
+                    engine._fail_everything(e)
+                finally:
+                    self._busy_since = None
             if not busy:
                 self._wake.wait(0.5)
 
@@ -108,10 +130,9 @@ class AsyncEngine:
         self.device = device or DeviceThread(f"device-{name}")
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
-        self._pending = 0  # adds sent but not yet applied: counted against the waiting-queue bound
+        self._pending = 0  # places admitted but not yet added: counted against the waiting-queue bound
         self._lock = threading.Lock()
         self._ids = itertools.count()
-        self.error: BaseException | None = None
         self.device.call_and_wait(self.device._attach, self)
 
     # ---- caller side (event loop) ----------------------------------------------------------------------------
@@ -120,31 +141,39 @@ class AsyncEngine:
         """Requests queued or running (a model with any is never evicted)."""
         return len(self._streams)
 
-    def check_capacity(self, count: int = 1) -> None:
-        waiting = len(self.engine.scheduler.waiting) + self._pending
-        if waiting + count > self.engine.config.max_waiting:
-            raise QueueFullError(f"model {self.name!r}: the waiting queue is full "
-                                 f"({self.engine.config.max_waiting} requests): retry later")
+    def admit(self, count: int = 1) -> "Ticket":
+        """Reserves room in the waiting queue for `count` requests, to be sent with `generate(..., ticket=)`,
+        or raises: QueueFullError (429, retry later) when the queue is full now, a plain InferRecipesError (400)
+        when it could never hold them. A server decides this before the first byte of its reply."""
+        limit = self.engine.config.max_waiting
+        if count > limit:
+            raise InferRecipesError(f"model {self.name!r}: the request needs {count} sequences at once but the "
+                                    f"waiting queue holds at most {limit}: lower n or send fewer prompts")
+        with self._lock:
+            if len(self.engine.scheduler.waiting) + self._pending + count > limit:
+                raise QueueFullError(f"model {self.name!r}: the waiting queue is full ({limit} requests): retry "
+                                     f"later")
+            self._pending += count
+        return Ticket(self, count)
 
-    async def generate(self, prompt_ids: Sequence[int], params: SamplingParams,
-                       request_id: str | None = None) -> AsyncIterator[RequestOutput]:
-        """Yields the request's output after every step that advanced it, the last one finished. A prompt the
-        engine refuses raises here (from the device thread's add). Leaving the iteration early (or being
-        cancelled) aborts the request."""
-        if self.error is not None:
-            raise EngineDeadError(f"model {self.name!r} failed earlier ({self.error}); restart the server")
-        self.check_capacity()
+    async def generate(self, prompt_ids: Sequence[int], params: SamplingParams, request_id: str | None = None,
+                       ticket: "Ticket | None" = None) -> AsyncIterator[RequestOutput]:
+        """Yields the request's output after every step that advanced it, the last one finished. A request the
+        engine refuses or fails raises here (InferRecipesError: bad input; RequestFailedError: the server's).
+        Leaving the iteration early (or being cancelled) aborts the request. ticket: a place reserved by
+        `admit` (otherwise one is taken now)."""
+        (ticket or self.admit()).take()
         request_id = request_id or f"{self.name}-{next(self._ids)}"
         outputs: asyncio.Queue = asyncio.Queue()
         with self._lock:
             self._streams[request_id] = (asyncio.get_running_loop(), outputs)
-            self._pending += 1
         self._send(("add", request_id, list(prompt_ids), params))
         finished = False
         try:
             while True:
                 out = await outputs.get()
                 if isinstance(out, BaseException):
+                    finished = True  # the engine no longer holds it
                     raise out
                 finished = out.finished
                 yield out
@@ -156,10 +185,11 @@ class AsyncEngine:
             if not finished:
                 self._send(("abort", request_id))
 
-    async def final(self, prompt_ids: Sequence[int], params: SamplingParams) -> RequestOutput:
+    async def final(self, prompt_ids: Sequence[int], params: SamplingParams,
+                    ticket: "Ticket | None" = None) -> RequestOutput:
         """The request's finished output (`generate` run to its end)."""
         out = None
-        async for out in self.generate(prompt_ids, params):
+        async for out in self.generate(prompt_ids, params, ticket=ticket):
             pass
         return out
 
@@ -194,6 +224,14 @@ class AsyncEngine:
             except RuntimeError:  # the caller's loop has closed
                 pass
 
+    def _advance(self) -> bool:
+        """Applies the callers' adds and aborts, then runs one step if there is work; whether it stepped."""
+        self._apply_commands()
+        if not self.engine.has_unfinished_requests():
+            return False
+        self._step()
+        return True
+
     def _apply_commands(self) -> None:
         while True:
             try:
@@ -209,24 +247,55 @@ class AsyncEngine:
                     continue
                 try:
                     self.engine.add_request(ids, params, request_id)
-                except InferRecipesError as e:
+                except InferRecipesError as e:  # the request's own fault
                     self._deliver([(request_id, e)])
+                except Exception as e:
+                    self._log(e)
+                    self._deliver([(request_id, RequestFailedError(f"adding the request failed: "
+                                                                   f"{type(e).__name__}: {e}"))])
             elif command[0] == "abort":
                 self.engine.abort_request(command[1])
 
     def _step(self) -> None:
-        if self.error is not None:
-            return
-        try:
-            outputs = self.engine.step()
-        except Exception as e:  # a failing step: fail every request loudly instead of hanging them
-            self.error = e
-            failed = list(self.engine.requests)
-            for request_id in failed:
+        outputs = self.engine.step()  # a request that fails inside comes back with finish_reason "error"
+        self._deliver([(out.request_id, RequestFailedError(f"model {self.name!r}: {out.error}")
+                        if out.finish_reason == "error" else out) for out in outputs])
+
+    def _fail_everything(self, e: BaseException) -> None:
+        """Something outside any one request failed (a bug of ours): every request this engine holds fails with
+        it and gives its blocks back; the engine stays up for the next requests."""
+        self._log(e)
+        failed = list(self.engine.requests)
+        for request_id in failed:
+            try:
                 self.engine.abort_request(request_id)
-            self._deliver([(r, EngineDeadError(f"model {self.name!r} failed: {e}")) for r in failed])
-            return
-        self._deliver([(out.request_id, out) for out in outputs])
+            except Exception:
+                pass
+        self._deliver([(r, RequestFailedError(f"model {self.name!r} failed: {type(e).__name__}: {e}"))
+                       for r in failed])
+
+    def _log(self, e: BaseException) -> None:
+        print(f"model {self.name!r}: {''.join(traceback.format_exception_only(e)).strip()}", file=sys.stderr,
+              flush=True)
+
+
+class Ticket:
+    """Places in an engine's waiting queue reserved by `AsyncEngine.admit`; each `generate` takes one, `close`
+    gives back the ones left (a client gone before all its choices started)."""
+
+    def __init__(self, engine: AsyncEngine, count: int):
+        self.engine, self.left = engine, count
+
+    def take(self) -> None:
+        if self.left < 1:
+            raise InferRecipesError("no place left on this ticket: admit more requests first")
+        self.left -= 1
+
+    def close(self) -> None:
+        if self.left:
+            with self.engine._lock:
+                self.engine._pending -= self.left
+            self.left = 0
 
 
 def _put_all(batch: list[tuple[asyncio.Queue, object]]) -> None:

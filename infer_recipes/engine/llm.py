@@ -7,6 +7,7 @@ import sys
 import time
 import weakref
 from collections.abc import Iterator, Sequence
+from typing import NoReturn
 from dataclasses import replace
 
 import torch
@@ -57,8 +58,7 @@ class LLM:
         if distributed.launched() and _worker_id is None:
             world = distributed.context(self.device.type)
             if world.rank != 0:
-                run_worker(world)  # serves rank 0's models until it stops them
-                raise SystemExit(0)
+                run_worker(world)  # serves rank 0's models until it stops them, then ends the process
         self.source = resolve_model_source(model)
         driver = _worker_id is None
         progress = progress and driver
@@ -280,8 +280,9 @@ class LLM:
         return self.runner.full_logits(self.engine.token_ids(prompt)[1])
 
 
-def run_worker(world: distributed.ParallelContext) -> None:
-    """A rank other than 0: builds the models rank 0 builds and runs their steps, until rank 0 stops."""
+def run_worker(world: distributed.ParallelContext) -> NoReturn:
+    """A rank other than 0: builds the models rank 0 builds and runs their steps, until rank 0 stops them; then
+    the process ends (see `distributed.leave_world`)."""
     models: dict[int, LLM] = {}
     while True:
         message = world.receive()
@@ -295,5 +296,7 @@ def run_worker(world: distributed.ParallelContext) -> None:
             models.pop(message[1], None)
             gc.collect()
         elif message[0] == "stop":
-            distributed.leave_world(world.control)
-            return
+            models.clear()  # their process groups go with them, now, not at interpreter exit
+            gc.collect()
+            distributed.leave_world(world)
+            distributed.exit_process(0)

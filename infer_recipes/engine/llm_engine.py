@@ -19,7 +19,7 @@ from ..sampling import make_generator, sample
 from ..tokenizer import IncrementalDetokenizer, LLMTokenizer
 from .block_pool import BlockPool
 from .request import Request, RequestOutput
-from .scheduler import Scheduler, SchedulerConfig
+from .scheduler import Scheduler, SchedulerConfig, SchedulerOutput
 
 Prompt = str | Sequence[int]
 DEFAULT_KV_FRACTION = 0.25
@@ -85,6 +85,10 @@ class LLMEngine:
         """Queues a request; returns its id. Raises QueueFullError when the waiting queue is at its bound."""
         params = params or SamplingParams()
         text, ids = self.token_ids(prompt)
+        too_big = [t for t, _ in params.logit_bias if t >= self.vocab_size]
+        if too_big:
+            raise InferRecipesError(f"logit_bias: token id {too_big[0]} is outside the vocabulary "
+                                    f"[0, {self.vocab_size})")
         request_id = request_id if request_id is not None else str(next(self._ids))
         if request_id in self.requests:
             raise InferRecipesError(f"request id {request_id!r} is already in use")
@@ -108,29 +112,89 @@ class LLMEngine:
 
     # ---- one step -----------------------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
-        """Runs one iteration; returns an output for every request that produced a token (finished ones last
-        time they appear)."""
+        """Runs one iteration: schedule, execute, update. Returns an output for every request that produced a
+        token or failed (finished ones the last time they appear)."""
         plan = self.scheduler.schedule()
         if not plan.scheduled:
             return []
-        seqs = [StepSeq(s.seq.tokens(s.start, s.num_tokens), s.start, s.seq.block_table, s.sample)
-                for s in plan.scheduled]
-        logits = self.runner.execute(seqs)
+        logits, failed = self._execute(plan)
         self.scheduler.update(plan)
         self.num_steps += 1
-        sampling = [s.seq for s in plan.scheduled if s.sample]
-        if not sampling:
-            return []
-        result = sample(logits, [r.params for r in sampling], [r.generator for r in sampling])
+        return self._update(plan, logits, failed)
+
+    def _execute(self, plan: SchedulerOutput) -> tuple[torch.Tensor, dict[int, str]]:
+        """The step's logits (rows of the sampling sequences, in order). Should the step fail, each sequence runs
+        again alone, so that only the ones that fail by themselves fail ({index in the plan: why}): one bad
+        request never takes the others down with it. Re-running rewrites the same keys and values."""
+        seqs = [StepSeq(s.seq.tokens(s.start, s.num_tokens), s.start, s.seq.block_table, s.sample)
+                for s in plan.scheduled]
+        try:
+            return self.runner.execute(seqs), {}
+        except Exception as e:
+            if len(seqs) == 1:
+                return torch.empty(0, self.vocab_size), {0: _describe(e)}
+        rows, failed = [], {}
+        for i, seq in enumerate(seqs):
+            try:
+                out = self.runner.execute([seq])
+            except Exception as e:
+                failed[i] = _describe(e)
+                continue
+            if seq.sample:
+                rows.append(out)
+        return (torch.cat(rows) if rows else torch.empty(0, self.vocab_size)), failed
+
+    def _update(self, plan: SchedulerOutput, logits: torch.Tensor, failed: dict[int, str]) -> list[RequestOutput]:
         outputs = []
-        for i, request in enumerate(sampling):
-            delta = request.append(result.tokens[i], result.logprobs[i] if result.logprobs else None,
-                                   result.top_logprobs[i] if result.top_logprobs else None)
-            if request.finish_reason is not None:
-                self.scheduler.finish(request)
-                self.requests.pop(request.request_id, None)
-            outputs.append(request.output(delta, 1))
+        for i, why in failed.items():
+            request = plan.scheduled[i].seq
+            request.fail(f"the model's forward pass failed on this request: {why}")
+            outputs.append(self._finish(request, ""))
+        sampling = [s.seq for i, s in enumerate(plan.scheduled) if s.sample and i not in failed]
+        if not sampling:
+            return outputs
+        for request, pick in zip(sampling, self._sample(sampling, logits)):
+            try:
+                if isinstance(pick, Exception):
+                    raise pick
+                delta = request.append(*pick)
+            except Exception as e:
+                request.fail(f"sampling failed: {_describe(e)}")
+                delta = ""
+            outputs.append(self._finish(request, delta) if request.finish_reason else request.output(delta, 1))
         return outputs
+
+    @staticmethod
+    def _sample(requests: list[Request], logits: torch.Tensor) -> list[tuple | Exception]:
+        """(token, logprob, top logprobs) per request, sampled as one batch; should that fail, row by row, so
+        that a row that cannot be sampled fails alone (its Exception in its place)."""
+        def picks(rows: list[Request], lg: torch.Tensor) -> list[tuple]:
+            r = sample(lg, [q.params for q in rows], [q.generator for q in rows], [q.output_ids for q in rows])
+            return [(r.tokens[i], r.logprobs[i] if r.logprobs else None, r.top_logprobs[i] if r.top_logprobs
+                     else None) for i in range(len(rows))]
+
+        # the batch may fail after drawing from some rows' generators: they restart from here, so a row's draws
+        # are the same whichever way it is sampled
+        states = [(q.generator, q.generator.get_state()) for q in requests
+                  if isinstance(q.generator, torch.Generator) and not q.params.greedy]
+        try:
+            return picks(requests, logits)
+        except Exception:
+            for generator, state in states:
+                generator.set_state(state)
+            out = []
+            for row, request in enumerate(requests):
+                try:
+                    out += picks([request], logits[row:row + 1])
+                except Exception as e:
+                    out.append(e)
+            return out
+
+    def _finish(self, request: Request, delta: str) -> RequestOutput:
+        """A request that just finished leaves the scheduler (its blocks go back to the pool)."""
+        self.scheduler.finish(request)
+        self.requests.pop(request.request_id, None)
+        return request.output(delta, 0 if request.error else 1)
 
     # ---- state, for metrics ---------------------------------------------------------------------------------------
     def stats(self) -> dict:
@@ -138,3 +202,7 @@ class LLMEngine:
                 "kv_cache_usage": self.block_pool.usage if self.config.kv_cache else 0.0,
                 "kv_blocks_total": self.block_pool.num_blocks, "kv_blocks_free": self.block_pool.num_free,
                 "preemptions": self.scheduler.num_preemptions, "steps": self.num_steps}
+
+
+def _describe(e: BaseException) -> str:
+    return f"{type(e).__name__}: {e}"

@@ -10,7 +10,8 @@ from ..tokenizer import IncrementalDetokenizer
 
 @dataclass
 class RequestOutput:
-    """What one prompt produced. finish_reason is "stop" (EOS, stop token or stop string) or "length"."""
+    """What one prompt produced. finish_reason is "stop" (EOS, stop token or stop string), "length", "abort" or
+    "error" (then `error` says why: the request's step failed, see LLMEngine.step)."""
 
     request_id: str
     prompt: str | None
@@ -23,6 +24,7 @@ class RequestOutput:
     metrics: dict = field(default_factory=dict)
     delta: str = ""  # text made visible by the latest step (streaming)
     num_new_tokens: int = 0  # tokens the latest step added (the last ones of token_ids)
+    error: str | None = None
 
     @property
     def finished(self) -> bool:
@@ -42,10 +44,13 @@ class Request:
     output_ids: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
     top_logprobs: list = field(default_factory=list)
-    finish_reason: str | None = None  # "stop", "length", or "abort"
+    finish_reason: str | None = None  # "stop", "length", "abort" or "error"
     first_token_time: float | None = None
     finish_time: float | None = None
     text_cut: int | None = None  # where a stop string begins in detok.text
+    sent: int = 0  # characters of `text` already handed out as deltas
+    scanned: int = 0  # characters of detok.text already searched for stop strings
+    error: str | None = None  # why the request failed (finish_reason "error")
     generator: object = None  # the request's own torch.Generator when it is seeded
     # what the scheduler keeps (see scheduler.Sequence)
     num_computed_tokens: int = 0
@@ -69,11 +74,11 @@ class Request:
         return self.detok.text if self.text_cut is None else self.detok.text[: self.text_cut]
 
     def append(self, token: int, logprob: float | None, top) -> str:
-        """Adds a sampled token; returns the new text it makes visible (held back while it may start a stop
-        string) and sets finish_reason when the request is done."""
+        """Adds a sampled token; returns the new text it makes visible and sets finish_reason when the request is
+        done. Text that could still grow into a stop string is held back, and handed out by a later call (or the
+        last one), so the deltas always add up to the final text."""
         now = time.perf_counter()
         self.first_token_time = self.first_token_time or now
-        before = len(self.text)
         self.output_ids.append(token)
         if logprob is not None:
             self.logprobs.append(logprob)
@@ -91,19 +96,30 @@ class Request:
                 self.detok.flush()
                 self._check_stop_strings()
             self.finish_time = now
-            return self.text[before:]
-        # hold back a tail that could still grow into a stop string
+            return self._take(len(self.text))
         hold = max((len(s) - 1 for s in self.params.stop), default=0)
-        visible = len(self.text) - hold
-        return self.text[before:visible] if visible > before else ""
+        return self._take(len(self.text) - hold)
+
+    def _take(self, end: int) -> str:
+        """The text in [sent, end), now handed out."""
+        if end <= self.sent:
+            return ""
+        delta, self.sent = self.text[self.sent:end], end
+        return delta
+
+    def fail(self, message: str) -> None:
+        """Ends the request with an error (its own, or its step's): the caller gets the message, not a token."""
+        self.finish_reason, self.error = "error", message
+        self.finish_time = time.perf_counter()
 
     def _check_stop_strings(self) -> None:
         if not self.params.stop or self.text_cut is not None:
             return
         text = self.detok.text
-        window = max(len(s) for s in self.params.stop) + 16
-        hits = [(text.find(s, max(0, len(text) - window)), s) for s in self.params.stop]
-        hits = [(i, s) for i, s in hits if i >= 0]
+        # a stop string may begin in the last len - 1 characters already searched and end in the new ones
+        start = max(0, self.scanned - max(len(s) for s in self.params.stop) + 1)
+        self.scanned = len(text)
+        hits = [(i, s) for i, s in ((text.find(s, start), s) for s in self.params.stop) if i >= 0]
         if hits:
             i, s = min(hits)
             self.text_cut = i + len(s) if self.params.include_stop_str_in_output else i
@@ -119,4 +135,4 @@ class Request:
                 metrics["tpot_s"] = (self.finish_time - self.first_token_time) / (len(self.output_ids) - 1)
         return RequestOutput(self.request_id, self.prompt, self.prompt_token_ids, self.text, list(self.output_ids),
                              self.finish_reason, list(self.logprobs) or None, list(self.top_logprobs) or None,
-                             metrics, delta, num_new_tokens)
+                             metrics, delta, num_new_tokens, self.error)

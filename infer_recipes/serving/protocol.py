@@ -1,20 +1,27 @@
-"""The OpenAI wire format: request bodies (validated, with errors that name the field) and error objects."""
+"""The OpenAI wire format: request bodies (strictly typed, as OpenAI types them, with errors that name the field),
+their translation into SamplingParams, the response shapes and the error object."""
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from ..config import SamplingParams
+
+INT64 = 2**63
+
 
 class APIError(Exception):
     """An error answered as OpenAI's `{"error": {"message", "type", "param", "code"}}` with an HTTP status."""
 
     def __init__(self, status: int, message: str, type: str = "invalid_request_error", param: str | None = None,
-                 code: str | None = None):
+                 code: str | None = None, headers: dict[str, str] | None = None):
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+        self.headers = headers
 
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
@@ -24,14 +31,22 @@ def bad_request(message: str, param: str | None = None, code: str | None = None)
     return APIError(400, message, "invalid_request_error", param, code)
 
 
-class StreamOptions(BaseModel):
+def server_error(message: str, code: str | None = None) -> APIError:
+    return APIError(500, message, "server_error", None, code)
+
+
+class _Strict(BaseModel):
+    # OpenAI's types, no coercion: "10" is not a number, true is not a token id; an unknown field is an error,
+    # never silently dropped
+    model_config = ConfigDict(strict=True, extra="forbid")
+
+
+class StreamOptions(_Strict):
     include_usage: bool = False
 
 
-class _Sampling(BaseModel):
+class _Sampling(_Strict):
     """Fields shared by completions and chat completions."""
-
-    model_config = ConfigDict(extra="ignore")
 
     model: str
     max_tokens: int | None = Field(None, ge=1)
@@ -39,14 +54,17 @@ class _Sampling(BaseModel):
     top_p: float = Field(1.0, gt=0.0, le=1.0, allow_inf_nan=False)
     n: int = Field(1, ge=1, le=16)
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: int | None = Field(None, ge=-INT64, lt=INT64)
     stream: bool = False
     stream_options: StreamOptions | None = None
+    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0, allow_inf_nan=False)
+    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0, allow_inf_nan=False)
+    logit_bias: dict[str, float] | None = None
+    user: str | None = None  # the end user's id: for the operator's logs, it changes nothing in the answer
     # extensions that vLLM and llama.cpp accept too
     top_k: int = Field(0, ge=0)
     min_p: float = Field(0.0, ge=0.0, le=1.0, allow_inf_nan=False)
     ignore_eos: bool = False
-
 
     @field_validator("stop")
     @classmethod
@@ -58,11 +76,28 @@ class _Sampling(BaseModel):
             raise ValueError("a stop sequence must not be empty")
         return stops
 
+    @field_validator("logit_bias")
+    @classmethod
+    def _logit_bias(cls, v):
+        for key, bias in (v or {}).items():
+            if not key.isdigit():
+                raise ValueError(f"keys must be token ids, got {key!r}")
+            if not -100.0 <= bias <= 100.0:
+                raise ValueError(f"biases must be in [-100, 100], got {bias!r} for token {key}")
+        return v
+
     @model_validator(mode="after")
     def _stream_options(self):
         if self.stream_options is not None and not self.stream:
             raise ValueError("stream_options is only allowed when stream is true")
         return self
+
+    def sampling_params(self, max_tokens: int, logprobs: int | None) -> SamplingParams:
+        return SamplingParams(max_tokens=max_tokens, temperature=self.temperature, top_p=self.top_p,
+                              top_k=self.top_k, min_p=self.min_p, seed=self.seed, stop=tuple(self.stop or ()),
+                              ignore_eos=self.ignore_eos, logprobs=logprobs,
+                              presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty,
+                              logit_bias={int(k): b for k, b in (self.logit_bias or {}).items()})
 
 
 class CompletionRequest(_Sampling):
@@ -79,7 +114,6 @@ class CompletionRequest(_Sampling):
             raise ValueError("the prompt is empty")
         return v
 
-
     @model_validator(mode="after")
     def _unsupported(self):
         if self.echo:
@@ -90,24 +124,44 @@ class CompletionRequest(_Sampling):
             raise ValueError("best_of is not supported (use n)")
         return self
 
+    @property
+    def prompts(self) -> list[str | list[int]]:
+        """One prompt per item: a string, a list of strings, token ids or lists of token ids."""
+        raw = self.prompt
+        return [raw] if isinstance(raw, str) or isinstance(raw[0], int) else list(raw)
 
-class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="ignore")
 
+class TextPart(_Strict):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(_Strict):
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[dict[str, Any]] | None = None
+    content: str | list[TextPart] | None = None
+    name: str | None = None
+    tool_call_id: str | None = None
 
-    @field_validator("content")
-    @classmethod
-    def _content(cls, v):
-        if isinstance(v, list):
-            parts = []
-            for part in v:
-                if part.get("type") != "text" or not isinstance(part.get("text"), str):
-                    raise ValueError("only text content parts ({'type': 'text', 'text': ...}) are supported")
-                parts.append(part["text"])
-            return "".join(parts)
-        return v
+    @model_validator(mode="after")
+    def _content(self):
+        if self.content is None and self.role != "assistant":
+            raise ValueError(f"a {self.role} message needs content (a string or a list of text parts)")
+        return self
+
+    def as_template_message(self) -> dict:
+        """The message as chat templates expect it: role (developer as system), content a string."""
+        content = self.content if not isinstance(self.content, list) else "".join(p.text for p in self.content)
+        message = {"role": "system" if self.role == "developer" else self.role, "content": content or ""}
+        if self.name is not None:
+            message["name"] = self.name
+        if self.tool_call_id is not None:
+            message["tool_call_id"] = self.tool_call_id
+        return message
+
+
+class ResponseFormat(_Strict):
+    model_config = ConfigDict(strict=True, extra="allow")
+    type: str
 
 
 class ChatCompletionRequest(_Sampling):
@@ -115,15 +169,46 @@ class ChatCompletionRequest(_Sampling):
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
-
+    # accepted only where they ask for nothing: structured output and tool calling are not built yet
+    response_format: ResponseFormat | None = None
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
 
     @model_validator(mode="after")
-    def _logprob_fields(self):
+    def _checks(self):
         if self.top_logprobs is not None and not self.logprobs:
             raise ValueError("top_logprobs requires logprobs to be true")
         if self.max_completion_tokens is not None:
             self.max_tokens = self.max_completion_tokens
+        if self.response_format is not None and self.response_format.type != "text":
+            raise _Unsupported("response_format", f"response_format {self.response_format.type!r} (structured "
+                               "output) is not supported yet: only 'text'")
+        if self.tools:
+            raise _Unsupported("tools", "tools (function calling) are not supported yet")
+        if self.tool_choice not in (None, "none", "auto"):
+            raise _Unsupported("tool_choice", "tool_choice other than 'none' or 'auto' needs tools, which are not "
+                               "supported yet")
         return self
+
+    def template_messages(self) -> list[dict]:
+        return [m.as_template_message() for m in self.messages]
+
+
+class _Unsupported(ValueError):
+    """A field we know but do not implement: a 400 that names it."""
+
+    def __init__(self, param: str, message: str):
+        super().__init__(message)
+        self.param = param
+
+
+_TYPE_HINTS = {
+    "prompt": "must be a string, a list of strings, a list of token ids or a list of lists of token ids",
+    "stop": "must be a string or a list of strings",
+    "content": "must be a string or a list of text parts ({'type': 'text', 'text': ...})",
+    "tool_choice": "must be a string or an object",
+}
 
 
 def parse(model: type[BaseModel], body: Any) -> BaseModel:
@@ -134,16 +219,30 @@ def parse(model: type[BaseModel], body: Any) -> BaseModel:
         return model.model_validate(body)
     except ValidationError as e:
         err = e.errors()[0]
-        param = ".".join(str(p) for p in err["loc"]) or None
+        cause = (err.get("ctx") or {}).get("error")
+        if isinstance(cause, _Unsupported):
+            raise bad_request(str(cause), cause.param, "unsupported_parameter") from None
+        loc = [str(p) for p in err["loc"]]
+        field = next((p for p in reversed(loc) if p in _TYPE_HINTS), None)
+        if field is not None and err["type"].endswith("_type"):  # a union's members: one message for the field
+            where = ".".join(loc[:loc.index(field) + 1])
+            raise bad_request(f"{where} {_TYPE_HINTS[field]}, got {_shown(err.get('input'))}", loc[0]) from None
+        param = ".".join(p for p in loc if p not in ("str", "int", "list[str]", "list[int]")) or None
         message = err["msg"].removeprefix("Value error, ")
         if err["type"] == "missing":
             message = f"'{param}' is a required field"
+        elif err["type"] == "extra_forbidden":
+            message = f"'{param}' is not a supported field"
         elif param:
             message = f"{param}: {message}"
             if "input" in err and not isinstance(err["input"], (dict, list)):
-                message += f", got {err['input']!r}"
-        return_param = param.split(".")[0] if param else None
-        raise bad_request(message, return_param) from None
+                message += f", got {_shown(err['input'])}"
+        raise bad_request(message, loc[0] if loc else None) from None
+
+
+def _shown(value: Any) -> str:
+    text = json.dumps(value, ensure_ascii=True) if not isinstance(value, str) else repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 def new_id(prefix: str) -> str:

@@ -44,3 +44,57 @@ class Cascade:
         except ValueError:
             raise InferRecipesError(f"--cascade {arg!r}: the threshold {parts[2]!r} is not a number") from None
         return Cascade(name, parts[0], parts[1], threshold)
+
+
+async def answer(cascade: Cascade, pool, req, metrics) -> dict:
+    """The cascade's completion body: SMALL answers every choice; the choices it was unsure of are asked of
+    LARGE again. Each choice says `answered_by`; `usage` counts the tokens of both models (per model under
+    `usage.cascade`), since both were computed."""
+    from .jobs import Job
+    from .protocol import usage
+    from .responses import completion_body
+
+    chat = hasattr(req, "messages")
+    small = await pool.acquire(cascade.small)
+    try:
+        job = await Job.create(small, req, metrics, force_logprobs=True)
+        try:
+            finals = await job.run_all()
+        finally:
+            job.close()
+    finally:
+        pool.release(small)
+    answered = {i: cascade.small for i in finals}
+    confidence = {i: _mean(out.logprobs) for i, out in finals.items()}
+    unsure = [i for i, out in finals.items() if cascade.escalate(out.logprobs)]
+    counts = {"small": usage(sum(len(p) for p in job.prompts), sum(len(o.token_ids) for o in finals.values())),
+              "large": usage(0, 0)}
+    if unsure:
+        large = await pool.acquire(cascade.large)
+        try:
+            job_large = await Job.create(large, req, metrics)
+            try:
+                results = await job_large.run_all(only=unsure)
+            finally:
+                job_large.close()
+        finally:
+            pool.release(large)
+        for i, out in results.items():
+            finals[i], answered[i] = out, cascade.large
+        counts["large"] = usage(sum(len(job_large.prompts[p]) for p in {i // job_large.n for i in unsure}),
+                                sum(len(out.token_ids) for out in results.values()))
+    client_logprobs = req.logprobs if chat else req.logprobs is not None
+    if not client_logprobs:  # asked for by the cascade, not the client
+        for out in finals.values():
+            out.logprobs = out.top_logprobs = None
+    body = completion_body(job, chat, finals, cascade.name, answered)
+    body["usage"] = {**usage(counts["small"]["prompt_tokens"] + counts["large"]["prompt_tokens"],
+                             counts["small"]["completion_tokens"] + counts["large"]["completion_tokens"]),
+                     "cascade": counts}
+    body["cascade"] = {"small": cascade.small, "large": cascade.large, "threshold": cascade.threshold,
+                       "small_mean_logprob": confidence}
+    return body
+
+
+def _mean(values: list[float] | None) -> float | None:
+    return sum(values) / len(values) if values else None

@@ -12,6 +12,7 @@ import time
 
 import httpx
 import pytest
+from server_utils import free_port, start, stop
 
 openai = pytest.importorskip("openai")
 
@@ -19,47 +20,13 @@ KEY = "test-key"
 CHAT = [{"role": "user", "content": "What is the capital of France?"}]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _start(args: list[str], timeout: float = 180.0):
-    port = _free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "infer_recipes", "serve", "--port", str(port), *args],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode}:\n{proc.stdout.read()}")
-        try:
-            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                return proc, url
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.3)
-    proc.kill()
-    raise RuntimeError(f"server did not start in {timeout} s:\n{proc.stdout.read()}")
-
-
-def _stop(proc) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-
-
 @pytest.fixture(scope="module")
 def server(smollm):  # smollm: skips when the model package is absent
-    proc, url = _start(["-m", "smollm2=smollm2-135m-instruct", "-m", "int8=smollm2-135m-instruct,quantization=int8",
+    proc, url = start(["-m", "smollm2=smollm2-135m-instruct", "-m", "int8=smollm2-135m-instruct,quantization=int8",
                         "-m", "tiny=synthetic:tiny-llama3,max_batch_size=1,max_waiting=1",
                         "--max-model-len", "512", "--api-key", KEY, "--cascade", "auto=int8,smollm2,-0.5"])
     yield url
-    _stop(proc)
+    stop(proc)
 
 
 @pytest.fixture(scope="module")
@@ -266,7 +233,7 @@ def test_a_full_waiting_queue_gets_429_and_the_others_finish(server):
 
 # ---- SIGTERM: in-flight requests finish, new ones are refused ---------------------------------------------------
 def test_sigterm_drains_in_flight_requests_and_refuses_new_ones():
-    proc, url = _start(["-m", "tiny=synthetic:tiny-llama3"])
+    proc, url = start(["-m", "tiny=synthetic:tiny-llama3"])
     try:
         body = {"model": "tiny", "prompt": [1, 2, 3], "max_tokens": 2000, "stream": True, "ignore_eos": True}
         with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=60) as r:
@@ -296,7 +263,7 @@ def test_sigterm_drains_in_flight_requests_and_refuses_new_ones():
 def test_bench_serve_reports_every_request_and_goodput(capsys):
     from infer_recipes.cli import main
 
-    proc, url = _start(["-m", "tiny=synthetic:tiny-llama3"])
+    proc, url = start(["-m", "tiny=synthetic:tiny-llama3"])
     try:
         rc = main(["bench", "serve", "--url", url, "--model", "tiny", "--num-prompts", "12", "--max-concurrency", "4",
                    "--request-rate", "50", "--dataset", "random", "--input-len", "8", "--output-len", "9",
@@ -314,7 +281,7 @@ def test_bench_serve_reports_every_request_and_goodput(capsys):
         failed = json.loads(capsys.readouterr().out)
         assert failed["failed"] == 2 and "404" in failed["errors"][0]
     finally:
-        _stop(proc)
-    assert main(["bench", "serve", "--url", f"http://127.0.0.1:{_free_port()}", "--model", "tiny",
+        stop(proc)
+    assert main(["bench", "serve", "--url", f"http://127.0.0.1:{free_port()}", "--model", "tiny",
                  "--dataset", "random"]) == 2  # no server: one line naming it, not a traceback
     assert "no server at" in capsys.readouterr().err
