@@ -443,15 +443,28 @@ def cmd_bench_serve(args) -> int:
                                       args.num_prompts, args.seed)
     else:
         prompts = bench.random_prompts(args.num_prompts, args.input_len, args.seed)
-    rate = float("inf") if args.request_rate == "inf" else float(args.request_rate)
-    report = asyncio.run(bench.run(args.url.rstrip("/"), args.model, prompts, args.output_len, rate,
-                                   args.max_concurrency, args.api_key, slo, args.seed, progress=_progress()))
+    models = [m for m in args.model.split(",") if m]
+    if args.duration is not None:
+        report = asyncio.run(bench.soak(args.url.rstrip("/"), models, prompts, args.output_len, args.duration,
+                                        args.max_concurrency, args.bad_fraction, args.abandon_fraction,
+                                        args.window, args.api_key, args.seed, progress=_progress()))
+        text, ok = bench.format_soak(report), report["unexpected"] == 0
+    else:
+        from .errors import InferRecipesError
+
+        if len(models) != 1 or args.bad_fraction or args.abandon_fraction:
+            raise InferRecipesError("several models, --bad-fraction and --abandon-fraction go with --duration "
+                                    "(a soak run)")
+        rate = float("inf") if args.request_rate == "inf" else float(args.request_rate)
+        report = asyncio.run(bench.run(args.url.rstrip("/"), models[0], prompts, args.output_len, rate,
+                                       args.max_concurrency, args.api_key, slo, args.seed, progress=_progress()))
+        text, ok = bench.format_report(report), report["failed"] == 0
     if args.label:
         report["label"] = args.label
     if args.out:
         Path(args.out).write_text(bench.to_json(report), encoding="utf-8")
-    print(bench.to_json(report) if args.json else bench.format_report(report))
-    return 0 if report["failed"] == 0 else 1
+    print(bench.to_json(report) if args.json else text)
+    return 0 if ok else 1
 
 
 def _add_bench_args(p: argparse.ArgumentParser, input_lens: list[int], multi_recipe: bool = True,
@@ -772,7 +785,8 @@ def build_parser() -> argparse.ArgumentParser:
     q = bench.add_parser("serve", help="Poisson load against a running server: throughput, TTFT, TPOT, ITL, "
                          "latency, goodput")
     q.add_argument("--url", default="http://127.0.0.1:8000")
-    q.add_argument("--model", required=True, help="the served model name to load")
+    q.add_argument("--model", required=True, help="the served model name to load (a soak run: several, "
+                   "comma-separated, taken in turn)")
     q.add_argument("--num-prompts", type=int, default=32)
     q.add_argument("--request-rate", default="inf", help="requests per second (Poisson), or inf: all at once")
     q.add_argument("--max-concurrency", type=int, default=16)
@@ -784,6 +798,13 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--slo", default=None, help="goodput counts requests within e.g. ttft=0.5,tpot=0.05 (seconds)")
     q.add_argument("--seed", type=int, default=0)
     q.add_argument("--api-key", default=os.environ.get("INFER_RECIPES_API_KEY"))
+    q.add_argument("--duration", type=float, default=None, help="a soak run: keep --max-concurrency clients busy "
+                   "for this many seconds instead of sending --num-prompts (the prompts are reused)")
+    q.add_argument("--bad-fraction", type=float, default=0.0, help="soak: this share of requests is malformed "
+                   "and must be refused cleanly (4xx with the error object)")
+    q.add_argument("--abandon-fraction", type=float, default=0.0, help="soak: this share of requests is dropped "
+                   "by its client after 0.05-1 s")
+    q.add_argument("--window", type=float, default=30.0, help="soak: seconds per row of the report")
     q.add_argument("--label", default=None, help="a name for this run, kept in the JSON")
     q.add_argument("--out", default=None, help="also write the JSON report to this file")
     q.add_argument("--json", action="store_true")

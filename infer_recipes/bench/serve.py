@@ -189,3 +189,152 @@ def format_report(r: dict) -> str:
 def to_json(report: dict) -> str:
     return json.dumps(report, indent=2)
 
+
+
+# ---- soak: a long mixed load (good, bad and abandoned requests) against one or more models ---------------------
+BAD_BODIES = [  # each must be refused with a 4xx and OpenAI's error object, and harm nobody else
+    {"prompt": "hi", "max_tokens": "10"}, {"prompt": [True, False]}, {"prompt": "x\ud800y"},
+    {"prompt": "hi", "seed": 2**64}, {"prompt": "hi", "temperature": -1}, {"prompt": "hi", "tools": []},
+    {"prompt": "word " * 40_000}, {"prompt": "hi", "n": 10_000}, {"prompt": "hi", "frobnicate": True},
+]
+
+
+async def _bad(client: httpx.AsyncClient, url: str, model: str, body: dict, headers: dict) -> str | None:
+    """Sends one bad request; None when it was refused as it should be (4xx with the error object)."""
+    raw = json.dumps({"model": model, **body}).encode("utf-8", "surrogatepass")
+    try:
+        r = await client.post(f"{url}/v1/completions", content=raw, headers={**headers,
+                                                                            "Content-Type": "application/json"})
+    except httpx.HTTPError as e:
+        return f"bad request: {type(e).__name__}: {e}"
+    if not 400 <= r.status_code < 500:
+        return f"bad request answered {r.status_code}: {r.text[:120]}"
+    try:
+        err = r.json()["error"]
+        assert {"message", "type", "param", "code"} <= set(err)
+    except Exception:
+        return f"bad request answered {r.status_code} without the error object: {r.text[:120]}"
+    return None
+
+
+async def _abandon(client: httpx.AsyncClient, url: str, model: str, prompt: str, output_len: int, headers: dict,
+                   after: float, stream: bool) -> None:
+    """A client that sends a long request and goes away after `after` seconds."""
+    body = {"model": model, "prompt": prompt, "max_tokens": output_len * 4, "temperature": 0.0, "stream": stream,
+            "ignore_eos": True}
+    try:
+        await asyncio.wait_for(client.post(f"{url}/v1/completions", json=body, headers=headers), after)
+    except (asyncio.TimeoutError, httpx.HTTPError):
+        pass
+
+
+async def _server_state(client: httpx.AsyncClient, url: str, headers: dict) -> dict:
+    """The server's resident memory and each model's free / total KV blocks, from /metrics."""
+    text = (await client.get(f"{url}/metrics", headers=headers)).text
+    state: dict = {"rss_bytes": None, "kv": {}}
+    for line in text.splitlines():
+        if line.startswith("process_resident_memory_bytes "):
+            state["rss_bytes"] = float(line.split()[1])
+        for key in ("free", "total"):
+            prefix = f"infer_recipes_kv_cache_{key}_blocks{{model=\""
+            if line.startswith(prefix):
+                model = line[len(prefix):].split('"')[0]
+                state["kv"].setdefault(model, {})[key] = float(line.split()[-1])
+    return state
+
+
+async def soak(url: str, models: list[str], prompts: list[str], output_len: int, duration: float,
+               max_concurrency: int, bad_fraction: float, abandon_fraction: float, window: float = 30.0,
+               api_key: str | None = None, seed: int = 0, progress: bool = True) -> dict:
+    """Keeps `max_concurrency` clients busy for `duration` seconds, each request going to the next model in
+    turn: a `bad_fraction` of them malformed, an `abandon_fraction` dropped by their client mid-way, the rest
+    good (streamed, exactly `output_len` tokens). Reports per window of `window` seconds the good requests
+    completed, unexpected outcomes (a good request failing, a bad one not refused cleanly) and the p99
+    end-to-end latency, and the server's resident memory; at the end, whether every KV pool is full again."""
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    rng = random.Random(seed)
+    events: list[tuple[float, str, float | None, str]] = []  # (time, kind, e2e, error)
+    async with httpx.AsyncClient(timeout=httpx.Timeout(600.0)) as client:
+        try:
+            (await client.get(f"{url}/health")).raise_for_status()
+            start_state = await _server_state(client, url, headers)
+        except httpx.HTTPError as e:
+            raise InferRecipesError(f"no server at {url} ({e}): start one with `infer-recipes serve`") from None
+        start = time.perf_counter()
+        rss: list[tuple[float, float | None]] = [(0.0, start_state["rss_bytes"])]
+        counter = 0
+
+        async def client_loop(worker: int) -> None:
+            nonlocal counter
+            local = random.Random(seed * 1000 + worker)
+            while time.perf_counter() - start < duration:
+                counter += 1
+                model, roll = models[counter % len(models)], local.random()
+                t0 = time.perf_counter()
+                if roll < bad_fraction:
+                    error = await _bad(client, url, model, local.choice(BAD_BODIES), headers)
+                    events.append((t0 - start, "bad", None, error or ""))
+                elif roll < bad_fraction + abandon_fraction:
+                    await _abandon(client, url, model, local.choice(prompts), output_len, headers,
+                                   local.uniform(0.05, 1.0), local.random() < 0.5)
+                    events.append((t0 - start, "abandoned", None, ""))
+                else:
+                    r = await _one(client, url, model, local.choice(prompts), output_len, headers)
+                    error = r.error if not r.ok else ("" if r.output_tokens == output_len else
+                                                      f"{r.output_tokens} tokens, not {output_len}")
+                    events.append((t0 - start, "good", r.e2e if r.ok else None, error))
+
+        async def watch() -> None:
+            while time.perf_counter() - start < duration:
+                await asyncio.sleep(min(window, max(0.1, duration - (time.perf_counter() - start))))
+                state = await _server_state(client, url, headers)
+                rss.append((time.perf_counter() - start, state["rss_bytes"]))
+                if progress:
+                    print(f"\r{time.perf_counter() - start:.0f}/{duration:.0f} s, {len(events)} requests",
+                          end="", flush=True, file=sys.stderr)
+
+        await asyncio.gather(watch(), *(client_loop(w) for w in range(max_concurrency)))
+        elapsed = time.perf_counter() - start
+        await asyncio.sleep(2.0)  # aborts of the last abandoned requests land at the next step
+        end_state = await _server_state(client, url, headers)
+        (await client.get(f"{url}/health")).raise_for_status()
+    if progress:
+        print(file=sys.stderr)
+    windows = []
+    for w in range(int(-(-duration // window))):  # requests are counted in the window they started in
+        inside = [e for e in events if w * window <= e[0] < (w + 1) * window]
+        good = sorted(e[2] for e in inside if e[1] == "good" and e[2] is not None)
+        memory = [m for t, m in rss if t <= (w + 1) * window and m is not None]
+        windows.append({"start_s": w * window, "good_completed": len(good),
+                        "bad": sum(e[1] == "bad" for e in inside), "abandoned": sum(e[1] == "abandoned" for e in inside),
+                        "unexpected": sum(bool(e[3]) for e in inside),
+                        "e2e_p99_s": summary(good)["p99"] if good else None,
+                        "rss_mb": memory[-1] / 2**20 if memory else None})
+    unexpected = [e[3] for e in events if e[3]]
+    kinds = {k: sum(e[1] == k for e in events) for k in ("good", "bad", "abandoned")}
+    return {"url": url, "models": models, "duration_s": elapsed, "max_concurrency": max_concurrency,
+            "output_len": output_len, "bad_fraction": bad_fraction, "abandon_fraction": abandon_fraction,
+            "requests": kinds, "unexpected": len(unexpected), "unexpected_errors": sorted(set(unexpected))[:10],
+            "error_rate": len(unexpected) / max(1, len(events)),
+            "good_e2e_s": summary([e[2] for e in events if e[1] == "good" and e[2] is not None]),
+            "windows": windows,
+            "rss_start_mb": (start_state["rss_bytes"] or 0) / 2**20, "rss_end_mb": (end_state["rss_bytes"] or 0) / 2**20,
+            "kv_pools_full_at_end": {m: v.get("free") == v.get("total") for m, v in end_state["kv"].items()}}
+
+
+def format_soak(r: dict) -> str:
+    lines = [f"soak of {', '.join(r['models'])} at {r['url']}: {r['duration_s']:.0f} s, concurrency "
+             f"{r['max_concurrency']}, {r['output_len']} tokens per good request",
+             f"requests: {r['requests']['good']} good, {r['requests']['bad']} bad, {r['requests']['abandoned']} "
+             f"abandoned; unexpected outcomes {r['unexpected']} (error rate {r['error_rate']:.2%})",
+             f"resident memory {r['rss_start_mb']:.0f} MB at the start, {r['rss_end_mb']:.0f} MB at the end; KV pools "
+             f"full at the end: {r['kv_pools_full_at_end']}",
+             "| window from s | good completed | bad | abandoned | unexpected | p99 e2e s | RSS MB |",
+             "| ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for w in r["windows"]:
+        p99 = "n/a" if w["e2e_p99_s"] is None else f"{w['e2e_p99_s']:.2f}"
+        rss = "n/a" if w["rss_mb"] is None else f"{w['rss_mb']:.0f}"
+        lines.append(f"| {w['start_s']:.0f} | {w['good_completed']} | {w['bad']} | {w['abandoned']} | "
+                     f"{w['unexpected']} | {p99} | {rss} |")
+    lines += [f"unexpected: {e}" for e in r["unexpected_errors"]]
+    return "\n".join(lines)

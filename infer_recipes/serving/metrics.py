@@ -6,7 +6,7 @@ each loaded engine at scrape time, so it is never stale.
 """
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Histogram, ProcessCollector, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0)
@@ -62,6 +62,7 @@ class Metrics:
         self.requests = Counter(f"{PREFIX}_requests", "Finished requests by finish reason", ["model", "finish_reason"],
                                 registry=r)
         r.register(_EngineCollector(pool))
+        ProcessCollector(registry=r)  # process_resident_memory_bytes & co: what a soak run watches for growth
 
     def record(self, model: str, metrics: dict, finish_reason: str | None) -> None:
         """One finished sequence (its RequestOutput.metrics)."""

@@ -24,7 +24,7 @@ def cases(draw):
     return prompt, draw(st.data())
 
 
-@settings(max_examples=25, deadline=None, derandomize=True, database=None,
+@settings(max_examples=12, deadline=None, derandomize=True, database=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(case=cases(), include=st.booleans(), max_tokens=st.integers(1, 24))
 def test_streamed_deltas_add_up_to_the_text_cut_at_the_first_stop(smollm, case, include, max_tokens):

@@ -302,3 +302,20 @@ def test_after_all_of_it_the_server_answers_and_the_pools_are_full(url, client):
     healthy_and_answering(url, client)
     wait_pool_full(url, "smol")
     wait_pool_full(url, "tiny")
+
+
+def test_a_short_soak_of_good_bad_and_abandoned_requests_loses_nothing(capsys):
+    from infer_recipes.cli import main
+
+    proc, url = start(["-m", "a=synthetic:tiny-llama3", "-m", "b=synthetic:tiny-llama3,quantization=int8",
+                       "--max-model-len", "256"])
+    try:
+        rc = main(["bench", "serve", "--url", url, "--model", "a,b", "--duration", "10", "--window", "5",
+                   "--max-concurrency", "6", "--bad-fraction", "0.3", "--abandon-fraction", "0.2",
+                   "--dataset", "random", "--input-len", "8", "--output-len", "12", "--json"])
+        report = json.loads(capsys.readouterr().out)
+    finally:
+        stop(proc)
+    assert rc == 0 and report["unexpected"] == 0, report["unexpected_errors"]
+    assert min(report["requests"].values()) > 0 and report["kv_pools_full_at_end"] == {"a": True, "b": True}
+    assert len(report["windows"]) == 2 and report["rss_end_mb"] > 0
