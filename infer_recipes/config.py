@@ -82,7 +82,7 @@ class EngineConfig:
     max_batch_size: int = 16
     kv_cache: bool = True  # off: recompute the whole prefix at every step (the "original" behaviour)
     fusion: bool = True  # merged QKV / gate-up GEMMs, add+RMSNorm, fused attention; off: the textbook module
-    compile: bool = False  # torch.compile every step, dynamic batch/length dimensions, warmed up at load
+    compile: bool = False  # torch.compile each decoder layer (the token count dynamic), warmed up at load
     quantization: str | None = None
     quantization_skip: tuple[str, ...] = ()  # module-name patterns kept in float (mixed precision)
     group_size: int = 32  # int4 group size

@@ -85,3 +85,26 @@ class LLMInferenceOptimizer:
         if chat:
             return llm.chat([[{"role": "user", "content": p}] for p in items], params)
         return llm.generate(items, params)
+
+
+def run_recipe(llm: LLM, recipe: Recipe, prompts: Sequence[str], progress: bool = False):
+    """A recipe's prompts (chat-wrapped when its data says so) through a loaded model: (outputs, summary) with
+    tokens/s, median time to first token, weight bytes and peak memory."""
+    import time
+
+    from .device import peak_memory_bytes
+
+    items = [llm.tokenizer.encode_chat([{"role": "user", "content": p}]) for p in prompts] if recipe.data.chat \
+        else list(prompts)
+    start = time.perf_counter()
+    outputs = llm.generate(items, recipe.data.sampling_params(), use_tqdm=progress)
+    elapsed = time.perf_counter() - start
+    generated = sum(len(o.token_ids) for o in outputs)
+    ttfts = sorted(o.metrics["ttft_s"] for o in outputs if "ttft_s" in o.metrics)
+    summary = {"recipe": recipe.name, "model": llm.source.name, "device": llm.device.type,
+               "prompts": len(prompts), "max_batch_size": llm.engine_config.max_batch_size,
+               "generated_tokens": generated, "seconds": elapsed, "tokens_per_s": generated / elapsed,
+               "median_ttft_s": ttfts[len(ttfts) // 2] if ttfts else None,
+               "weight_bytes": llm.weight_bytes(), "peak_memory_bytes": peak_memory_bytes(llm.device),
+               "load_s": llm.load_seconds, "compile_s": llm.compile_seconds, "compiles": llm.compiles}
+    return outputs, summary

@@ -25,10 +25,12 @@ from pathlib import Path
 
 from .config import ModelConfig
 from .errors import InferRecipesError
+from .quantization.api import BYTES_PER_WEIGHT
+from .runner.kv_cache import kv_bytes_per_token as runner_kv_bytes
 
-# bytes per weight, scales and zero points included (int4: a bf16 scale and zero per group of 32)
-WEIGHT_BYTES = {"float32": 4.0, "bfloat16": 2.0, "float16": 2.0, "int8": 1.0 + 2 / 4096, "w8a8": 1.0 + 4 / 4096,
-                "int4": 0.5 + 4 / 32}
+# bytes per weight: the float formats, and the quantized schemes the planner offers (quantization owns their sizes)
+WEIGHT_BYTES = {"float32": 4.0, "bfloat16": 2.0, "float16": 2.0,
+                **{k: BYTES_PER_WEIGHT[k] for k in ("int8", "w8a8", "int4")}}
 KV_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 
@@ -94,7 +96,8 @@ def _kv_heads_per_rank(c: ModelConfig, tp: int) -> float:
 
 
 def kv_bytes_per_token(c: ModelConfig, kv_dtype: str, tp: int = 1, pp: int = 1) -> float:
-    return math.ceil(c.num_layers / pp) * 2 * _kv_heads_per_rank(c, tp) * c.head_dim * KV_BYTES[kv_dtype]
+    """Of the most loaded device: its stage's layers and its KV heads."""
+    return runner_kv_bytes(c, KV_BYTES[kv_dtype], _kv_heads_per_rank(c, tp), math.ceil(c.num_layers / pp))
 
 
 def _allreduce_s(nbytes: float, tp: int, hw: Hardware) -> float:

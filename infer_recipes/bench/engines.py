@@ -90,7 +90,9 @@ def _decode_bytes(model: torch.nn.Module, embedding: torch.nn.Module, head: torc
 
 
 def _kv_bytes(config, element_size: int) -> int:
-    return config.num_layers * 2 * config.num_kv_heads * config.head_dim * element_size
+    from ..runner import kv_bytes_per_token
+
+    return int(kv_bytes_per_token(config, element_size))
 
 
 class OurEngine(Engine):

@@ -252,7 +252,6 @@ async def soak(url: str, models: list[str], prompts: list[str], output_len: int,
     completed, unexpected outcomes (a good request failing, a bad one not refused cleanly) and the p99
     end-to-end latency, and the server's resident memory; at the end, whether every KV pool is full again."""
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-    rng = random.Random(seed)
     events: list[tuple[float, str, float | None, str]] = []  # (time, kind, e2e, error)
     async with httpx.AsyncClient(timeout=httpx.Timeout(600.0)) as client:
         try:

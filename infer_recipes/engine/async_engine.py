@@ -25,7 +25,7 @@ from collections.abc import AsyncIterator, Callable, Sequence
 
 from ..config import SamplingParams
 from ..errors import InferRecipesError
-from .llm_engine import LLMEngine
+from .llm_engine import CheckedPrompt, LLMEngine
 from .request import RequestOutput
 from .scheduler import QueueFullError
 
@@ -121,19 +121,19 @@ class DeviceThread:
 class AsyncEngine:
     """One model's engine as seen from asyncio; its steps run on a DeviceThread (its own one if none is given)."""
 
-    def __init__(self, engine: LLMEngine, name: str = "model", device: DeviceThread | None = None):
+    def __init__(self, engine: LLMEngine, name: str = "model", device_thread: DeviceThread | None = None):
         if engine.driver is not None:
             raise InferRecipesError(f"model {name!r}: its engine is already driven by another AsyncEngine")
         engine.driver = self
-        self.engine, self.name = engine, name
-        self._own_device = device is None
-        self.device = device or DeviceThread(f"device-{name}")
+        self.llm_engine, self.name = engine, name
+        self._own_device = device_thread is None
+        self.device_thread = device_thread or DeviceThread(f"device-{name}")
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self._pending = 0  # places admitted but not yet added: counted against the waiting-queue bound
         self._lock = threading.Lock()
         self._ids = itertools.count()
-        self.device.call_and_wait(self.device._attach, self)
+        self.device_thread.call_and_wait(self.device_thread._attach, self)
 
     # ---- caller side (event loop) ----------------------------------------------------------------------------
     @property
@@ -145,18 +145,18 @@ class AsyncEngine:
         """Reserves room in the waiting queue for `count` requests, to be sent with `generate(..., ticket=)`,
         or raises: QueueFullError (429, retry later) when the queue is full now, a plain InferRecipesError (400)
         when it could never hold them. A server decides this before the first byte of its reply."""
-        limit = self.engine.config.max_waiting
+        limit = self.llm_engine.config.max_waiting
         if count > limit:
             raise InferRecipesError(f"model {self.name!r}: the request needs {count} sequences at once but the "
                                     f"waiting queue holds at most {limit}: lower n or send fewer prompts")
         with self._lock:
-            if len(self.engine.scheduler.waiting) + self._pending + count > limit:
+            if len(self.llm_engine.scheduler.waiting) + self._pending + count > limit:
                 raise QueueFullError(f"model {self.name!r}: the waiting queue is full ({limit} requests): retry "
                                      f"later")
             self._pending += count
         return Ticket(self, count)
 
-    async def generate(self, prompt_ids: Sequence[int], params: SamplingParams, request_id: str | None = None,
+    async def generate(self, prompt_ids: Sequence[int] | CheckedPrompt, params: SamplingParams, request_id: str | None = None,
                        ticket: "Ticket | None" = None) -> AsyncIterator[RequestOutput]:
         """Yields the request's output after every step that advanced it, the last one finished. A request the
         engine refuses or fails raises here (InferRecipesError: bad input; RequestFailedError: the server's).
@@ -167,7 +167,8 @@ class AsyncEngine:
         outputs: asyncio.Queue = asyncio.Queue()
         with self._lock:
             self._streams[request_id] = (asyncio.get_running_loop(), outputs)
-        self._send(("add", request_id, list(prompt_ids), params))
+        prompt = prompt_ids if isinstance(prompt_ids, CheckedPrompt) else list(prompt_ids)  # checked: not again
+        self._send(("add", request_id, prompt, params))
         finished = False
         try:
             while True:
@@ -185,7 +186,7 @@ class AsyncEngine:
             if not finished:
                 self._send(("abort", request_id))
 
-    async def final(self, prompt_ids: Sequence[int], params: SamplingParams,
+    async def final(self, prompt_ids: Sequence[int] | CheckedPrompt, params: SamplingParams,
                     ticket: "Ticket | None" = None) -> RequestOutput:
         """The request's finished output (`generate` run to its end)."""
         out = None
@@ -195,19 +196,19 @@ class AsyncEngine:
 
     def _send(self, command) -> None:
         self._commands.put(command)
-        self.device.wake()
+        self.device_thread.wake()
 
     def shutdown(self) -> None:
         """Detaches from the device thread (aborting what is left); stops the thread if it is this engine's own."""
         def detach():
-            self.device._detach(self)
-            for request_id in list(self.engine.requests):
-                self.engine.abort_request(request_id)
+            self.device_thread._detach(self)
+            for request_id in list(self.llm_engine.requests):
+                self.llm_engine.abort_request(request_id)
 
-        self.device.call_and_wait(detach, timeout=60)
+        self.device_thread.call_and_wait(detach, timeout=60)
         if self._own_device:
-            self.device.shutdown()
-        self.engine.driver = None
+            self.device_thread.shutdown()
+        self.llm_engine.driver = None
 
     # ---- device side -------------------------------------------------------------------------------------------
     def _deliver(self, items: list[tuple[str, object]]) -> None:
@@ -227,7 +228,7 @@ class AsyncEngine:
     def _advance(self) -> bool:
         """Applies the callers' adds and aborts, then runs one step if there is work; whether it stepped."""
         self._apply_commands()
-        if not self.engine.has_unfinished_requests():
+        if not self.llm_engine.has_unfinished_requests():
             return False
         self._step()
         return True
@@ -246,7 +247,7 @@ class AsyncEngine:
                 if not live:  # the caller left before its request started
                     continue
                 try:
-                    self.engine.add_request(ids, params, request_id)
+                    self.llm_engine.add_request(ids, params, request_id)
                 except InferRecipesError as e:  # the request's own fault
                     self._deliver([(request_id, e)])
                 except Exception as e:
@@ -254,10 +255,10 @@ class AsyncEngine:
                     self._deliver([(request_id, RequestFailedError(f"adding the request failed: "
                                                                    f"{type(e).__name__}: {e}"))])
             elif command[0] == "abort":
-                self.engine.abort_request(command[1])
+                self.llm_engine.abort_request(command[1])
 
     def _step(self) -> None:
-        outputs = self.engine.step()  # a request that fails inside comes back with finish_reason "error"
+        outputs = self.llm_engine.step()  # a request that fails inside comes back with finish_reason "error"
         self._deliver([(out.request_id, RequestFailedError(f"model {self.name!r}: {out.error}")
                         if out.finish_reason == "error" else out) for out in outputs])
 
@@ -265,10 +266,10 @@ class AsyncEngine:
         """Something outside any one request failed (a bug of ours): every request this engine holds fails with
         it and gives its blocks back; the engine stays up for the next requests."""
         self._log(e)
-        failed = list(self.engine.requests)
+        failed = list(self.llm_engine.requests)
         for request_id in failed:
             try:
-                self.engine.abort_request(request_id)
+                self.llm_engine.abort_request(request_id)
             except Exception:
                 pass
         self._deliver([(r, RequestFailedError(f"model {self.name!r} failed: {type(e).__name__}: {e}"))
@@ -284,7 +285,7 @@ class Ticket:
     gives back the ones left (a client gone before all its choices started)."""
 
     def __init__(self, engine: AsyncEngine, count: int):
-        self.engine, self.left = engine, count
+        self.llm_engine, self.left = engine, count
 
     def take(self) -> None:
         if self.left < 1:
@@ -293,8 +294,8 @@ class Ticket:
 
     def close(self) -> None:
         if self.left:
-            with self.engine._lock:
-                self.engine._pending -= self.left
+            with self.llm_engine._lock:
+                self.llm_engine._pending -= self.left
             self.left = 0
 
 

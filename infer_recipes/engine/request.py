@@ -52,7 +52,7 @@ class Request:
     scanned: int = 0  # characters of detok.text already searched for stop strings
     error: str | None = None  # why the request failed (finish_reason "error")
     generator: object = None  # the request's own torch.Generator when it is seeded
-    # what the scheduler keeps (see scheduler.Sequence)
+    # what the scheduler keeps (see scheduler.Seq)
     num_computed_tokens: int = 0
     block_table: list[int] = field(default_factory=list)
 

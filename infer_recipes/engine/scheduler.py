@@ -24,7 +24,7 @@ class QueueFullError(InferRecipesError):
     """The waiting queue is at its bound: the caller should retry later."""
 
 
-class Sequence(Protocol):
+class Seq(Protocol):
     request_id: str
     num_computed_tokens: int
     block_table: list[int]
@@ -35,7 +35,7 @@ class Sequence(Protocol):
 
 @dataclass(frozen=True)
 class ScheduledSeq:
-    seq: Sequence
+    seq: Seq
     start: int  # position of the first token computed this step
     num_tokens: int  # tokens computed this step
     sample: bool  # this chunk reaches the sequence's end: a new token is sampled from its last position
@@ -68,11 +68,11 @@ class SchedulerConfig:
 class Scheduler:
     def __init__(self, config: SchedulerConfig, pool: BlockPool):
         self.config, self.pool = config, pool
-        self.waiting: deque[Sequence] = deque()
-        self.running: list[Sequence] = []  # in admission order: the last one is preempted first
+        self.waiting: deque[Seq] = deque()
+        self.running: list[Seq] = []  # in admission order: the last one is preempted first
         self.num_preemptions = 0
 
-    def add(self, seq: Sequence) -> None:
+    def add(self, seq: Seq) -> None:
         if len(self.waiting) >= self.config.max_waiting:
             raise QueueFullError(f"the waiting queue is full ({self.config.max_waiting} requests): retry later")
         self.waiting.append(seq)
@@ -80,7 +80,7 @@ class Scheduler:
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
 
-    def _preempt(self, seq: Sequence) -> None:
+    def _preempt(self, seq: Seq) -> None:
         self.running.remove(seq)
         self.pool.release(seq.block_table)
         seq.num_computed_tokens = 0
@@ -140,7 +140,7 @@ class Scheduler:
         for s in output.scheduled:
             s.seq.num_computed_tokens = s.start + s.num_tokens
 
-    def finish(self, seq: Sequence) -> None:
+    def finish(self, seq: Seq) -> None:
         """Removes a finished or aborted sequence, wherever it is, and frees its blocks."""
         if seq in self.running:
             self.running.remove(seq)

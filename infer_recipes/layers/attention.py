@@ -69,7 +69,8 @@ class PagedMetadata:
 
     slot_mapping: [N] pool slot (block * block_size + offset) each new token's K/V is written to; None without a
         KV cache (every sequence then attends over its own tokens of this step only).
-    plan: int64 [L] the rest, packed into one tensor so a compiled graph sees one dynamic size whatever the mix:
+    layout: int64 [L] how the tokens split into sequences, packed into one tensor so a compiled graph sees one
+        dynamic size whatever the mix:
         [num_decodes, decode_blocks_per_row, num_prefills, prefill_blocks_per_row,
          decode block tables (num_decodes x blocks), decode context lengths (num_decodes),
          prefill (query start, query length, context length) (num_prefills x 3),
@@ -77,7 +78,7 @@ class PagedMetadata:
     """
 
     slot_mapping: torch.Tensor | None
-    plan: torch.Tensor
+    layout: torch.Tensor
     block_size: int
 
     @staticmethod
@@ -87,24 +88,24 @@ class PagedMetadata:
         length, block table)."""
         nd = max((len(t) for t, _ in decodes), default=0)
         npf = max((len(p[3]) for p in prefills), default=0)
-        plan = [len(decodes), nd, len(prefills), npf]
+        layout = [len(decodes), nd, len(prefills), npf]
         for table, _ in decodes:
-            plan += table + [0] * (nd - len(table))  # padding points at block 0: finite values, masked out
-        plan += [ctx for _, ctx in decodes]
+            layout += table + [0] * (nd - len(table))  # padding points at block 0: finite values, masked out
+        layout += [ctx for _, ctx in decodes]
         for start, q_len, ctx, _ in prefills:
-            plan += [start, q_len, ctx]
+            layout += [start, q_len, ctx]
         for *_, table in prefills:
-            plan += table + [0] * (npf - len(table))
-        return PagedMetadata(slot_mapping, torch.tensor(plan, dtype=torch.long, device=device), block_size)
+            layout += table + [0] * (npf - len(table))
+        return PagedMetadata(slot_mapping, torch.tensor(layout, dtype=torch.long, device=device), block_size)
 
     @cached_property
-    def parts(self) -> "_Plan":
-        """The plan unpacked into tensors, once per step (every layer reuses it)."""
-        return _Plan.unpack(self.plan, self.block_size)
+    def parts(self) -> "_Layout":
+        """The layout unpacked into tensors, once per step (every layer reuses it)."""
+        return _Layout.unpack(self.layout, self.block_size)
 
 
 @dataclass(frozen=True)
-class _Plan:
+class _Layout:
     num_decodes: int
     decode_blocks: torch.Tensor  # [Bd * blocks]
     decode_mask: torch.Tensor  # [Bd, 1, 1, blocks * block_size] True where a key is real
@@ -112,20 +113,20 @@ class _Plan:
     prefill_blocks: torch.Tensor  # [Bp, blocks]
 
     @staticmethod
-    def unpack(plan: torch.Tensor, block_size: int) -> "_Plan":
-        head = plan[:4].tolist()
+    def unpack(layout: torch.Tensor, block_size: int) -> "_Layout":
+        head = layout[:4].tolist()
         nd, bd, npf, bp = head
         at = 4
-        decode_blocks = plan[at:at + nd * bd]
+        decode_blocks = layout[at:at + nd * bd]
         at += nd * bd
-        ctx = plan[at:at + nd]
+        ctx = layout[at:at + nd]
         at += nd
-        prefills = [tuple(x) for x in plan[at:at + npf * 3].view(npf, 3).tolist()]
+        prefills = [tuple(x) for x in layout[at:at + npf * 3].view(npf, 3).tolist()]
         at += npf * 3
-        prefill_blocks = plan[at:at + npf * bp].view(npf, bp)
-        columns = torch.arange(bd * block_size, device=plan.device)
+        prefill_blocks = layout[at:at + npf * bp].view(npf, bp)
+        columns = torch.arange(bd * block_size, device=layout.device)
         mask = (columns.unsqueeze(0) < ctx.unsqueeze(1)).view(nd, 1, 1, bd * block_size)
-        return _Plan(nd, decode_blocks, mask, prefills, prefill_blocks)
+        return _Layout(nd, decode_blocks, mask, prefills, prefill_blocks)
 
 
 def _gather(cache: torch.Tensor, blocks: torch.Tensor, rows: int) -> torch.Tensor:
@@ -162,7 +163,7 @@ def _blockwise_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
 
 
 def paged_attention_impl(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor | None,
-                         v_cache: torch.Tensor | None, slot_mapping: torch.Tensor | None, plan: "_Plan",
+                         v_cache: torch.Tensor | None, slot_mapping: torch.Tensor | None, layout: "_Layout",
                          scale: float, fused: bool) -> torch.Tensor:
     """q [N, H, D], k, v [N, H_kv, D] (this step's tokens) -> [N, H, D]; writes k, v into the pool first.
 
@@ -178,21 +179,21 @@ def paged_attention_impl(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_ca
         block, offset = slot_mapping // bs, slot_mapping % bs
         k_cache[block, :, offset] = k
         v_cache[block, :, offset] = v
-    nd = plan.num_decodes
+    nd = layout.num_decodes
     if nd:
         if fused:
-            out[:nd] = _blockwise_decode(q[:nd], k_cache, v_cache, plan.decode_blocks, plan.decode_mask, scale)
+            out[:nd] = _blockwise_decode(q[:nd], k_cache, v_cache, layout.decode_blocks, layout.decode_mask, scale)
         else:
-            kd = _gather(k_cache, plan.decode_blocks, nd)
-            vd = _gather(v_cache, plan.decode_blocks, nd)
-            out[:nd] = attend(q[:nd].unsqueeze(2), kd, vd, plan.decode_mask, scale).squeeze(2)
-    for i, (start, q_len, ctx) in enumerate(plan.prefills):
+            kd = _gather(k_cache, layout.decode_blocks, nd)
+            vd = _gather(v_cache, layout.decode_blocks, nd)
+            out[:nd] = attend(q[:nd].unsqueeze(2), kd, vd, layout.decode_mask, scale).squeeze(2)
+    for i, (start, q_len, ctx) in enumerate(layout.prefills):
         qi = q[start:start + q_len].transpose(0, 1).unsqueeze(0)  # [1, H, T, D]
         if ctx == q_len:
             ki = k[start:start + q_len].transpose(0, 1).unsqueeze(0)
             vi = v[start:start + q_len].transpose(0, 1).unsqueeze(0)
         else:
-            blocks = plan.prefill_blocks[i]
+            blocks = layout.prefill_blocks[i]
             ki = _gather(k_cache, blocks, 1)[:, :, :ctx]
             vi = _gather(v_cache, blocks, 1)[:, :, :ctx]
         out[start:start + q_len] = attend(qi, ki, vi, None, scale)[0].transpose(0, 1)
@@ -201,26 +202,26 @@ def paged_attention_impl(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_ca
 
 @torch.library.custom_op("infer_recipes::paged_attention", mutates_args=("k_cache", "v_cache"))
 def _paged_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
-                        v_cache: torch.Tensor, slot_mapping: torch.Tensor, plan: torch.Tensor,
+                        v_cache: torch.Tensor, slot_mapping: torch.Tensor, layout: torch.Tensor,
                         block_size: int, scale: float, fused: bool) -> torch.Tensor:
-    return paged_attention_impl(q, k, v, k_cache, v_cache, slot_mapping, _Plan.unpack(plan, block_size), scale,
+    return paged_attention_impl(q, k, v, k_cache, v_cache, slot_mapping, _Layout.unpack(layout, block_size), scale,
                                 fused)
 
 
 @_paged_attention_op.register_fake
-def _(q, k, v, k_cache, v_cache, slot_mapping, plan, block_size, scale, fused):
+def _(q, k, v, k_cache, v_cache, slot_mapping, layout, block_size, scale, fused):
     return torch.empty_like(q)
 
 
-@torch.library.custom_op("infer_recipes::prefix_attention", mutates_args=())
-def _prefix_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: torch.Tensor, block_size: int,
+@torch.library.custom_op("infer_recipes::uncached_attention", mutates_args=())
+def _uncached_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: torch.Tensor, block_size: int,
                          scale: float, fused: bool) -> torch.Tensor:
-    """Without a KV cache: each sequence attends over its own tokens of this step."""
-    return paged_attention_impl(q, k, v, None, None, None, _Plan.unpack(plan, block_size), scale, fused)
+    """Without a KV cache (the "original" behaviour): each sequence attends over its own tokens of this step."""
+    return paged_attention_impl(q, k, v, None, None, None, _Layout.unpack(layout, block_size), scale, fused)
 
 
-@_prefix_attention_op.register_fake
-def _(q, k, v, plan, block_size, scale, fused):
+@_uncached_attention_op.register_fake
+def _(q, k, v, layout, block_size, scale, fused):
     return torch.empty_like(q)
 
 
@@ -230,12 +231,12 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     """Attention for a continuous-batching step (see `paged_attention_impl`).
 
     Inside a compiled graph it is one opaque custom op (as vLLM splits attention out of its graphs): the graph
-    then depends only on the number of tokens, never on how they split into sequences. Eagerly the plan is
+    then depends only on the number of tokens, never on how they split into sequences. Eagerly the layout is
     unpacked once per step and shared by all layers."""
     k_cache, v_cache = kv if kv is not None else (None, None)
     if torch.compiler.is_compiling():
         if k_cache is None:
-            return _prefix_attention_op(q, k, v, meta.plan, meta.block_size, scale, fused)
-        return _paged_attention_op(q, k, v, k_cache, v_cache, meta.slot_mapping, meta.plan, meta.block_size,
+            return _uncached_attention_op(q, k, v, meta.layout, meta.block_size, scale, fused)
+        return _paged_attention_op(q, k, v, k_cache, v_cache, meta.slot_mapping, meta.layout, meta.block_size,
                                    scale, fused)
     return paged_attention_impl(q, k, v, k_cache, v_cache, meta.slot_mapping, meta.parts, scale, fused)

@@ -18,6 +18,7 @@ class RMSNorm(nn.Module):
         return self.weight * x32.to(dtype)
 
     def forward_with_residual(self, x: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Returns (norm(x + residual), x + residual): the add and the norm in one pass over the data."""
+        """Returns (norm(x + residual), x + residual): the residual add folded into the norm's call, so the fused
+        block hands the next norm its input and the running sum together (two ops; a kernel could make it one)."""
         residual = x + residual
         return self.forward(residual), residual

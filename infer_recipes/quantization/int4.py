@@ -42,11 +42,6 @@ class Int4Linear(QuantizedLinear):
 
         return cls(*by_rows(rows, weight), group_size, bias)
 
-    @classmethod
-    def from_gguf_blocks(cls, qtype: str, blocks, rows: int, cols: int):
-        """GGUF Q4_0 / Q4_1 blocks (numpy uint8 [rows, cols / 32 * block_bytes]) -> the kernel's form."""
-        return cls(*gguf_q4_parts(qtype, blocks, rows, cols), 32)
-
     def dequantize(self, dtype=torch.float32) -> torch.Tensor:
         eye = torch.eye(self.in_features, dtype=ACT_DTYPE)
         # the packed layout is the kernel's own; reading it back through the kernel is exact for an identity input

@@ -96,7 +96,7 @@ def create_app(pool: ModelPool, cascades: dict[str, Cascade] | None = None, api_
     async def health():
         if app.state.draining:
             return JSONResponse({"status": "draining"}, status_code=503)
-        problem = pool.device.health()
+        problem = pool.device_thread.health()
         if problem is not None:
             return JSONResponse({"status": "unhealthy", "reason": problem}, status_code=503)
         return {"status": "ok", "models": {n: ("loaded" if e.loaded else "unloaded") for n, e in pool.entries.items()}}

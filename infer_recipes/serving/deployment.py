@@ -17,8 +17,9 @@ from pathlib import Path
 import yaml
 
 from ..errors import InferRecipesError
-from ..recipe import find_file, load_recipe
-from .pool import ModelSpec
+from ..loading.source import DEFAULT_MODEL
+from ..recipe import find_file, load_recipe, shipped
+from .pool import ModelSpec, parse_model_arg
 from .routing import DEFAULT_THRESHOLD, Cascade
 
 DEPLOYMENTS_DIR = Path(__file__).parent.parent / "deployments"
@@ -82,3 +83,49 @@ def load_deployment(spec: str) -> Deployment:
     budget = serving.get("memory_budget")
     return Deployment(str(doc.get("name", path.stem)), models, cascades,
                       parse_bytes(budget) if budget is not None else None)
+
+
+def recipe_spec(arg: str, base: dict, overrides: list[str] | tuple[str, ...] = ()) -> ModelSpec:
+    """`[NAME=]RECIPE` as a served model: the recipe's model and switches, then `base` over them."""
+    name, sep, spec = arg.partition("=")
+    if not sep:
+        name, spec = "", arg
+    recipe = load_recipe(spec, overrides)
+    return ModelSpec(name or spec, recipe.model, {**recipe.llm_kwargs(), **base})
+
+
+def model_spec(arg: str, base: dict) -> ModelSpec:
+    """`[NAME=]RECIPE` (a shipped recipe name or a .yaml file) or `[NAME=]SPEC[,KEY=VALUE...]` for a model."""
+    name, sep, rest = arg.partition("=")
+    if not sep or "," in name:
+        rest = arg
+    if rest in shipped() or rest.endswith((".yaml", ".yml")):
+        return recipe_spec(arg, base)
+    return parse_model_arg(arg, base)
+
+
+def assemble(deployment: str | None = None, recipes=(), models=(), recipe_overrides=(), pins=(), cascades=(),
+             memory_budget: str | None = None, base: dict | None = None) -> Deployment:
+    """What `serve` serves: a deployment file's models and cascades, then `--recipe` and `--model` ones (the
+    default model when none is named), with `base` engine options over every model, pins, cascades and the
+    budget checked against the names."""
+    base = dict(base or {})
+    specs, chains, budget, name = [], [], None, "serve"
+    if deployment:
+        d = load_deployment(deployment)
+        specs += [ModelSpec(m.name, m.model, {**m.options, **base}, m.pinned) for m in d.models]
+        chains, budget, name = list(d.cascades), d.memory_budget, d.name
+    specs += [recipe_spec(arg, base, recipe_overrides) for arg in recipes]
+    specs += [parse_model_arg(m, base) for m in models]
+    if not specs:
+        specs.append(parse_model_arg(DEFAULT_MODEL, base))
+    names = [s.name for s in specs]
+    for pin in pins:
+        if pin not in names:
+            raise InferRecipesError(f"--pin {pin!r}: not a served model ({', '.join(names)})")
+    for spec in specs:
+        spec.pinned = spec.pinned or spec.name in pins
+    chains += [Cascade.parse(c, names) for c in cascades]
+    if memory_budget is not None:
+        budget = parse_bytes(memory_budget)
+    return Deployment(name, specs, chains, budget)

@@ -6,11 +6,11 @@ import asyncio
 from collections.abc import AsyncIterator
 from dataclasses import replace
 
-from ..config import SamplingParams
+from ..config import ConfigError, SamplingParams
 from ..engine.async_engine import RequestFailedError, Ticket
+from ..engine.llm_engine import CheckedPrompt
 from ..engine.request import RequestOutput
 from ..engine.scheduler import QueueFullError
-from ..config import ConfigError
 from ..errors import ContextLengthError, InferRecipesError
 from .metrics import Metrics
 from .pool import Entry
@@ -22,8 +22,10 @@ RETRY_AFTER_S = 1  # what a 429 asks a client to wait
 class Job:
     """Prompts (token ids), one SamplingParams per choice (n per prompt), and the queue places they hold."""
 
-    def __init__(self, entry: Entry, prompts: list[list[int]], params: SamplingParams, n: int, metrics: Metrics):
-        self.entry, self.prompts, self.n, self.metrics = entry, prompts, n, metrics
+    def __init__(self, entry: Entry, prompts: list[CheckedPrompt], params: SamplingParams, n: int,
+                 metrics: Metrics):
+        self.entry, self.checked, self.n, self.metrics = entry, prompts, n, metrics
+        self.prompts = [p.ids for p in prompts]
         # every choice its own seed, so n > 1 with a seed gives n different (reproducible) answers
         self.params = [replace(params, seed=None if params.seed is None else params.seed + j) for j in range(n)]
         self.ticket: Ticket | None = None
@@ -36,7 +38,7 @@ class Job:
         chat = isinstance(req, ChatCompletionRequest)
         prompts = await asyncio.to_thread(_token_ids, entry, req, chat)
         limit = entry.llm.max_model_len
-        longest = max(len(p) for p in prompts)
+        longest = max(len(p.ids) for p in prompts)
         if req.max_tokens is not None and longest + req.max_tokens > limit:
             raise bad_request(f"the request exceeds the available context size: the prompt has {longest} tokens "
                               f"and max_tokens is {req.max_tokens}, {longest + req.max_tokens} in all, but the "
@@ -67,8 +69,9 @@ class Job:
     def name(self) -> str:
         return self.entry.spec.name
 
-    def choices(self) -> list[tuple[int, list[int], SamplingParams]]:
-        return [(i * self.n + j, p, self.params[j]) for i, p in enumerate(self.prompts) for j in range(self.n)]
+    def choices(self) -> list[tuple[int, CheckedPrompt, SamplingParams]]:
+        """(index, prompt, params) per choice: n consecutive indices per prompt."""
+        return [(i * self.n + j, p, self.params[j]) for i, p in enumerate(self.checked) for j in range(self.n)]
 
     def close(self) -> None:
         """Gives back the queue places of choices that never started (a client gone early)."""
@@ -118,7 +121,7 @@ class Job:
             await asyncio.gather(*tasks, return_exceptions=True)
 
 
-def _token_ids(entry: Entry, req, chat: bool) -> list[list[int]]:
+def _token_ids(entry: Entry, req, chat: bool) -> list[CheckedPrompt]:
     """The request's prompts as token ids, each checked by the engine (vocabulary, context) once. Runs in a
     worker thread: a huge prompt never stops the event loop."""
     llm = entry.llm
@@ -135,7 +138,7 @@ def _token_ids(entry: Entry, req, chat: bool) -> list[list[int]]:
             if text is not None and len(text) > 2 * limit * tok.max_token_chars:
                 raise ContextLengthError(len(text) // tok.max_token_chars, limit, characters=len(text))
             ids = (tok.encode(text, add_special_tokens=not chat) if text is not None else list(item))
-            out.append(llm.engine.token_ids(ids)[1])  # the engine's own checks: vocabulary, context
+            out.append(llm.engine.token_ids(ids))  # the engine's own checks (vocabulary, context), once
         except ContextLengthError as e:
             raise bad_request(e.api_message(), param, "exceed_context_size") from None
         except InferRecipesError as e:

@@ -36,7 +36,7 @@ class _EngineCollector:
             loaded.add_metric([name], 1.0 if entry.loaded else 0.0)
             if entry.engine is None:
                 continue
-            stats = entry.engine.engine.stats()
+            stats = entry.engine.llm_engine.stats()
             waiting.add_metric([name], stats["waiting"])
             running.add_metric([name], stats["running"])
             usage.add_metric([name], stats["kv_cache_usage"])

@@ -14,20 +14,13 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-import torch
-
-from ..config import EngineConfig, QUANTIZATIONS
-from ..device import resolve_device, resolve_dtype, trim_host_memory
+from ..config import QUANTIZATIONS, EngineConfig
+from ..device import resolve_device, trim_host_memory
 from ..engine.async_engine import AsyncEngine, DeviceThread
 from ..engine.llm import LLM
-from ..engine.llm_engine import kv_block_bytes, kv_pool_blocks
 from ..errors import InferRecipesError
-from ..loading import resolve_model_source
-from ..loading.weights import read_config
+from ..runner import memory_estimate, prepare
 from .protocol import APIError
-
-# bytes held per weight, by scheme (scales and the int8 embedding included, roughly); float: the dtype's size
-_BYTES_PER_WEIGHT = {"int8": 1.05, "int8-minmax": 1.05, "w8a8": 1.05, "int4": 0.6, "gguf": 0.6, "int4-w8a8": 1.7}
 
 
 @dataclass
@@ -60,18 +53,9 @@ class Entry:
 
 def estimate_bytes(spec: ModelSpec) -> int:
     """Weights (by scheme) + the KV pool the engine will reserve, before loading anything."""
-    source = resolve_model_source(spec.model)
-    config = read_config(source)
     known = set(EngineConfig.__dataclass_fields__)
     cfg = EngineConfig(**{k: v for k, v in spec.options.items() if k in known})
-    device = resolve_device(cfg.device)
-    dtype = resolve_dtype(cfg.dtype, device)
-    per_weight = _BYTES_PER_WEIGHT.get(cfg.quantization or "", torch.empty((), dtype=dtype).element_size())
-    max_len = min(cfg.max_model_len or config.max_position_embeddings, config.max_position_embeddings)
-    kv = 0
-    if cfg.kv_cache:
-        kv = kv_pool_blocks(config, cfg, max_len, dtype, device) * kv_block_bytes(config, cfg.block_size, dtype)
-    return int(config.num_parameters * per_weight) + kv
+    return memory_estimate(prepare(spec.model, cfg, resolve_device(cfg.device)))
 
 
 class ModelPool:
@@ -87,7 +71,7 @@ class ModelPool:
         self.log = log
         self._lock = asyncio.Lock()
         self.evictions = 0
-        self.device = DeviceThread("device")
+        self.device_thread = DeviceThread("device")
 
     # ---- accounting ---------------------------------------------------------------------------------------------
     def used_bytes(self) -> int:
@@ -112,7 +96,7 @@ class ModelPool:
     def _load(self, entry: Entry) -> None:
         start = time.perf_counter()
         llm = self.loader(entry.spec)
-        entry.llm, entry.engine = llm, AsyncEngine(llm.engine, entry.spec.name, self.device)
+        entry.llm, entry.engine = llm, AsyncEngine(llm.engine, entry.spec.name, self.device_thread)
         entry.nbytes = llm.weight_bytes() + llm.kv_cache_bytes()
         self.log(f"loaded model {entry.spec.name!r} ({entry.spec.model}) in {time.perf_counter() - start:.1f} s: "
                  f"{entry.nbytes / 2**20:.0f} MiB with its KV pool")
@@ -126,7 +110,7 @@ class ModelPool:
                 self.log(f"model {entry.spec.name!r} (~{estimate / 2**20:.0f} MiB) does not fit the budget now: "
                          f"it loads on its first request")
                 continue
-            self.device.call_and_wait(self._load, entry)
+            self.device_thread.call_and_wait(self._load, entry)
             entry.last_used = time.monotonic()
 
     async def acquire(self, name: str) -> Entry:
@@ -173,13 +157,13 @@ class ModelPool:
                 self._unload(victim)
             self._load(entry)
 
-        await self.device.run(swap)
+        await self.device_thread.run(swap)
 
     def shutdown(self) -> None:
         for entry in self.entries.values():
             if entry.engine is not None:
                 entry.engine.shutdown()
-        self.device.shutdown()
+        self.device_thread.shutdown()
 
 
 def parse_model_arg(arg: str, base_options: dict) -> ModelSpec:

@@ -7,7 +7,26 @@ from dataclasses import dataclass
 
 import torch
 
-from .config import SamplingParams
+from ..config import SamplingParams
+
+
+@dataclass(frozen=True)
+class SampleRequest:
+    """What sampling needs of one sequence: its params, its own generator (seeded requests) and the tokens it
+    generated so far (for penalties)."""
+
+    params: SamplingParams
+    generator: torch.Generator | None
+    output_ids: Sequence[int]
+
+
+@dataclass(frozen=True)
+class Sampled:
+    """The next token of one sequence, with its log-probability and top alternatives when asked for."""
+
+    token: int
+    logprob: float | None = None
+    top: list[tuple[int, float]] | None = None
 
 
 @dataclass(frozen=True)
@@ -86,6 +105,34 @@ def sample(logits: torch.Tensor, params: Sequence[SamplingParams], generators: S
     top = [list(zip(map(int, r[2:2 + (p.logprobs or 0)]), r[2 + k:2 + k + (p.logprobs or 0)]))
            for r, p in zip(rows, params)]
     return SampleResult([int(r[0]) for r in rows], [r[1] for r in rows], top)
+
+
+def sample_each(logits: torch.Tensor, requests: Sequence[SampleRequest]) -> list[Sampled | str]:
+    """A Sampled token per request (row of `logits`), sampled as one batch; should the batch fail, row by row, so
+    that a row that cannot be sampled fails alone (why, a string, in its place)."""
+    def picks(rows: Sequence[SampleRequest], lg: torch.Tensor) -> list[Sampled]:
+        r = sample(lg, [q.params for q in rows], [q.generator for q in rows], [q.output_ids for q in rows])
+        return [Sampled(r.tokens[i], r.logprobs[i] if r.logprobs else None, r.top_logprobs[i] if r.top_logprobs
+                        else None) for i in range(len(rows))]
+
+    if not requests:
+        return []
+    # the batch may fail after drawing from some rows' generators: they restart from here, so a row's draws are
+    # the same whichever way it is sampled
+    states = [(q.generator, q.generator.get_state()) for q in requests
+              if isinstance(q.generator, torch.Generator) and not q.params.greedy]
+    try:
+        return picks(requests, logits)
+    except Exception:
+        for generator, state in states:
+            generator.set_state(state)
+    out: list[Sampled | str] = []
+    for row, request in enumerate(requests):
+        try:
+            out += picks([request], logits[row:row + 1])
+        except Exception as e:
+            out.append(f"sampling failed: {type(e).__name__}: {e}")
+    return out
 
 
 def make_generator(seed: int | None, device: torch.device) -> torch.Generator | None:

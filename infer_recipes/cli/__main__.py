@@ -1,0 +1,6 @@
+"""`python -m infer_recipes.cli`."""
+import sys
+
+from . import main
+
+sys.exit(main())

@@ -1,0 +1,168 @@
+"""Building a runner: the model read from its source, fused and quantized unit by unit as it loads (so the whole
+model never sits in float), GGUF blocks kept where they map onto our kernels, the KV cache sized, the compiled
+layers warmed up.
+
+Two phases, because the tokenizer is read from the same source in between: `prepare` (the source, the model's
+shape, the checks that need no weights) and `build` (everything else). A worker rank of a split model runs the
+same `build` with the same arguments as rank 0, for its own shard.
+"""
+from __future__ import annotations
+
+import functools
+import sys
+import time
+from dataclasses import dataclass, replace
+
+import torch
+
+from ..config import EngineConfig, ModelConfig
+from ..device import resolve_dtype
+from ..distributed import ParallelContext, launched, world_size
+from ..errors import InferRecipesError
+from ..layers.parallel import Shard, check_split, stage_layers
+from ..loading import ModelSource, load_model, resolve_model_source
+from ..loading.gguf import quantized_blocks
+from ..loading.weights import drop_metadata, read_config, release_loader_memory
+from ..models.llama import WHOLE, LlamaForCausalLM, shard_range
+from ..quantization import quantize
+from ..quantization.api import BYTES_PER_WEIGHT, check_scheme, quantize_embedding, quantize_gguf
+from .kv_cache import kv_bytes_per_token, kv_pool_blocks
+from .model_runner import ModelRunner
+
+
+@dataclass(frozen=True)
+class Blueprint:
+    """What is known of a model before its weights load: where it comes from, its shape, how it will run."""
+
+    spec: str  # what the user gave (path, alias, synthetic:<preset>)
+    source: ModelSource
+    model_config: ModelConfig
+    engine_config: EngineConfig
+    device: torch.device
+    dtype: torch.dtype
+    max_model_len: int
+
+
+def prepare(spec: str, cfg: EngineConfig, device: torch.device) -> Blueprint:
+    """Resolves the model and reads its shape; refuses switches that cannot run it, before anything loads."""
+    source = resolve_model_source(spec)
+    mc = read_config(source)
+    _check_switches(mc, cfg, source)
+    max_len = min(cfg.max_model_len or mc.max_position_embeddings, mc.max_position_embeddings)
+    return Blueprint(spec, source, mc, cfg, device, resolve_dtype(cfg.dtype, device), max_len)
+
+
+def kv_blocks(bp: Blueprint) -> int:
+    """KV blocks per rank (every rank has the same count, rank 0 decides): a rank holds its KV heads of its
+    layers, so the blocks are sized by the largest share."""
+    cfg, mc = bp.engine_config, bp.model_config
+    if not cfg.kv_cache:
+        return 0
+    tp, pp = cfg.tensor_parallel_size, cfg.pipeline_parallel_size
+    first, end = stage_layers(mc.num_layers, pp, 0)
+    kv_first, kv_end = Shard(tp_size=tp).kv_heads(mc.num_kv_heads)
+    kv_heads = kv_end - kv_first
+    per_rank = replace(mc, num_layers=end - first, num_heads=kv_heads, num_kv_heads=kv_heads)
+    return kv_pool_blocks(per_rank, cfg, bp.max_model_len, bp.dtype, bp.device)
+
+
+def memory_estimate(bp: Blueprint) -> int:
+    """Bytes the built model will hold, before building it: its weights in their scheme's bytes per weight, and
+    the KV cache `kv_blocks` will reserve."""
+    cfg = bp.engine_config
+    per_weight = BYTES_PER_WEIGHT.get(cfg.quantization or "", bp.dtype.itemsize)
+    kv = kv_blocks(bp) * kv_bytes_per_token(bp.model_config, bp.dtype.itemsize) * cfg.block_size
+    return int(bp.model_config.num_parameters * per_weight + kv)
+
+
+def build(bp: Blueprint, num_blocks: int, shard: Shard = Shard(), world: ParallelContext | None = None,
+          model_id: int = 0, progress: bool = True) -> ModelRunner:
+    """Loads this rank's part of the model (fused and quantized as it loads) and returns its runner."""
+    cfg = bp.engine_config
+    drop_metadata(bp.source)  # config and tokenizer are read: the GGUF reader's metadata can go
+    optimizer = _UnitOptimizer(bp)
+    model = load_model(bp.source, bp.dtype, bp.device, max_positions=bp.max_model_len, progress=progress,
+                       config=bp.model_config, on_loaded=optimizer, shard=shard)
+    release_loader_memory()
+    if cfg.quantization == "gguf" and optimizer.gguf_replaced == 0 and shard.first_stage:
+        raise InferRecipesError("this GGUF file has no Q4_0/Q4_1 tensors to keep: use int4 or int8")
+    runner = ModelRunner(model, bp.device, bp.dtype, kv_cache=cfg.kv_cache, compile=cfg.compile,
+                         num_blocks=num_blocks, block_size=cfg.block_size, world=world, model_id=model_id)
+    runner.source, runner.model_config, runner.max_model_len = bp.source, bp.model_config, bp.max_model_len
+    runner.load_seconds, runner.compile_seconds = model.load_seconds, 0.0
+    if cfg.compile:
+        start = time.perf_counter()
+        if progress:
+            print("compiling the decoder layer (torch.compile: one token / more x first layer / others)...",
+                  file=sys.stderr)
+        runner.warm_up()
+        runner.compile_seconds = time.perf_counter() - start
+    return runner
+
+
+def _check_switches(mc: ModelConfig, cfg: EngineConfig, source: ModelSource) -> None:
+    tp, pp = cfg.tensor_parallel_size, cfg.pipeline_parallel_size
+    why = check_split(mc.num_heads, mc.num_kv_heads, mc.intermediate_size, mc.num_layers, tp, pp)
+    if why:
+        raise InferRecipesError(f"{mc.name} cannot run with tensor_parallel_size {tp} x pipeline_parallel_size "
+                                f"{pp}: {why}")
+    if tp * pp > 1 and not launched():
+        raise InferRecipesError(
+            f"tensor_parallel_size {tp} x pipeline_parallel_size {pp} needs {tp * pp} processes: start the "
+            f"same command under torchrun --nproc-per-node {tp * pp} (several nodes: torchrun's --nnodes and "
+            f"--rdzv-endpoint)")
+    if tp * pp > 1 and tp * pp != world_size():  # before rank 0 asks the others for anything
+        raise InferRecipesError(f"tensor_parallel_size {tp} x pipeline_parallel_size {pp} = {tp * pp} ranks, "
+                                f"but torchrun started {world_size()}: make them equal")
+    if cfg.quantization == "gguf" and source.kind != "gguf":
+        raise InferRecipesError("quantization 'gguf' keeps a GGUF file's own blocks: the model must be a "
+                                "GGUF file (or use int4 / int8 for other sources)")
+    if cfg.quantization and cfg.quantization != "gguf":
+        check_scheme(cfg.quantization, cfg.group_size)
+
+
+class _UnitOptimizer:
+    """Fusion and quantization of one unit (a decoder layer, the embedding, the lm_head) as soon as the loader
+    has filled it (load_model's `on_loaded`)."""
+
+    def __init__(self, bp: Blueprint):
+        self.bp, self.gguf_replaced = bp, 0
+
+    def __call__(self, model: LlamaForCausalLM, unit: str) -> None:
+        cfg = self.bp.engine_config
+        if unit.startswith("model.layers."):
+            if cfg.fusion:
+                model.get_submodule(unit).fuse()
+            self._quantize(model, unit)
+        elif unit == "model.embed_tokens" and cfg.quantization:
+            if model.config.tie_word_embeddings and model.shard.last_stage:
+                self._quantize(model, "lm_head")  # the tied head first: the int8 table can then share its weight
+            quantize_embedding(model, cfg.quantization_skip)
+        elif unit == "lm_head":
+            self._quantize(model, unit)
+
+    def _quantize(self, model: LlamaForCausalLM, root: str) -> None:
+        cfg = self.bp.engine_config
+        if cfg.quantization == "gguf":
+            blocks = functools.partial(self._gguf_blocks, shard=model.shard)
+            self.gguf_replaced += quantize_gguf(model, blocks, cfg.quantization_skip, False, root)
+        elif cfg.quantization:
+            quantize(model, cfg.quantization, cfg.quantization_skip, cfg.group_size, progress=False, root=root)
+
+    def _gguf_blocks(self, name: str, shard: Shard):
+        """The GGUF blocks of checkpoint tensor `name` that this rank's slice of it holds."""
+        mc = self.bp.model_config
+        found = quantized_blocks(self.bp.source.location, mc, name)
+        where = shard_range(name, mc, shard)
+        if found is None or where in (None, WHOLE):
+            return found
+        qtype, blocks = found  # [rows, bytes of the row's blocks]: slice whole rows or whole blocks
+        dim, lo, hi = where
+        if dim == 0:
+            return qtype, blocks[lo:hi]
+        import gguf
+
+        elements, nbytes = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[qtype]]
+        if lo % elements or hi % elements:
+            return None  # this rank's columns cut through blocks: the layer stays float
+        return qtype, blocks[:, lo // elements * nbytes:hi // elements * nbytes]

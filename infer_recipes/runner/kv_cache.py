@@ -1,0 +1,62 @@
+"""The paged KV cache's tensors, and the one formula for what a token of it costs (used by the engine's pool
+sizing, the model pool's budget, the benchmarks' roofline and the deployment planner)."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from ..config import EngineConfig, ModelConfig
+from ..device import device_memory_bytes
+from ..errors import InferRecipesError
+
+DEFAULT_KV_FRACTION = 0.25  # of device memory, when neither num_blocks nor kv_cache_memory is given
+
+
+def kv_bytes_per_token(config: ModelConfig, element_size: float, kv_heads: float | None = None,
+                       layers: int | None = None) -> float:
+    """Bytes of keys and values one token holds: layers x 2 x KV heads x head_dim x element size (a rank of a
+    split model: its own layers and KV heads)."""
+    heads = config.num_kv_heads if kv_heads is None else kv_heads
+    return (config.num_layers if layers is None else layers) * 2 * heads * config.head_dim * element_size
+
+
+def kv_pool_blocks(model: ModelConfig, cfg: EngineConfig, max_model_len: int, dtype: torch.dtype,
+                   device: torch.device) -> int:
+    """Blocks for the KV pool: `num_blocks` if given, else what `kv_cache_memory` of the device holds, capped at
+    what max_batch_size sequences of max_model_len tokens need, and never fewer than one full-length sequence."""
+    one_seq = -(-max_model_len // cfg.block_size)
+    if cfg.num_blocks is not None:
+        if cfg.num_blocks < one_seq:
+            raise InferRecipesError(f"num_blocks={cfg.num_blocks} cannot hold one sequence of max_model_len="
+                                    f"{max_model_len} tokens ({one_seq} blocks of {cfg.block_size}): raise "
+                                    f"num_blocks or lower max_model_len")
+        return cfg.num_blocks
+    block = int(kv_bytes_per_token(model, dtype.itemsize)) * cfg.block_size
+    budget = int((cfg.kv_cache_memory or DEFAULT_KV_FRACTION) * device_memory_bytes(device))
+    return max(one_seq, min(cfg.max_batch_size * one_seq, budget // block))
+
+
+class KVCache:
+    """Each layer's keys and values as [num_blocks, H_kv, block_size, D] (a block is a [block_size, D] matrix
+    per head, what the decode GEMMs read in place). Which blocks a sequence holds is the engine's BlockPool's
+    business; this holds the numbers in them.
+
+    On the CPU the pool is zero pages from the OS (numpy's calloc): memory is committed only as blocks are first
+    written, so a pool sized for the worst case costs what is used. Blocks are reused most-recent-first."""
+
+    def __init__(self, num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int,
+                 dtype: torch.dtype, device: torch.device):
+        shape = (num_blocks, num_kv_heads, block_size, head_dim)
+        self.num_blocks, self.block_size = num_blocks, block_size
+        self.layers = [(self._zeros(shape, dtype, device), self._zeros(shape, dtype, device))
+                       for _ in range(num_layers)]
+
+    @staticmethod
+    def _zeros(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        if device.type != "cpu":
+            return torch.zeros(shape, dtype=dtype, device=device)
+        raw = np.zeros(shape + (dtype.itemsize,), dtype=np.uint8)
+        return torch.from_numpy(raw).view(dtype).view(shape)
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for pair in self.layers for t in pair)

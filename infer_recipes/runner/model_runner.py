@@ -1,0 +1,190 @@
+"""A scheduled step in, sampled token ids out: tensors from the step's sequences, the model's forward pass over
+the paged KV cache, and sampling.
+
+A step is a list of sequences, each with the tokens it computes now (a whole prompt, a chunk of one, or one decode
+token), laid end to end into one [1, N] batch: every linear layer runs once over all N tokens, and only attention
+looks at sequence boundaries (through `PagedMetadata`). Keys and values live in the KV cache's blocks; a
+sequence's block table says which blocks hold its tokens.
+
+Split across ranks (`world` given), rank 0's `execute` first sends the step to the other ranks, whose worker loop
+(runner/worker.py) calls `run` with it; `run` is every rank's part: its layers, its slice of each, the
+all-reduces inside the model, and between pipeline stages the activations (runner/pipeline.py).
+"""
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+
+import torch
+
+from ..config import ModelConfig
+from ..distributed import ParallelContext
+from ..layers.attention import PagedMetadata
+from ..models.llama import LlamaForCausalLM
+from .compiled import CompiledLayers
+from .kv_cache import KVCache
+from .pipeline import micro_batches, run_stage, stages
+from .sampling import Sampled, SampleRequest, sample_each
+
+
+@dataclass(frozen=True)
+class StepSeq:
+    """What the runner needs of one scheduled sequence."""
+
+    token_ids: list[int]  # the tokens computed this step
+    start: int  # position of the first of them
+    block_table: list[int]  # blocks holding positions [0, start + len(token_ids)) (empty without a KV cache)
+    sample: bool  # return logits for the last token
+
+
+class ModelRunner:
+    """Runs steps of one model (or of this rank's part of it). Built by runner/build.py, which also sets what
+    describes the model: `source`, `model_config`, `max_model_len`, `load_seconds`, `compile_seconds`."""
+
+    def __init__(self, model: LlamaForCausalLM, device: torch.device, dtype: torch.dtype, kv_cache: bool = True,
+                 compile: bool = False, num_blocks: int = 0, block_size: int = 16,
+                 world: ParallelContext | None = None, model_id: int = 0):
+        self.model, self.device, self.dtype, self.kv_cache = model, device, dtype, kv_cache
+        self.config: ModelConfig = model.config
+        self.block_size = block_size
+        self.world, self.model_id = world, model_id
+        kv_first, kv_end = model.shard.kv_heads(self.config.num_kv_heads)
+        self.cache = (KVCache(len(model.layer_range), num_blocks, block_size, kv_end - kv_first,
+                              self.config.head_dim, dtype, device) if kv_cache else None)
+        self.compiled = CompiledLayers(model) if compile else None
+
+    @property
+    def compiles(self) -> int:
+        """How many graphs torch.compile has built for this runner (0 when compile is off)."""
+        return self.compiled.compiles if self.compiled else 0
+
+    # ---- rank 0: a step in, sampled tokens out -------------------------------------------------------------------
+    @torch.inference_mode()
+    def execute(self, seqs: list[StepSeq], sampling: list[SampleRequest]) -> list[Sampled | str | None]:
+        """Runs one step and samples the next token of each sequence with `sample` (their SampleRequests in
+        order). Returns per sequence: its Sampled token, None (a prefill chunk with nothing to sample), or why it
+        failed (a string). Should the step fail, each sequence runs again alone, so only the ones that fail by
+        themselves fail: one bad request never takes the others down. Re-running rewrites the same keys and
+        values."""
+        if not self.kv_cache and any(s.start for s in seqs):
+            raise ValueError("without a KV cache every step must recompute each sequence from position 0")
+        rows = [i for i, s in enumerate(seqs) if s.sample]
+        try:
+            logits, failed = self._drive("execute", seqs), {}
+        except Exception as e:
+            logits, failed = self._one_by_one(seqs, e)
+        ok_rows = [i for i in rows if i not in failed]
+        picks = sample_each(logits, [sampling[rows.index(i)] for i in ok_rows])
+        out: list[Sampled | str | None] = [failed.get(i) for i in range(len(seqs))]
+        for i, pick in zip(ok_rows, picks):
+            out[i] = pick
+        return out
+
+    def _one_by_one(self, seqs: list[StepSeq], error: Exception) -> tuple[torch.Tensor, dict[int, str]]:
+        """The failed step again, a sequence at a time: (logits of those that ran, {index: why the others
+        failed})."""
+        if len(seqs) == 1:
+            return torch.empty(0, self.config.vocab_size), {0: f"the forward pass failed: {_describe(error)}"}
+        rows, failed = [], {}
+        for i, seq in enumerate(seqs):
+            try:
+                logits = self._drive("execute", [seq])
+            except Exception as e:
+                failed[i] = f"the forward pass failed: {_describe(e)}"
+                continue
+            if seq.sample:
+                rows.append(logits)
+        return (torch.cat(rows) if rows else torch.empty(0, self.config.vocab_size)), failed
+
+    @torch.inference_mode()
+    def full_logits(self, token_ids: list[int]) -> torch.Tensor:
+        """Logits [T, V] for every position of one sequence, without touching the KV cache (evaluation, tests)."""
+        return self._drive("full_logits", list(token_ids))
+
+    def _drive(self, kind: str, payload) -> torch.Tensor:
+        """Runs this rank's part; split across ranks, first sends the work to the others (rank 0 only)."""
+        if self.world is None:
+            return self.run(kind, payload)
+        with self.world.command("run", self.model_id, kind, payload):
+            return self.run(kind, payload)
+
+    # ---- every rank: its part of a step -------------------------------------------------------------------------
+    @torch.inference_mode()
+    def run(self, kind: str, payload) -> torch.Tensor | None:
+        """This rank's part of a step (`execute`: a list of StepSeq) or of a scoring pass (`full_logits`: token
+        ids); float32 logits of the scored rows on rank 0, None elsewhere."""
+        if kind == "full_logits":
+            n = len(payload)
+            meta = PagedMetadata.build([], [(0, n, n, [])], None, self.block_size, self.device)
+            tokens = torch.tensor([payload], dtype=torch.long, device=self.device)
+            positions = torch.arange(n, device=self.device).unsqueeze(0)
+            return run_stage(self.model, self.world, [(tokens, positions, meta, list(range(n)))], None, None, n,
+                             self.dtype, self.device)
+        seqs = payload
+        order = sorted(range(len(seqs)), key=lambda i: not (self.kv_cache and len(seqs[i].token_ids) == 1))
+        ordered = [seqs[i] for i in order]
+        batches = []
+        for part in micro_batches(ordered, stages(self.world, self.model)):
+            tokens, positions, meta = self._inputs(part)
+            ends = itertools.accumulate(len(s.token_ids) for s in part)
+            batches.append((tokens, positions, meta, [e - 1 for e, s in zip(ends, part) if s.sample]))
+        sampled = [i for i in order if seqs[i].sample]  # the scored rows come in this order
+        where = {i: row for row, i in enumerate(sampled)}
+        given = None if sampled == sorted(sampled) else [where[i] for i in sorted(sampled)]
+        return run_stage(self.model, self.world, batches, self.cache.layers if self.cache else None, given,
+                         len(sampled), self.dtype, self.device)
+
+    def _inputs(self, seqs: list[StepSeq]):
+        """(tokens [1, N], positions [1, N], PagedMetadata) for sequences already ordered decodes first."""
+        bs = self.block_size
+        tokens, positions, slots = [], [], []
+        decodes, prefills = [], []
+        for s in seqs:
+            n, at = len(s.token_ids), len(tokens)
+            tokens += s.token_ids
+            positions += range(s.start, s.start + n)
+            if self.kv_cache:
+                t = s.block_table
+                slots += [t[p // bs] * bs + p % bs for p in range(s.start, s.start + n)]
+            if self.kv_cache and n == 1:
+                decodes.append((s.block_table, s.start + 1))
+            else:
+                prefills.append((at, n, s.start + n, s.block_table))
+        dev = self.device
+        slot_mapping = torch.tensor(slots, dtype=torch.long, device=dev) if self.kv_cache else None
+        meta = PagedMetadata.build(decodes, prefills, slot_mapping, bs, dev)
+        return (torch.tensor([tokens], dtype=torch.long, device=dev),
+                torch.tensor([positions], dtype=torch.long, device=dev), meta)
+
+    @torch.inference_mode()
+    def warm_up(self) -> int:
+        """Compiles every graph class once (one token and more, first layer and others); returns the count."""
+        if self.compiled is None:
+            return 0
+        # every rank warms up at load, together: run, not execute
+        tables = ([0], [1]) if self.kv_cache else ([], [])
+        self.run("execute", [StepSeq([1, 2, 3], 0, tables[0], True)])  # N > 1
+        if self.kv_cache:
+            self.run("execute", [StepSeq([4], 3, tables[0], True)])  # N = 1: a decode
+            self.run("execute", [StepSeq([5], 4, tables[0], True), StepSeq([1, 2], 0, tables[1], True)])
+        else:
+            self.run("execute", [StepSeq([4], 0, [], True)])
+        return self.compiles
+
+    # ---- what the model holds --------------------------------------------------------------------------------------
+    def weight_bytes(self) -> int:
+        """Bytes of the weights as they are held now (quantized ones included, tied ones counted once)."""
+        seen, total = set(), 0
+        for t in list(self.model.parameters()) + [b for n, b in self.model.named_buffers() if "rotary" not in n]:
+            if t.data_ptr() not in seen:
+                seen.add(t.data_ptr())
+                total += t.numel() * t.element_size()
+        return total
+
+    def kv_cache_bytes(self) -> int:
+        """Bytes reserved for the KV cache (0 without one; on the CPU pages are committed on use)."""
+        return self.cache.nbytes() if self.cache is not None else 0
+
+
+def _describe(e: BaseException) -> str:
+    return f"{type(e).__name__}: {e}"
