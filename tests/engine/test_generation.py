@@ -23,8 +23,8 @@ def test_batched_prompts_of_different_lengths_equal_single_runs(smollm):
         assert out.text == alone.text
 
 
-def test_left_padding_keeps_logits_of_each_row(tiny):
-    # compare the first sampled step of a padded batch with unpadded single runs, via logprobs
+def test_batched_rows_keep_the_logprobs_of_single_runs(tiny):
+    # sequences of different lengths in one flat batch against each run alone, via logprobs
     params = SamplingParams(max_tokens=3, temperature=0.0, logprobs=5)
     prompts = [[5, 6, 7], list(range(10, 40))]
     batched = tiny.generate(prompts, params)

@@ -199,7 +199,8 @@ def test_pipeline_stages_cover_the_layers_once():
 
 
 def test_micro_batches_are_contiguous_balanced_and_never_empty():
-    from infer_recipes.runner import StepSeq, micro_batches
+    from infer_recipes.runner import StepSeq
+    from infer_recipes.runner.pipeline import micro_batches
 
     decode = [StepSeq([1], 10, [0], True) for _ in range(6)]
     prompt = StepSeq(list(range(40)), 0, [1], True)

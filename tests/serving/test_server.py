@@ -5,9 +5,6 @@ import asyncio
 import json
 import re
 import signal
-import socket
-import subprocess
-import sys
 import time
 
 import httpx
