@@ -93,6 +93,10 @@ class EngineConfig:
     #   what max_batch_size sequences of max_model_len tokens need)
     max_num_batched_tokens: int = 512  # tokens per step: the chunked-prefill budget
     max_waiting: int = 1024  # queued requests at most; more are refused (the server answers 429)
+    # automatic prefix caching: full KV blocks are named by their tokens and reused by later sequences with the
+    # same prefix. None: on where it is exact (a KV cache, and not int4-w8a8, whose int4 form for <= 4 rows would
+    # compute a cached prefix's suffix differently from the w8a8 form that computes a whole prompt)
+    prefix_caching: bool | None = None
     # across devices (torch.distributed, launched by torchrun): ranks = tensor x pipeline parallel size
     tensor_parallel_size: int = 1  # heads, MLP columns and vocabulary split across this many ranks
     pipeline_parallel_size: int = 1  # contiguous layer stages on this many ranks
@@ -106,6 +110,11 @@ class EngineConfig:
                      f"must be an integer > 1, got {self.max_model_len!r}")
         _require(isinstance(self.max_batch_size, int) and self.max_batch_size >= 1, "max_batch_size",
                  f"must be a positive integer, got {self.max_batch_size!r}")
+        if self.prefix_caching is not None:
+            _require(isinstance(self.prefix_caching, bool), "prefix_caching",
+                     f"must be true, false or null (on where exact), got {self.prefix_caching!r}")
+            _require(not (self.prefix_caching and not self.kv_cache), "prefix_caching",
+                     "needs the KV cache (kv_cache: true)")
         for name in ("kv_cache", "fusion", "compile"):
             _require(isinstance(getattr(self, name), bool), name, f"must be true or false, got {getattr(self, name)!r}")
         if self.quantization in ("none", "off", "fp", ""):
@@ -129,6 +138,13 @@ class EngineConfig:
                      "kv_cache_memory", f"must be a fraction in (0, 1], got {self.kv_cache_memory!r}")
         _require(self.group_size in GROUP_SIZES, "group_size",
                  f"must be one of {', '.join(map(str, GROUP_SIZES))}, got {self.group_size!r}")
+
+
+def prefix_caching_on(cfg: "EngineConfig") -> bool:
+    """Whether `cfg` caches prefixes: as set, or (None) where exact."""
+    if cfg.prefix_caching is not None:
+        return cfg.prefix_caching
+    return cfg.kv_cache and cfg.quantization != "int4-w8a8"
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,7 @@
 """Recipes: one YAML file that reproduces one deployment (model, optimizations, parallel, scheduler, data).
 
     model:        name (a model spec, as `--model` takes it), dtype, device, max_model_len
-    optimization: kv_cache, fusion, compile, quantization, quantization_skip, group_size
+    optimization: kv_cache, prefix_caching, fusion, compile, quantization, quantization_skip, group_size
     parallel:     tensor_parallel_size, pipeline_parallel_size
     scheduler:    max_batch_size
     data:         prompts, prompts_file, chat, max_tokens, temperature, top_p, top_k, seed, ignore_eos
@@ -67,6 +67,8 @@ SCHEMA: dict[str, dict[str, tuple]] = {
     },
     "optimization": {
         "kv_cache": ((bool,), (True, False), ""),
+        "prefix_caching": ((bool, type(None)), (True, False), "reuse cached KV blocks of shared prefixes (null: "
+                           "on where exact)"),
         "fusion": ((bool,), (True, False), ""),
         "compile": ((bool,), (True, False), ""),
         "quantization": ((str, type(None)), ("none",) + tuple(q for q in QUANTIZATIONS if q), ""),

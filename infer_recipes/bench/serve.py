@@ -106,6 +106,7 @@ async def run(url: str, model: str, prompts: list[str], output_len: int, request
     async with httpx.AsyncClient(timeout=httpx.Timeout(600.0)) as client:
         try:
             (await client.get(f"{url}/health")).raise_for_status()
+            before = await _server_state(client, url, headers)
         except httpx.HTTPError as e:
             raise InferRecipesError(f"no server at {url} ({e}): start one with `infer-recipes serve`") from None
 
@@ -126,6 +127,7 @@ async def run(url: str, model: str, prompts: list[str], output_len: int, request
                 await asyncio.sleep(rng.expovariate(request_rate))
         results = await asyncio.gather(*tasks)
         duration = time.perf_counter() - start
+        after = await _server_state(client, url, headers)
     if progress:
         print(file=sys.stderr)
     ok = [r for r in results if r.ok]
@@ -140,6 +142,7 @@ async def run(url: str, model: str, prompts: list[str], output_len: int, request
         "prompt_tokens": sum(r.prompt_tokens for r in ok),
         "ttft_s": summary([r.ttft for r in ok]), "tpot_s": summary([r.tpot for r in ok if r.tpot is not None]),
         "itl_s": summary([x for r in ok for x in r.itl]), "e2e_s": summary([r.e2e for r in ok]),
+        "prefix_cache_hit_rate": _hit_rate(before, after, model),
     }
     if slo:
         good = [r for r in ok if r.ttft <= slo.get("ttft", float("inf"))
@@ -148,6 +151,13 @@ async def run(url: str, model: str, prompts: list[str], output_len: int, request
         report["goodput_requests_per_s"] = len(good) / duration
         report["slo_attained"] = len(good) / len(results) if results else 0.0
     return report
+
+
+def _hit_rate(before: dict, after: dict, model: str) -> float | None:
+    """Prompt tokens found in the model's prefix cache over those looked up, between two /metrics reads."""
+    b, a = before["prefix"].get(model, {}), after["prefix"].get(model, {})
+    queries = a.get("queries", 0.0) - b.get("queries", 0.0)
+    return (a.get("hits", 0.0) - b.get("hits", 0.0)) / queries if queries else None
 
 
 def parse_slo(text: str | None) -> dict | None:
@@ -178,6 +188,8 @@ def format_report(r: dict) -> str:
     for key, label in (("ttft_s", "time to first token"), ("tpot_s", "time per output token"),
                        ("itl_s", "inter-token latency"), ("e2e_s", "end-to-end latency")):
         lines.append(f"| {label} | {ms(r[key], 'mean')} | {ms(r[key], 'median')} | {ms(r[key], 'p99')} |")
+    if r.get("prefix_cache_hit_rate") is not None:
+        lines.append(f"prefix cache hit rate {r['prefix_cache_hit_rate']:.1%} of prompt tokens")
     if "goodput_requests_per_s" in r:
         lines.append(f"goodput {r['goodput_requests_per_s']:.2f} requests/s ({r['slo_attained']:.0%} within "
                      f"{r['slo']})")
@@ -231,10 +243,15 @@ async def _abandon(client: httpx.AsyncClient, url: str, model: str, prompt: str,
 async def _server_state(client: httpx.AsyncClient, url: str, headers: dict) -> dict:
     """The server's resident memory and each model's free / total KV blocks, from /metrics."""
     text = (await client.get(f"{url}/metrics", headers=headers)).text
-    state: dict = {"rss_bytes": None, "kv": {}}
+    state: dict = {"rss_bytes": None, "kv": {}, "prefix": {}}
     for line in text.splitlines():
         if line.startswith("process_resident_memory_bytes "):
             state["rss_bytes"] = float(line.split()[1])
+        for key in ("queries", "hits"):
+            prefix = f"infer_recipes_prefix_cache_{key}_total{{model=\""
+            if line.startswith(prefix):
+                model = line[len(prefix):].split('"')[0]
+                state["prefix"].setdefault(model, {})[key] = float(line.split()[-1])
         for key in ("free", "total"):
             prefix = f"infer_recipes_kv_cache_{key}_blocks{{model=\""
             if line.startswith(prefix):

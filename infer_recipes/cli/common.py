@@ -31,6 +31,9 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
 
 def _add_switch_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("optimization switches (default: kv cache and fusion on, compile and quantization off)")
+    g.add_argument("--prefix-caching", action=argparse.BooleanOptionalAction, default=None,
+                   help="reuse the KV blocks of prefixes seen before (default: on where exact: a KV cache, not "
+                        "int4-w8a8)")
     g.add_argument("--kv-cache", action=argparse.BooleanOptionalAction, default=None,
                    help="keep keys/values between steps (off recomputes the whole prefix each step)")
     g.add_argument("--fusion", action=argparse.BooleanOptionalAction, default=None,
@@ -51,8 +54,8 @@ def _add_switch_args(p: argparse.ArgumentParser) -> None:
                    help="ranks holding contiguous layer stages (default 1)")
 
 
-_FLAGS = ("device", "dtype", "max_model_len", "max_batch_size", "kv_cache", "fusion", "compile", "quantization",
-          "quantization_skip", "group_size", "tensor_parallel_size", "pipeline_parallel_size")
+_FLAGS = ("device", "dtype", "max_model_len", "max_batch_size", "kv_cache", "prefix_caching", "fusion", "compile",
+          "quantization", "quantization_skip", "group_size", "tensor_parallel_size", "pipeline_parallel_size")
 
 
 def _model_and_options(args) -> tuple[str, dict]:

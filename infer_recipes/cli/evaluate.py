@@ -54,7 +54,10 @@ def cmd_eval_qa(args) -> int:
     lang = "zh" if task == "cmrc" else "en"
     results, seconds = answer_questions(llm, examples, lang, args.shots, batch_size, args.max_tokens,
                                         progress=_progress())
+    stats = llm.engine.stats()
+    hit_rate = stats["prefix_cache_hits"] / stats["prefix_cache_queries"] if stats["prefix_cache_queries"] else None
     result = report(task, examples, results, seconds, data=args.data, model=llm.source.name,
+                    prefix_cache_hit_rate=hit_rate,
                     options=dict(options), batch_size=batch_size, shots=args.shots,
                     max_tokens=args.max_tokens, device=llm.device.type)
     if args.out:
@@ -74,6 +77,7 @@ def cmd_eval_qa(args) -> int:
           f"p99 {result['latency_p99_s'] or 0:.2f} s (batch {batch_size}), {result['generated_tokens']} tokens "
           f"generated, {result['unanswered']} answered 'unanswerable'"
           + (f", {result['prompts_too_long']} prompts longer than the context" if result["prompts_too_long"] else "")
+          + (f", prefix cache hit rate {hit_rate:.0%}" if hit_rate is not None else "")
           + (f"; predictions.json, metrics.json, answers.jsonl, data.json in {args.out}" if args.out else ""))
     return 0
 

@@ -10,7 +10,7 @@ import itertools
 from collections.abc import Sequence
 from typing import NamedTuple
 
-from ..config import EngineConfig, SamplingParams
+from ..config import EngineConfig, SamplingParams, prefix_caching_on
 from ..errors import ContextLengthError, InferRecipesError
 from ..runner import ModelRunner, Sampled, SampleRequest, StepSeq, make_generator
 from ..tokenizer import IncrementalDetokenizer, LLMTokenizer
@@ -34,7 +34,8 @@ class LLMEngine:
         self.runner, self.tokenizer, self.config = runner, tokenizer, config
         self.max_model_len, self.vocab_size = runner.max_model_len, runner.model_config.vocab_size
         self.eos_token_ids = eos_token_ids
-        self.block_pool = BlockPool(runner.cache.num_blocks if runner.cache is not None else 1, config.block_size)
+        self.block_pool = BlockPool(runner.cache.num_blocks if runner.cache is not None else 1, config.block_size,
+                                    caching=prefix_caching_on(config))
         self.scheduler = Scheduler(SchedulerConfig(max_num_seqs=config.max_batch_size,
                                                    max_num_batched_tokens=config.max_num_batched_tokens,
                                                    max_waiting=config.max_waiting,
@@ -102,7 +103,8 @@ class LLMEngine:
         return self._update(scheduled, results)
 
     def _update(self, scheduled: SchedulerOutput, results: list[Sampled | str | None]) -> list[RequestOutput]:
-        self.scheduler.update(scheduled)
+        self.scheduler.update(scheduled, frozenset(s.seq.request_id for s, r in zip(scheduled.scheduled, results)
+                                                   if isinstance(r, str)))
         self.num_steps += bool(results)
         outputs = []
         for s, result in zip(scheduled.scheduled, results):
@@ -127,7 +129,9 @@ class LLMEngine:
         return {"waiting": len(self.scheduler.waiting), "running": len(self.scheduler.running),
                 "kv_cache_usage": self.block_pool.usage if self.config.kv_cache else 0.0,
                 "kv_blocks_total": self.block_pool.num_blocks, "kv_blocks_free": self.block_pool.num_free,
-                "preemptions": self.scheduler.num_preemptions, "steps": self.num_steps}
+                "preemptions": self.scheduler.num_preemptions, "steps": self.num_steps,
+                "prefix_cache_queries": self.block_pool.queries, "prefix_cache_hits": self.block_pool.hits,
+                "prefix_cache_blocks": self.block_pool.num_cached}
 
 
 def _runner_inputs(scheduled: SchedulerOutput) -> tuple[list[StepSeq], list[SampleRequest]]:

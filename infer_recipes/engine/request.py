@@ -55,6 +55,8 @@ class Request:
     # what the scheduler keeps (see scheduler.Seq)
     num_computed_tokens: int = 0
     block_table: list[int] = field(default_factory=list)
+    block_names: list = field(default_factory=list)
+    named_blocks: int = 0
 
     @property
     def num_tokens(self) -> int:

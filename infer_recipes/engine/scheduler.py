@@ -28,9 +28,14 @@ class Seq(Protocol):
     request_id: str
     num_computed_tokens: int
     block_table: list[int]
+    # prefix caching only (BlockPool.caching): its chain of block names, how many of its blocks are named
+    block_names: list[bytes]
+    named_blocks: int
 
     @property
     def num_tokens(self) -> int: ...
+
+    def tokens(self, start: int, count: int) -> list[int]: ...
 
 
 @dataclass(frozen=True)
@@ -82,8 +87,7 @@ class Scheduler:
 
     def _preempt(self, seq: Seq) -> None:
         self.running.remove(seq)
-        self.pool.release(seq.block_table)
-        seq.num_computed_tokens = 0
+        self._release(seq)
         self.waiting.appendleft(seq)
         self.num_preemptions += 1
 
@@ -116,6 +120,7 @@ class Scheduler:
                 i += 1
                 continue
             break  # seq itself was preempted: nothing after it is left to run
+        filling: set[bytes] = set()  # names of blocks this step's admitted prefills fill (prefix caching)
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs and not preempted:
             seq = self.waiting[0]
             if self.config.recompute:
@@ -123,9 +128,15 @@ class Scheduler:
                 if n > budget and scheduled:
                     break
             else:
+                hit = self._take_cached_prefix(seq)
                 n = min(seq.num_tokens - seq.num_computed_tokens, budget)
-                if not self.pool.grow(seq.block_table, seq.num_computed_tokens + n):
-                    break  # first come, first served: nobody overtakes the head of the queue
+                if self._waits_for(seq, filling) or not self.pool.grow(seq.block_table, seq.num_computed_tokens + n):
+                    self._release(seq)  # first come, first served: nobody overtakes the head of the queue
+                    break
+                if hit is not None:
+                    self.pool.count_lookup(seq.num_tokens, hit)
+                    bs = self.pool.block_size  # the blocks this chunk fills, named by the lookup already
+                    filling.update(seq.block_names[hit // bs:(seq.num_computed_tokens + n) // bs])
             self.waiting.popleft()
             self.running.append(seq)
             start = 0 if self.config.recompute else seq.num_computed_tokens
@@ -133,15 +144,53 @@ class Scheduler:
             budget -= n
         return SchedulerOutput(tuple(scheduled), tuple(preempted))
 
-    def update(self, output: SchedulerOutput) -> None:
-        """Marks the scheduled tokens computed (call after the step ran, before appending sampled tokens)."""
+    def _take_cached_prefix(self, seq: Seq) -> int | None:
+        """A sequence starting from nothing takes the longest cached prefix of its tokens (it then starts from
+        there); returns the tokens found, or None when there is no lookup (no caching, or a partial start)."""
+        if not self.pool.caching or seq.num_computed_tokens or seq.block_table:
+            return None
+        blocks = self.pool.match(seq.tokens(0, seq.num_tokens), seq.block_names)
+        self.pool.hold(blocks)
+        seq.block_table.extend(blocks)
+        seq.named_blocks = len(blocks)
+        seq.num_computed_tokens = len(blocks) * self.pool.block_size
+        return seq.num_computed_tokens
+
+    def _waits_for(self, seq: Seq, filling: set[bytes]) -> bool:
+        """Whether the next block `seq` needs is being filled by a prefill admitted this step (an `n > 1` choice,
+        a shared system prompt): it then starts next step, from that block."""
+        if not filling or not self.pool.caching:
+            return False
+        at = len(seq.block_table)
+        return at < len(seq.block_names) and seq.block_names[at] in filling
+
+    def _release(self, seq: Seq) -> None:
+        """Gives a sequence's blocks back (cached ones stay cached) and sends it back to the start."""
+        self.pool.release(seq.block_table)
+        seq.num_computed_tokens = 0
+        if self.pool.caching:
+            seq.named_blocks = 0
+
+    def update(self, output: SchedulerOutput, failed: frozenset[str] = frozenset()) -> None:
+        """Marks the scheduled tokens computed (call after the step ran, before appending sampled tokens) and,
+        with prefix caching, names the blocks they filled. A `failed` sequence's tokens are not trusted: its
+        blocks stay unnamed."""
         if self.config.recompute:
             return
+        bs = self.pool.block_size
         for s in output.scheduled:
-            s.seq.num_computed_tokens = s.start + s.num_tokens
+            seq = s.seq
+            seq.num_computed_tokens = s.start + s.num_tokens
+            if self.pool.caching and seq.request_id not in failed and \
+                    seq.num_computed_tokens // bs > seq.named_blocks:
+                seq.named_blocks = self.pool.name_full_blocks(seq.block_table,
+                                                              seq.tokens(0, seq.num_computed_tokens),
+                                                              seq.block_names, seq.named_blocks,
+                                                              seq.num_computed_tokens)
 
     def finish(self, seq: Seq) -> None:
-        """Removes a finished or aborted sequence, wherever it is, and frees its blocks."""
+        """Removes a finished or aborted sequence, wherever it is, and frees its blocks (cached ones stay
+        cached)."""
         if seq in self.running:
             self.running.remove(seq)
         elif seq in self.waiting:

@@ -32,6 +32,10 @@ class _EngineCollector:
                                    labels=["model"])
         preemptions = CounterMetricFamily(f"{PREFIX}_num_preemptions", "Sequences preempted (recomputed later)",
                                           labels=["model"])
+        queries = CounterMetricFamily(f"{PREFIX}_prefix_cache_queries", "Prompt tokens looked up in the prefix cache",
+                                      labels=["model"])
+        hits = CounterMetricFamily(f"{PREFIX}_prefix_cache_hits", "Prompt tokens found in the prefix cache (not "
+                                   "computed again)", labels=["model"])
         for name, entry in self.pool.entries.items():
             loaded.add_metric([name], 1.0 if entry.loaded else 0.0)
             if entry.engine is None:
@@ -44,7 +48,9 @@ class _EngineCollector:
             total.add_metric([name], stats["kv_blocks_total"])
             memory.add_metric([name], entry.nbytes)
             preemptions.add_metric([name], stats["preemptions"])
-        yield from (waiting, running, usage, free, total, loaded, memory, preemptions)
+            queries.add_metric([name], stats["prefix_cache_queries"])
+            hits.add_metric([name], stats["prefix_cache_hits"])
+        yield from (waiting, running, usage, free, total, loaded, memory, preemptions, queries, hits)
 
 
 class Metrics:
