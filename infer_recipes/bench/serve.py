@@ -104,11 +104,7 @@ async def run(url: str, model: str, prompts: list[str], output_len: int, request
     done = 0
 
     async with httpx.AsyncClient(timeout=httpx.Timeout(600.0)) as client:
-        try:
-            (await client.get(f"{url}/health")).raise_for_status()
-            before = await _server_state(client, url, headers)
-        except httpx.HTTPError as e:
-            raise InferRecipesError(f"no server at {url} ({e}): start one with `infer-recipes serve`") from None
+        before = await _connect(client, url, headers)
 
         async def limited(prompt: str) -> RequestResult:
             nonlocal done
@@ -240,6 +236,15 @@ async def _abandon(client: httpx.AsyncClient, url: str, model: str, prompt: str,
         pass
 
 
+async def _connect(client: httpx.AsyncClient, url: str, headers: dict) -> dict:
+    """The server's state (see `_server_state`) once it answers /health; a one-line error when nothing does."""
+    try:
+        (await client.get(f"{url}/health")).raise_for_status()
+        return await _server_state(client, url, headers)
+    except httpx.HTTPError as e:
+        raise InferRecipesError(f"no server at {url} ({e}): start one with `infer-recipes serve`") from None
+
+
 async def _server_state(client: httpx.AsyncClient, url: str, headers: dict) -> dict:
     """The server's resident memory and each model's free / total KV blocks, from /metrics."""
     text = (await client.get(f"{url}/metrics", headers=headers)).text
@@ -271,11 +276,7 @@ async def soak(url: str, models: list[str], prompts: list[str], output_len: int,
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     events: list[tuple[float, str, float | None, str]] = []  # (time, kind, e2e, error)
     async with httpx.AsyncClient(timeout=httpx.Timeout(600.0)) as client:
-        try:
-            (await client.get(f"{url}/health")).raise_for_status()
-            start_state = await _server_state(client, url, headers)
-        except httpx.HTTPError as e:
-            raise InferRecipesError(f"no server at {url} ({e}): start one with `infer-recipes serve`") from None
+        start_state = await _connect(client, url, headers)
         start = time.perf_counter()
         rss: list[tuple[float, float | None]] = [(0.0, start_state["rss_bytes"])]
         counter = 0
