@@ -68,13 +68,13 @@ class ModelRunner:
         values."""
         if not self.kv_cache and any(s.start for s in seqs):
             raise ValueError("without a KV cache every step must recompute each sequence from position 0")
-        rows = [i for i, s in enumerate(seqs) if s.sample]
+        wanted = {i: request for i, request in zip((i for i, s in enumerate(seqs) if s.sample), sampling)}
         try:
             logits, failed = self._drive("execute", seqs), {}
         except Exception as e:
             logits, failed = self._one_by_one(seqs, e)
-        ok_rows = [i for i in rows if i not in failed]
-        picks = sample_each(logits, [sampling[rows.index(i)] for i in ok_rows])
+        ok_rows = [i for i in wanted if i not in failed]
+        picks = sample_each(logits, [wanted[i] for i in ok_rows])
         out: list[Sampled | str | None] = [failed.get(i) for i in range(len(seqs))]
         for i, pick in zip(ok_rows, picks):
             out[i] = pick

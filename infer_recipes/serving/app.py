@@ -22,7 +22,7 @@ from . import routing
 from .jobs import Job
 from .metrics import Metrics
 from .pool import ModelPool
-from .protocol import APIError, ChatCompletionRequest, CompletionRequest, bad_request, now, parse
+from .protocol import APIError, ChatCompletionRequest, CompletionRequest, bad_request, now, parse, server_error
 from .responses import completion_body, replay_events, stream_events
 from .routing import Cascade
 from .sse import EventStream
@@ -88,7 +88,7 @@ def create_app(pool: ModelPool, cascades: dict[str, Cascade] | None = None, api_
 
     @app.exception_handler(Exception)
     async def unexpected(_, e: Exception):  # a bug of ours: still OpenAI's error object, never a bare 500
-        body = APIError(500, f"internal error: {type(e).__name__}: {e}", "server_error", None, "internal_error")
+        body = server_error(f"internal error: {type(e).__name__}: {e}", "internal_error")
         return JSONResponse(body.body(), status_code=500)
 
     # ---- endpoints ---------------------------------------------------------------------------------------------
