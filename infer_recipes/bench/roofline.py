@@ -7,6 +7,7 @@ measured bandwidth than doing its FLOPs at the measured matmul rate.
 """
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable
 
@@ -15,32 +16,35 @@ import torch
 from ..device import device_name, synchronize
 
 
-def _best_time(fn: Callable[[], object], device: torch.device, repeats: int, min_seconds: float = 0.05) -> float:
+def _best_time(fn: Callable[[], object], sync: Callable[[], None], repeats: int, min_seconds: float = 0.05) -> float:
     """The best (least) seconds per call over `repeats` rounds, each round long enough to time: a roof is what the
-    machine can reach, and on a shared machine the slower rounds measure the neighbours."""
+    machine can reach, and on a shared machine the slower rounds measure the neighbours.
+
+    sync() waits for the device. A GPU call returns once it is queued, so the calibration that sizes a round waits
+    for each call: counting queued calls sized rounds at thousands of 20 ms matmuls (minutes on an H200)."""
     fn()
-    synchronize(device)
+    sync()
     start, calls = time.perf_counter(), 0
     while time.perf_counter() - start < min_seconds or calls < 1:
         fn()
+        sync()
         calls += 1
-    synchronize(device)
     per_round = max(1, calls)
     times = []
     for _ in range(repeats):
-        synchronize(device)
+        sync()
         t = time.perf_counter()
         for _ in range(per_round):
             fn()
-        synchronize(device)
+        sync()
         times.append((time.perf_counter() - t) / per_round)
     return min(times)
 
 
-def _bandwidth(device: torch.device, nbytes: int, repeats: int) -> tuple[float, float]:
+def _bandwidth(device: torch.device, nbytes: int, repeats: int, sync: Callable[[], None]) -> tuple[float, float]:
     x = torch.ones(nbytes // 4, dtype=torch.float32, device=device)
     y = torch.empty_like(x)
-    return nbytes / _best_time(x.sum, device, repeats), 2 * nbytes / _best_time(lambda: y.copy_(x), device, repeats)
+    return nbytes / _best_time(x.sum, sync, repeats), 2 * nbytes / _best_time(lambda: y.copy_(x), sync, repeats)
 
 
 def measure_machine(device: torch.device, quick: bool = False) -> dict:
@@ -49,17 +53,18 @@ def measure_machine(device: torch.device, quick: bool = False) -> dict:
     accel = device.type != "cpu"
     mb = 256 * (8 if accel else 1)  # far beyond any cache, even in quick mode
     repeats = 3 if quick else 5
-    read, copy = _bandwidth(device, mb * 2**20, repeats)
+    sync = functools.partial(synchronize, device)
+    read, copy = _bandwidth(device, mb * 2**20, repeats, sync)
     n = (1024 if quick else 2048) * (4 if accel else 1)
     result = {"device": device.type, "device_name": device_name(device), "threads": torch.get_num_threads(),
               "bandwidth_read_gbs": read / 1e9, "bandwidth_copy_gbs": copy / 1e9, "matmul_size": n, "gflops": {}}
     low = torch.float16 if device.type == "cuda" and not torch.cuda.is_bf16_supported() else torch.bfloat16
     for name, dtype in (("float32", torch.float32), (str(low).removeprefix("torch."), low)):
         a = torch.randn(n, n, device=device).to(dtype)
-        result["gflops"][name] = 2 * n**3 / _best_time(lambda: a @ a, device, repeats) / 1e9
+        result["gflops"][name] = 2 * n**3 / _best_time(lambda: a @ a, sync, repeats) / 1e9
     try:
         a8 = torch.randint(-128, 127, (n, n), dtype=torch.int8, device=device)
-        result["gflops"]["int8"] = 2 * n**3 / _best_time(lambda: torch._int_mm(a8, a8), device, repeats) / 1e9
+        result["gflops"]["int8"] = 2 * n**3 / _best_time(lambda: torch._int_mm(a8, a8), sync, repeats) / 1e9
     except (RuntimeError, NotImplementedError) as e:
         result["gflops"]["int8"] = None
         result["int8_unsupported"] = str(e).splitlines()[0][:200]

@@ -237,6 +237,27 @@ def test_measure_machine_quick():
     assert "AMD" in roofline.format_machine(m) or "GB/s" in roofline.format_machine(m)
 
 
+def test_best_time_waits_for_a_queued_device():
+    """A GPU call returns when queued: timing must wait for the work. A fake queue whose calls each take 5 ms
+    (paid only at sync, like a stream) is timed at 5 ms a call, and sizing a round queues a few calls, not
+    thousands (which took minutes on an H200 before the calibration synced)."""
+    import time
+
+    queued = []
+
+    def call():
+        queued.append(0.005)
+
+    def sync():
+        time.sleep(sum(queued))
+        queued.clear()
+
+    start = time.perf_counter()
+    per_call = roofline._best_time(call, sync, repeats=2, min_seconds=0.02)
+    assert per_call == pytest.approx(0.005, rel=0.5)
+    assert time.perf_counter() - start < 1.0
+
+
 def test_energy_meter_reads_rapl_and_survives_wraparound(tmp_path):
     zone = tmp_path / "intel-rapl:0"
     (zone / "intel-rapl:0:0").mkdir(parents=True)  # a subzone (dram) is not counted twice
