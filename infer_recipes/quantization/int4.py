@@ -51,25 +51,3 @@ class Int4Linear(QuantizedLinear):
     def _matmul(self, x: torch.Tensor) -> torch.Tensor:
         return torch.ops.aten._weight_int4pack_mm_for_cpu(x.to(ACT_DTYPE), self.packed, self.group_size,
                                                          self.scales_zeros)
-
-
-def gguf_q4_parts(qtype: str, blocks, rows: int, cols: int):
-    """(q [N, K] in [0, 15], scales [N, K/32], zeros [N, K/32]) with W = (q - 8) * scale + zero: the block's own
-    values (d and m are float16 in the file; the kernel later holds them in bfloat16)."""
-    import numpy as np
-
-    nb = cols // 32
-    raw = np.asarray(blocks).reshape(rows, nb, -1)
-    d = torch.from_numpy(raw[..., 0:2].copy().view(np.float16)[..., 0].astype(np.float32))  # [N, nb]
-    if qtype == "Q4_1":
-        m = torch.from_numpy(raw[..., 2:4].copy().view(np.float16)[..., 0].astype(np.float32))
-        qs = raw[..., 4:]
-        zeros = m + 8 * d  # d q + m = (q - 8) d + (m + 8 d)
-    elif qtype == "Q4_0":
-        qs = raw[..., 2:]
-        zeros = torch.zeros_like(d)  # d (q - 8)
-    else:
-        raise ValueError(f"{qtype} has no exact int4 form")
-    qs = torch.from_numpy(qs.copy())  # [N, nb, 16]: low nibbles are elements 0..15, high nibbles 16..31
-    q = torch.cat([qs & 0x0F, qs >> 4], dim=-1).reshape(rows, cols)
-    return q, d, zeros

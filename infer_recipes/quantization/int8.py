@@ -30,6 +30,15 @@ class Int8Linear(QuantizedLinear):
         self.register_buffer("qweight", q)  # [N, K] int8
         self.register_buffer("scales", s.to(ACT_DTYPE))  # [N]
 
+    @classmethod
+    def from_parts(cls, q: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None = None) -> Int8Linear:
+        """From an int8 weight [N, K] and its row scales [N] (already representable in the kernel's dtype)."""
+        self = cls.__new__(cls)
+        QuantizedLinear.__init__(self, q.shape[1], q.shape[0], bias)
+        self.register_buffer("qweight", q)
+        self.register_buffer("scales", scales.to(ACT_DTYPE))
+        return self
+
     @staticmethod
     def quantize(w: torch.Tensor, scale_dtype: torch.dtype = ACT_DTYPE) -> tuple[torch.Tensor, torch.Tensor]:
         def rows(w):

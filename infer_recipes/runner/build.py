@@ -9,8 +9,10 @@ same `build` with the same arguments as rank 0, for its own shard.
 from __future__ import annotations
 
 import functools
+import math
 import sys
 import time
+from collections import Counter
 from dataclasses import dataclass, replace
 
 import torch
@@ -21,11 +23,13 @@ from ..distributed import ParallelContext, launched, world_size
 from ..errors import InferRecipesError
 from ..layers.parallel import Shard, check_split, stage_layers
 from ..loading import ModelSource, load_model, resolve_model_source
-from ..loading.gguf import quantized_blocks
+from ..loading.gguf import quantized_blocks, tensor_shapes, tensor_types
 from ..loading.weights import drop_metadata, read_config, release_loader_memory
 from ..models.llama import WHOLE, LlamaForCausalLM, shard_range
 from ..quantization import quantize
-from ..quantization.api import BYTES_PER_WEIGHT, check_scheme, quantize_embedding, quantize_gguf
+from ..quantization.api import (BYTES_PER_WEIGHT, EMBEDDING, check_scheme, gguf_embedding, gguf_sources, quantize_embedding,
+                                quantize_gguf, skipped)
+from ..quantization.gguf import kernel_for
 from .kv_cache import kv_bytes_per_token, kv_pool_blocks
 from .model_runner import ModelRunner
 
@@ -70,8 +74,13 @@ def memory_estimate(bp: Blueprint) -> int:
     """Bytes the built model will hold, before building it: its weights in their scheme's bytes per weight, and
     the KV cache `kv_blocks` will reserve."""
     cfg = bp.engine_config
-    per_weight = BYTES_PER_WEIGHT.get(cfg.quantization or "", bp.dtype.itemsize)
     kv = kv_blocks(bp) * kv_bytes_per_token(bp.model_config, bp.dtype.itemsize) * cfg.block_size
+    if cfg.quantization == "gguf":  # each tensor's kernel follows its type in the file
+        per_kernel = {"int4": BYTES_PER_WEIGHT["gguf"], "int8": BYTES_PER_WEIGHT["int8"], None: bp.dtype.itemsize}
+        shapes = tensor_shapes(bp.source.location)
+        return int(sum(math.prod(shapes[n]) * per_kernel[kernel_for(t)]
+                       for n, t in tensor_types(bp.source.location).items()) + kv)
+    per_weight = BYTES_PER_WEIGHT.get(cfg.quantization or "", bp.dtype.itemsize)
     return int(bp.model_config.num_parameters * per_weight + kv)
 
 
@@ -81,15 +90,21 @@ def build(bp: Blueprint, num_blocks: int, shard: Shard = Shard(), world: Paralle
     cfg = bp.engine_config
     drop_metadata(bp.source)  # config and tokenizer are read: the GGUF reader's metadata can go
     optimizer = _UnitOptimizer(bp)
+    whole = shard == Shard()  # a split model takes the float detour: a rank's slice can cut through blocks
+    keep = optimizer.kept_in_blocks() if whole else None
     model = load_model(bp.source, bp.dtype, bp.device, max_positions=bp.max_model_len, progress=progress,
-                       config=bp.model_config, on_loaded=optimizer, shard=shard)
+                       config=bp.model_config, on_loaded=optimizer, shard=shard,
+                       keep_quantized=None if keep is None else keep.__contains__)
     release_loader_memory()
-    if cfg.quantization == "gguf" and optimizer.gguf_replaced == 0 and shard.first_stage:
-        raise InferRecipesError("this GGUF file has no Q4_0/Q4_1 tensors to keep: use int4 or int8")
+    if cfg.quantization == "gguf" and not optimizer.gguf_report and shard.first_stage:
+        raise InferRecipesError("this GGUF file has no quantized tensors to keep (it is float): use int4 or int8")
+    if cfg.quantization == "gguf" and progress:
+        print(f"GGUF blocks kept: {optimizer.report()}", file=sys.stderr)
     runner = ModelRunner(model, bp.device, bp.dtype, kv_cache=cfg.kv_cache, compile=cfg.compile,
                          num_blocks=num_blocks, block_size=cfg.block_size, world=world, model_id=model_id)
     runner.source, runner.model_config, runner.max_model_len = bp.source, bp.model_config, bp.max_model_len
     runner.load_seconds, runner.compile_seconds = model.load_seconds, 0.0
+    runner.load_report = optimizer.report()  # what each GGUF tensor type became (quantization: gguf)
     if cfg.compile:
         start = time.perf_counter()
         if progress:
@@ -126,7 +141,34 @@ class _UnitOptimizer:
     has filled it (load_model's `on_loaded`)."""
 
     def __init__(self, bp: Blueprint):
-        self.bp, self.gguf_replaced = bp, 0
+        self.bp = bp
+        self.gguf_report: Counter = Counter()  # (GGUF type, what it became) -> tensors
+
+    def kept_in_blocks(self) -> set[str] | None:
+        """With `quantization: gguf`, the checkpoint tensors whose modules are built from their blocks, so the
+        loader never dequantizes them: every quantized Linear weight (a fused module's parts only if all are
+        quantized) and the embedding, unless the skip patterns keep their module float."""
+        cfg, mc = self.bp.engine_config, self.bp.model_config
+        if cfg.quantization != "gguf":
+            return None
+        types = tensor_types(self.bp.source.location)
+        quantized = {name for name, qtype in types.items() if kernel_for(qtype) is not None}
+        skip = cfg.quantization_skip
+        kept = set()
+        for i in range(mc.num_layers):
+            modules = ["self_attn.o_proj", "mlp.down_proj"]
+            modules += (["self_attn.qkv_proj", "mlp.gate_up_proj"] if cfg.fusion else
+                        ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.gate_proj", "mlp.up_proj"])
+            for module in (f"model.layers.{i}.{m}" for m in modules):
+                sources = gguf_sources(module)
+                if not skipped(module, skip) and all(s in quantized for s in sources):
+                    kept.update(sources)
+        table_float = skipped(EMBEDDING, skip) or (mc.tie_word_embeddings and skipped("lm_head", skip))
+        if "model.embed_tokens.weight" in quantized and not table_float:
+            kept.add("model.embed_tokens.weight")
+        if "lm_head.weight" in quantized and not skipped("lm_head", skip):
+            kept.add("lm_head.weight")
+        return kept
 
     def __call__(self, model: LlamaForCausalLM, unit: str) -> None:
         cfg = self.bp.engine_config
@@ -134,6 +176,12 @@ class _UnitOptimizer:
             if cfg.fusion:
                 model.get_submodule(unit).fuse()
             self._quantize(model, unit)
+        elif unit == "model.embed_tokens" and cfg.quantization == "gguf":
+            if model.config.tie_word_embeddings and model.shard.last_stage:
+                self._quantize(model, "lm_head")  # from the table's blocks: the table itself may stay in them
+            blocks = self._gguf_blocks("model.embed_tokens.weight", model.shard)
+            if not skipped(EMBEDDING, cfg.quantization_skip) and gguf_embedding(model, blocks, self.bp.dtype):
+                self.gguf_report[(blocks[0], "int8 table")] += 1
         elif unit == "model.embed_tokens" and cfg.quantization:
             if model.config.tie_word_embeddings and model.shard.last_stage:
                 self._quantize(model, "lm_head")  # the tied head first: the int8 table can then share its weight
@@ -145,9 +193,13 @@ class _UnitOptimizer:
         cfg = self.bp.engine_config
         if cfg.quantization == "gguf":
             blocks = functools.partial(self._gguf_blocks, shard=model.shard)
-            self.gguf_replaced += quantize_gguf(model, blocks, cfg.quantization_skip, False, root)
+            self.gguf_report += quantize_gguf(model, blocks, cfg.quantization_skip, False, root)
         elif cfg.quantization:
             quantize(model, cfg.quantization, cfg.quantization_skip, cfg.group_size, progress=False, root=root)
+
+    def report(self) -> str:
+        """What each GGUF tensor type became, e.g. `Q4_K -> int4 x 168, Q6_K -> int8 x 29`."""
+        return ", ".join(f"{qtype} -> {kernel} x {n}" for (qtype, kernel), n in sorted(self.gguf_report.items()))
 
     def _gguf_blocks(self, name: str, shard: Shard):
         """The GGUF blocks of checkpoint tensor `name` that this rank's slice of it holds."""

@@ -1,10 +1,12 @@
 """Each quantized matmul against a float reference, within the error its format and kernel allow."""
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
-from infer_recipes.quantization.int4 import Int4Linear, gguf_q4_parts
+from infer_recipes.quantization.gguf import int4_parts, int8_parts
+from infer_recipes.quantization.int4 import Int4Linear
 from infer_recipes.quantization.int8 import Int8Linear, Int8MinMaxLinear
 from infer_recipes.quantization.w8a8 import W8A8Linear, quantize_per_token
 
@@ -72,23 +74,75 @@ def test_int4_group_wise(data, group):
     assert layer.weight_bytes() < w.numel()  # well under a byte per weight
 
 
-def test_gguf_q4_blocks_map_onto_the_int4_kernel():
-    gguf = pytest.importorskip("gguf")
-    from gguf.quants import quantize as gguf_quantize, dequantize as gguf_dequantize
+def _gguf_blocks(qtype, w: np.ndarray, g: np.random.Generator) -> np.ndarray:
+    """Blocks of `qtype` for a [rows, cols] tensor: `gguf`'s own quantizer where it has one; for the K-quants
+    (which it can only dequantize) random bytes with sane float16 super-block scales, which are valid blocks."""
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+    from gguf.quants import quantize as gguf_quantize
 
-    g = torch.Generator().manual_seed(1)
-    w = (torch.randn(64, 128, generator=g) * 0.1).numpy()
-    x = torch.randn(3, 128, generator=g)
-    for qtype in (gguf.GGMLQuantizationType.Q4_0, gguf.GGMLQuantizationType.Q4_1):
-        blocks = gguf_quantize(w, qtype)
-        ref = torch.from_numpy(gguf_dequantize(blocks, qtype))
-        q, d, zeros = gguf_q4_parts(qtype.name, blocks, 64, 128)
-        # the block values themselves map exactly
-        exact = ((q.view(64, -1, 32).float() - 8) * d[..., None] + zeros[..., None]).view(64, 128)
-        assert torch.allclose(exact, ref, atol=1e-6)
-        layer = Int4Linear(q, d, zeros, 32)
-        err = (layer(x) - x @ ref.t()).abs()
-        assert (err <= _bound(x, ref, BF16_EPS * (ref.abs() + 8 * d.abs().repeat_interleave(32, 1)))).all()
+    kind = GGMLQuantizationType[qtype]
+    if qtype not in ("Q4_K", "Q6_K"):
+        return gguf_quantize(w, kind)
+    elements, nbytes = GGML_QUANT_SIZES[kind]
+    rows, cols = w.shape
+    raw = g.integers(0, 256, (rows, cols // elements, nbytes), dtype=np.uint8)
+    scales = (g.random((rows, cols // elements, 2)) * 0.004 + 0.0005).astype(np.float16).view(np.uint8)
+    if qtype == "Q4_K":
+        raw[..., 0:4] = scales.reshape(rows, -1, 4)  # d, dmin
+    else:
+        raw[..., nbytes - 2:] = scales[..., :2]  # d closes a Q6_K block
+    return raw.reshape(rows, -1)
+
+
+@pytest.mark.parametrize("qtype", ["Q4_0", "Q4_1", "Q4_K"])
+def test_gguf_4bit_blocks_map_exactly_onto_the_int4_kernel(qtype):
+    """The block values themselves map exactly (W = (q - 8) * scale + zero per 32); the kernel then holds scale
+    and zero in bfloat16, within that rounding."""
+    from gguf import GGMLQuantizationType
+    from gguf.quants import dequantize as gguf_dequantize
+
+    g = np.random.default_rng(1)
+    w = (g.standard_normal((64, 512)) * 0.1).astype(np.float32)
+    x = torch.randn(3, 512, generator=torch.Generator().manual_seed(1))
+    blocks = _gguf_blocks(qtype, w, g)
+    ref = torch.from_numpy(gguf_dequantize(blocks, GGMLQuantizationType[qtype])).reshape(64, 512)
+    q, d, zeros = int4_parts(qtype, blocks, 64, 512)
+    exact = ((q.view(64, -1, 32).float() - 8) * d[..., None] + zeros[..., None]).view(64, 512)
+    assert torch.allclose(exact, ref, atol=1e-6, rtol=0)
+    layer = Int4Linear(q, d, zeros, 32)
+    err = (layer(x) - x @ ref.t()).abs()
+    held = BF16_EPS * (zeros.abs() + 8 * d.abs()).repeat_interleave(32, 1)  # the bf16 rounding of each group
+    assert (err <= _bound(x, ref, BF16_EPS * ref.abs() + held)).all()
+
+
+@pytest.mark.parametrize("qtype", ["Q5_0", "Q8_0", "Q6_K", "Q4_K"])
+def test_gguf_blocks_onto_int8_rows_within_half_a_step(qtype):
+    """Wider types (and 4-bit ones inside a fused module with wider parts) become int8 per row: each weight
+    within half an 8-bit step of its row's range of what `gguf` dequantizes."""
+    from gguf import GGMLQuantizationType
+    from gguf.quants import dequantize as gguf_dequantize
+
+    g = np.random.default_rng(2)
+    w = (g.standard_normal((40, 512)) * 0.05).astype(np.float32)
+    blocks = _gguf_blocks(qtype, w, g)
+    ref = torch.from_numpy(gguf_dequantize(blocks, GGMLQuantizationType[qtype])).reshape(40, 512)
+    q, s = int8_parts(qtype, blocks, 40, 512)
+    assert q.dtype == torch.int8 and s.shape == (40,)
+    step = ref.abs().amax(dim=1, keepdim=True) / 127
+    assert ((q.float() * s[:, None] - ref).abs() <= step * 0.5 * (1 + 2 * BF16_EPS) + 1e-7).all()
+
+
+def test_a_fused_module_of_mixed_gguf_types_becomes_int8():
+    from infer_recipes.quantization.api import gguf_linear
+    from infer_recipes.quantization.int8 import Int8Linear
+
+    g = np.random.default_rng(3)
+    parts = [(t, _gguf_blocks(t, (g.standard_normal((32, 256)) * 0.05).astype(np.float32), g))
+             for t in ("Q4_K", "Q4_K", "Q6_K")]
+    linear, kernel = gguf_linear(parts, 256, None)
+    assert kernel == "int8" and isinstance(linear, Int8Linear) and linear.out_features == 96
+    same, kernel = gguf_linear(parts[:2], 256, None)
+    assert kernel == "int4" and isinstance(same, Int4Linear)
 
 
 def test_int4_w8a8_picks_the_kernel_by_phase(data):

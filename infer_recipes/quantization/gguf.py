@@ -1,0 +1,79 @@
+"""GGUF blocks onto our kernels, without a float copy of any whole tensor.
+
+- Q4_0, Q4_1 and Q4_K become the int4 kernel's group-32 form W = (q - 8) * scale + zero exactly (Q4_K: scale =
+  d * sub-block scale, zero = 8 * scale - dmin * sub-block min); the kernel then holds scale and zero in
+  bfloat16, the only rounding.
+- Every other quantized type (Q5_0, Q5_1, Q6_K, Q8_0, ...) becomes int8 per output row: the rows are dequantized
+  a slice at a time by `gguf` and requantized, so float temporaries stay at one slice.
+
+The int8 form is also the common ground when a fused module's parts differ (Q4_K q/k with a Q6_K v): int4 cannot
+hold 6-bit values, int8 holds 4-bit ones to within half an 8-bit step of each row's range.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+INT4_TYPES = ("Q4_0", "Q4_1", "Q4_K")
+FLOAT_TYPES = ("F32", "F16", "BF16", "F64")
+ROWS = 1024  # rows dequantized at a time on the int8 path
+
+
+def kernel_for(qtype: str) -> str | None:
+    """'int4', 'int8', or None for float tensors (which load as float)."""
+    if qtype in FLOAT_TYPES:
+        return None
+    return "int4" if qtype in INT4_TYPES else "int8"
+
+
+def int4_parts(qtype: str, blocks: np.ndarray, rows: int, cols: int):
+    """(q [N, K] uint8 in [0, 15], scales [N, K/32], zeros [N, K/32]) float32, with W = (q - 8) * scale + zero."""
+    raw = np.asarray(blocks).reshape(rows, -1)
+    if qtype == "Q4_K":
+        return _q4_k(raw, rows, cols)
+    raw = raw.reshape(rows, cols // 32, -1)
+    d = raw[..., 0:2].copy().view(np.float16)[..., 0].astype(np.float32)  # [N, nb]
+    if qtype == "Q4_1":
+        m = raw[..., 2:4].copy().view(np.float16)[..., 0].astype(np.float32)
+        qs, zeros = raw[..., 4:], m + 8 * d  # d q + m = (q - 8) d + (m + 8 d)
+    elif qtype == "Q4_0":
+        qs, zeros = raw[..., 2:], np.zeros_like(d)  # d (q - 8)
+    else:
+        raise ValueError(f"{qtype} has no exact int4 form")
+    qs = torch.from_numpy(np.ascontiguousarray(qs))  # [N, nb, 16]: low nibbles are elements 0..15, high 16..31
+    q = torch.cat([qs & 0x0F, qs >> 4], dim=-1).reshape(rows, cols)
+    return q, torch.from_numpy(d), torch.from_numpy(zeros)
+
+
+def _q4_k(raw: np.ndarray, rows: int, cols: int):
+    """Q4_K super-blocks of 256: d, dmin (float16), 12 bytes of 6-bit sub-block scales and mins, 128 bytes of
+    nibbles (each 32-byte run holds two sub-blocks: low nibbles the first, high nibbles the second)."""
+    nsb = cols // 256
+    raw = raw.reshape(rows, nsb, 144)
+    d = raw[..., 0:2].copy().view(np.float16)[..., 0].astype(np.float32)[..., None]  # [N, nsb, 1]
+    dmin = raw[..., 2:4].copy().view(np.float16)[..., 0].astype(np.float32)[..., None]
+    s = raw[..., 4:16].astype(np.uint8)  # [N, nsb, 12]
+    sc = np.concatenate([s[..., 0:4] & 63, (s[..., 8:12] & 0x0F) | ((s[..., 0:4] >> 6) << 4)], axis=-1)
+    mn = np.concatenate([s[..., 4:8] & 63, (s[..., 8:12] >> 4) | ((s[..., 4:8] >> 6) << 4)], axis=-1)
+    scale = d * sc.astype(np.float32)  # [N, nsb, 8]
+    zero = 8 * scale - dmin * mn.astype(np.float32)
+    qs = torch.from_numpy(np.ascontiguousarray(raw[..., 16:])).view(rows, nsb, 4, 32)
+    q = torch.stack([qs & 0x0F, qs >> 4], dim=3).reshape(rows, cols)  # [N, nsb, 4 runs, 2 halves, 32]
+    return q, torch.from_numpy(scale.reshape(rows, -1)), torch.from_numpy(zero.reshape(rows, -1))
+
+
+def int8_parts(qtype: str, blocks: np.ndarray, rows: int, cols: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(q [N, K] int8, scales [N] float32): symmetric per row, against the scales the int8 kernel holds."""
+    from gguf import GGMLQuantizationType
+    from gguf.quants import dequantize
+
+    from .int8 import Int8Linear
+
+    kind = GGMLQuantizationType[qtype]
+    raw = np.asarray(blocks).reshape(rows, -1)
+    q = torch.empty(rows, cols, dtype=torch.int8)
+    s = torch.empty(rows, dtype=torch.float32)
+    for i in range(0, rows, ROWS):
+        w = torch.from_numpy(np.ascontiguousarray(dequantize(raw[i:i + ROWS], kind), dtype=np.float32))
+        q[i:i + ROWS], s[i:i + ROWS] = Int8Linear.quantize(w.reshape(-1, cols))
+    return q, s
