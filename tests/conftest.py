@@ -12,6 +12,9 @@ ROOT = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("INFER_RECIPES_DATA", ROOT.parent / "shared" / "data"))
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# converted weights are not cached across tests (each would leave a file of up to a GB per scheme); the cache's
+# own tests turn it on in a temporary directory
+os.environ.setdefault("INFER_RECIPES_CONVERTED_CACHE", "0")
 
 
 def data_path(*parts: str) -> Path:

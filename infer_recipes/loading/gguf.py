@@ -17,6 +17,7 @@ import torch
 
 from ..config import ModelConfig
 from ..errors import ModelSourceError
+from .gguf_file import GGUFFile
 
 SUPPORTED_ARCHITECTURES = ("llama", "qwen2")
 
@@ -31,34 +32,24 @@ _BLOCK = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)$")
 
 
 @functools.lru_cache(maxsize=4)
-def open_gguf(path: str):
-    """A cached `gguf.GGUFReader` (memory-mapped), with a clear error for truncated or corrupted files."""
-    import gguf
-
+def open_gguf(path: str) -> GGUFFile:
+    """A cached, memory-mapped `GGUFFile`, with a clear error for truncated or corrupted files."""
     try:
-        reader = gguf.GGUFReader(path)
-    except Exception as e:  # the reader raises ValueError, struct.error, IndexError ... on bad files
+        return GGUFFile(path)
+    except Exception as e:  # ValueError, struct.error, UnicodeDecodeError ... on bad files
         raise ModelSourceError(f"{path} is not a readable GGUF file ({type(e).__name__}: {e}); it is truncated "
                                "or corrupted: download or convert it again") from e
-    return reader
 
 
 def metadata(path: str) -> dict:
-    reader = open_gguf(path)
-    out = {}
-    for key, field in reader.fields.items():
-        if key.startswith("tokenizer.ggml.") and key.split(".")[-1] in ("tokens", "scores", "token_type", "merges"):
-            continue  # large arrays: read on demand by the tokenizer
-        try:
-            out[key] = field.contents()
-        except Exception:  # an exotic field type we do not need
-            continue
-    return out
+    """The metadata, less the tokenizer's large arrays (read with `array_field`)."""
+    return {key: value for key, value in open_gguf(path).fields.items()
+            if not (key.startswith("tokenizer.ggml.") and key.split(".")[-1] in ("tokens", "scores", "token_type",
+                                                                                "merges"))}
 
 
 def array_field(path: str, key: str):
-    field = open_gguf(path).fields.get(key)
-    return None if field is None else field.contents()
+    return open_gguf(path).fields.get(key)
 
 
 def read_config(path: str) -> ModelConfig:
@@ -127,7 +118,7 @@ def _tensors_by_name(path: str) -> dict[str, GGUFTensor]:
     """GGUF tensor name -> tensor, and our parameter name -> tensor, in file order, for one file."""
     index = {}
     for t in open_gguf(path).tensors:
-        entry = GGUFTensor(t.name, t.tensor_type, t.data, tuple(int(d) for d in reversed(t.shape)))
+        entry = GGUFTensor(t.name, t.tensor_type, t.data, tuple(reversed(t.shape)))
         index[t.name] = entry
         if hf_name(t.name) is not None:
             index[hf_name(t.name)] = entry
@@ -199,14 +190,14 @@ def iter_tensors(path: str, config: ModelConfig, keep=None) -> Iterator[tuple[st
 def _drop_pages(data: np.ndarray) -> None:
     """Tells the OS it may drop the file pages behind a tensor already copied out: they count as resident until
     then (96 MB for SmolLM2). Harmless if read again (they come back from the file); a no-op where unsupported."""
-    mm, root = getattr(data, "_mmap", None), data
-    if mm is None or not hasattr(mm, "madvise") or not hasattr(mmap, "MADV_DONTNEED"):
-        return
-    while isinstance(root.base, np.ndarray):  # the array the map starts at
+    root = data
+    while isinstance(root.base, np.ndarray):  # the array over the whole map
         root = root.base
-    start = data.ctypes.data - root.ctypes.data
-    page = mmap.PAGESIZE
-    first = start // page * page
+    mm = getattr(root.base, "obj", None)  # the memoryview's mmap
+    if not isinstance(mm, mmap.mmap) or not hasattr(mmap, "MADV_DONTNEED"):
+        return
+    start = data.ctypes.data - np.frombuffer(root.base, np.uint8, count=1).ctypes.data
+    first = start // mmap.PAGESIZE * mmap.PAGESIZE
     try:
         mm.madvise(mmap.MADV_DONTNEED, first, start + data.nbytes - first)
     except (OSError, ValueError):

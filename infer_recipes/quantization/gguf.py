@@ -63,17 +63,30 @@ def _q4_k(raw: np.ndarray, rows: int, cols: int):
 
 
 def int8_parts(qtype: str, blocks: np.ndarray, rows: int, cols: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(q [N, K] int8, scales [N] float32): symmetric per row, against the scales the int8 kernel holds."""
-    from gguf import GGMLQuantizationType
-    from gguf.quants import dequantize
+    """(q [N, K] int8, scales [N] float32): symmetric per row, against the scales the int8 kernel holds. A slice
+    of rows at a time, in place: float temporaries stay at one slice."""
+    from .int8 import ACT_DTYPE, representable_scale
 
-    from .int8 import Int8Linear
-
-    kind = GGMLQuantizationType[qtype]
-    raw = np.asarray(blocks).reshape(rows, -1)
     q = torch.empty(rows, cols, dtype=torch.int8)
     s = torch.empty(rows, dtype=torch.float32)
     for i in range(0, rows, ROWS):
-        w = torch.from_numpy(np.ascontiguousarray(dequantize(raw[i:i + ROWS], kind), dtype=np.float32))
-        q[i:i + ROWS], s[i:i + ROWS] = Int8Linear.quantize(w.reshape(-1, cols))
+        w = dequantize_rows(qtype, blocks[i:i + ROWS], cols)
+        scale = representable_scale(w.abs().amax(dim=1) / 127.0, ACT_DTYPE)
+        q[i:i + ROWS] = w.div_(scale[:, None]).round_().clamp_(-127, 127)
+        s[i:i + ROWS] = scale
     return q, s
+
+
+def dequantize_rows(qtype: str, blocks: np.ndarray, cols: int) -> torch.Tensor:
+    """float32 rows of some blocks: 4-bit types through their exact int4 form, others through `gguf`."""
+    from gguf import GGMLQuantizationType
+    from gguf.quants import dequantize
+
+    raw = np.asarray(blocks)
+    rows = raw.shape[0]
+    if qtype in INT4_TYPES:
+        q, scale, zero = int4_parts(qtype, raw, rows, cols)
+        w = q.view(rows, -1, 32).float().sub_(8).mul_(scale[..., None]).add_(zero[..., None])
+        return w.view(rows, cols)
+    w = dequantize(raw, GGMLQuantizationType[qtype])
+    return torch.from_numpy(np.ascontiguousarray(w, dtype=np.float32)).reshape(rows, cols)

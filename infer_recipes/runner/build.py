@@ -30,6 +30,7 @@ from ..quantization import quantize
 from ..quantization.api import (BYTES_PER_WEIGHT, EMBEDDING, check_scheme, gguf_embedding, gguf_sources, quantize_embedding,
                                 quantize_gguf, skipped)
 from ..quantization.gguf import kernel_for
+from . import converted
 from .kv_cache import kv_bytes_per_token, kv_pool_blocks
 from .model_runner import ModelRunner
 
@@ -89,6 +90,34 @@ def build(bp: Blueprint, num_blocks: int, shard: Shard = Shard(), world: Paralle
     """Loads this rank's part of the model (fused and quantized as it loads) and returns its runner."""
     cfg = bp.engine_config
     drop_metadata(bp.source)  # config and tokenizer are read: the GGUF reader's metadata can go
+    start = time.perf_counter()
+    cached_at = converted.cache_file(bp.source, cfg, bp.dtype, bp.max_model_len, bp.device)
+    model = converted.load(cached_at)
+    if model is not None:
+        model.load_seconds = time.perf_counter() - start
+    else:
+        model = _convert(bp, shard, progress)
+        converted.save(cached_at, model)
+    if cfg.quantization == "gguf" and progress:
+        print(f"GGUF blocks kept: {model.load_report}", file=sys.stderr)
+    runner = ModelRunner(model, bp.device, bp.dtype, kv_cache=cfg.kv_cache, compile=cfg.compile,
+                         num_blocks=num_blocks, block_size=cfg.block_size, world=world, model_id=model_id)
+    runner.source, runner.model_config, runner.max_model_len = bp.source, bp.model_config, bp.max_model_len
+    runner.load_seconds, runner.compile_seconds = model.load_seconds, 0.0
+    runner.load_report = model.load_report  # what each GGUF tensor type became (quantization: gguf)
+    if cfg.compile:
+        start = time.perf_counter()
+        if progress:
+            print("compiling the decoder layer (torch.compile: one token / more x first layer / others)...",
+                  file=sys.stderr)
+        runner.warm_up()
+        runner.compile_seconds = time.perf_counter() - start
+    return runner
+
+
+def _convert(bp: Blueprint, shard: Shard, progress: bool) -> LlamaForCausalLM:
+    """The model read from its source, fused and quantized unit by unit as it loads."""
+    cfg = bp.engine_config
     optimizer = _UnitOptimizer(bp)
     whole = shard == Shard()  # a split model takes the float detour: a rank's slice can cut through blocks
     keep = optimizer.kept_in_blocks() if whole else None
@@ -98,21 +127,8 @@ def build(bp: Blueprint, num_blocks: int, shard: Shard = Shard(), world: Paralle
     release_loader_memory()
     if cfg.quantization == "gguf" and not optimizer.gguf_report and shard.first_stage:
         raise InferRecipesError("this GGUF file has no quantized tensors to keep (it is float): use int4 or int8")
-    if cfg.quantization == "gguf" and progress:
-        print(f"GGUF blocks kept: {optimizer.report()}", file=sys.stderr)
-    runner = ModelRunner(model, bp.device, bp.dtype, kv_cache=cfg.kv_cache, compile=cfg.compile,
-                         num_blocks=num_blocks, block_size=cfg.block_size, world=world, model_id=model_id)
-    runner.source, runner.model_config, runner.max_model_len = bp.source, bp.model_config, bp.max_model_len
-    runner.load_seconds, runner.compile_seconds = model.load_seconds, 0.0
-    runner.load_report = optimizer.report()  # what each GGUF tensor type became (quantization: gguf)
-    if cfg.compile:
-        start = time.perf_counter()
-        if progress:
-            print("compiling the decoder layer (torch.compile: one token / more x first layer / others)...",
-                  file=sys.stderr)
-        runner.warm_up()
-        runner.compile_seconds = time.perf_counter() - start
-    return runner
+    model.load_report = optimizer.report()
+    return model
 
 
 def _check_switches(mc: ModelConfig, cfg: EngineConfig, source: ModelSource) -> None:

@@ -53,3 +53,33 @@ def test_a_truncated_file_is_a_clear_error(path, tmp_path):
         cut.write_bytes(f.read(1_000_000))
     with pytest.raises(ModelSourceError, match="truncated or corrupted"):
         reader.read_config(str(cut))
+
+
+@pytest.mark.parametrize("which", ["smollm2", "qwen2.5-coder-0.5b-instruct"])
+def test_our_header_reader_reads_what_gguf_reads(which):
+    """Every metadata value and every tensor (name, type, shape, bytes) as `gguf.GGUFReader` reads them."""
+    import gguf
+
+    from conftest import qwen_gguf
+    from infer_recipes.loading.gguf_file import GGUFFile
+
+    file = smollm2_gguf() if which == "smollm2" else qwen_gguf(which)
+    ours, ref = GGUFFile(file), gguf.GGUFReader(file)
+    fields = {k: f.contents() for k, f in ref.fields.items() if not k.startswith("GGUF.")}
+    assert fields.keys() == ours.fields.keys()
+    for key, value in fields.items():
+        if isinstance(value, list) and value and isinstance(value[0], float):
+            assert np.allclose(value, ours.fields[key]), key
+        else:
+            assert value == ours.fields[key], key
+    assert [t.name for t in ref.tensors] == [t.name for t in ours.tensors]
+    for a, b in zip(ref.tensors, ours.tensors):
+        assert (a.tensor_type, tuple(int(d) for d in a.shape)) == (b.tensor_type, b.shape)
+        assert a.data.shape == b.data.shape and np.array_equal(np.asarray(a.data), b.data), a.name
+
+
+def test_a_file_that_is_not_gguf_is_a_clear_error(tmp_path):
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(b"GGML" + bytes(100))
+    with pytest.raises(ModelSourceError, match="not a readable GGUF file"):
+        reader.read_config(str(bad))

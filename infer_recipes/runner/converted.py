@@ -1,0 +1,107 @@
+"""A cache of converted models: a quantized model is saved once after its (slow) conversion and memory-mapped on
+every later load, the way llama.cpp maps its file instead of converting it.
+
+Converting the 1.5B's GGUF blocks (unpacking Q4_K, repacking for the int4 kernel, requantizing Q6_K rows to int8)
+takes seconds of arithmetic per load; the model pool reloads what it evicted, and every cold start pays it again.
+The cache holds the finished module tree (`torch.save`), read back with `mmap=True`: no weight is copied until a
+matmul touches its pages. Its key names everything the converted weights depend on: the checkpoint's files (path,
+size, modification time), the switches that shape the weights (dtype, fusion, scheme, skip patterns, group size,
+context length for the rotary tables), the torch version and CPU capability (the int4 kernel's packed layout is
+torch's own), and this format's version. A file that cannot be read back is deleted and the model converted again.
+
+It lives under `$INFER_RECIPES_CACHE/converted` (default `~/.cache/infer-recipes/converted`), about the size of the
+quantized weights per variant; `INFER_RECIPES_CONVERTED_CACHE=0` turns it off. The files are pickles: like any
+cache of ours, the directory must be the user's own.
+"""
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+from ..loading.packaged import cache_dir
+from ..models.llama import LlamaForCausalLM
+
+FORMAT = 1
+
+
+def _files(location: str) -> list[Path]:
+    path = Path(location)
+    if path.is_file():
+        return [path]
+    return sorted(p for p in path.iterdir() if p.suffix in (".safetensors", ".json"))
+
+
+@functools.lru_cache(maxsize=1)
+def _code_digest() -> str:
+    """A digest of the code that computes converted weights (loaders, quantizers, model, layers): a cache written
+    by other code is never read back."""
+    root = Path(__file__).resolve().parents[1]
+    h = hashlib.sha256()
+    for folder in ("loading", "quantization", "models", "layers"):
+        for file in sorted((root / folder).glob("*.py")):
+            h.update(file.name.encode() + file.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def cache_file(source, engine_config, dtype: torch.dtype, max_positions: int, device: torch.device) -> Path | None:
+    """Where this model's converted form lives, or None when it is not cached: no quantization (nothing slow to
+    save), synthetic weights, a split model, a device other than the CPU, or the cache turned off."""
+    cfg = engine_config
+    if (not cfg.quantization or source.kind == "synthetic" or device.type != "cpu"
+            or cfg.tensor_parallel_size * cfg.pipeline_parallel_size > 1
+            or os.environ.get("INFER_RECIPES_CONVERTED_CACHE", "1") in ("0", "false", "no")):
+        return None
+    try:
+        files = [(str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns) for p in _files(source.location)]
+    except OSError:
+        return None
+    key = {"format": FORMAT, "code": _code_digest(), "files": files, "dtype": str(dtype), "fusion": cfg.fusion,
+           "quantization": cfg.quantization, "skip": list(cfg.quantization_skip), "group_size": cfg.group_size,
+           "max_positions": max_positions, "torch": torch.__version__,
+           "cpu": torch.backends.cpu.get_cpu_capability()}
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
+    return cache_dir() / "converted" / f"{source.name}-{cfg.quantization}-{digest}.pt"
+
+
+def load(path: Path | None) -> LlamaForCausalLM | None:
+    """The cached model, memory-mapped; None on a miss. A file that cannot be read back is removed."""
+    if path is None or not path.is_file():
+        return None
+    try:
+        model = torch.load(path, mmap=True, weights_only=False)
+        if not isinstance(model, LlamaForCausalLM):
+            raise TypeError(f"holds a {type(model).__name__}")
+        model.from_cache = True
+    except Exception as e:  # truncated, written by another version, ...: convert again
+        print(f"converted-weights cache {path} is unreadable ({type(e).__name__}: {e}); converting again",
+              file=sys.stderr)
+        path.unlink(missing_ok=True)
+        return None
+    return model.eval()
+
+
+def save(path: Path | None, model: LlamaForCausalLM) -> None:
+    """Writes the converted model (atomically: a reader never sees half a file). Failing to write (a full disk, a
+    read-only cache) costs only the next load's conversion, so it is reported, not raised."""
+    if path is None:
+        return
+    tmp = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".partial")
+        with os.fdopen(fd, "wb") as f:
+            torch.save(model, f)
+        os.replace(tmp, path)
+    except Exception as e:
+        print(f"could not save the converted weights to {path.parent} ({type(e).__name__}: {e}); the next load "
+              "converts again", file=sys.stderr)
+    finally:
+        if tmp is not None and os.path.exists(tmp):
+            os.unlink(tmp)
