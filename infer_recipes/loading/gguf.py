@@ -217,6 +217,13 @@ def _dequantize_by_rows(data: np.ndarray, qtype, dequantize, rows: int = 4096) -
     return out
 
 
+def release_blocks(path: str, hf_param: str) -> None:
+    """The file pages behind a tensor whose blocks were converted: the OS may drop them (see `_drop_pages`)."""
+    t = _tensors_by_name(path).get(hf_param)
+    if t is not None:
+        _drop_pages(t.data)
+
+
 def quantized_blocks(path: str, config: ModelConfig, hf_param: str):
     """The raw GGUF blocks behind one of our parameter names, rows in our order: (type name, uint8 [N, bytes]).
     A tied lm_head's are the embedding's. None when the checkpoint has no such tensor."""

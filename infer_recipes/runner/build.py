@@ -23,7 +23,7 @@ from ..distributed import ParallelContext, launched, world_size
 from ..errors import InferRecipesError
 from ..layers.parallel import Shard, check_split, stage_layers
 from ..loading import ModelSource, load_model, resolve_model_source
-from ..loading.gguf import quantized_blocks, tensor_shapes, tensor_types
+from ..loading.gguf import quantized_blocks, release_blocks, tensor_shapes, tensor_types
 from ..loading.weights import drop_metadata, read_config, release_loader_memory
 from ..models.llama import WHOLE, LlamaForCausalLM, shard_range
 from ..quantization import quantize
@@ -158,6 +158,7 @@ class _UnitOptimizer:
 
     def __init__(self, bp: Blueprint):
         self.bp = bp
+        self.kept: set[str] = set()  # tensors built from their blocks (kept_in_blocks)
         self.gguf_report: Counter = Counter()  # (GGUF type, what it became) -> tensors
 
     def kept_in_blocks(self) -> set[str] | None:
@@ -168,9 +169,9 @@ class _UnitOptimizer:
         if cfg.quantization != "gguf":
             return None
         types = tensor_types(self.bp.source.location)
+        self.kept = kept = set()
         quantized = {name for name, qtype in types.items() if kernel_for(qtype) is not None}
         skip = cfg.quantization_skip
-        kept = set()
         for i in range(mc.num_layers):
             modules = ["self_attn.o_proj", "mlp.down_proj"]
             modules += (["self_attn.qkv_proj", "mlp.gate_up_proj"] if cfg.fusion else
@@ -198,6 +199,7 @@ class _UnitOptimizer:
             blocks = self._gguf_blocks("model.embed_tokens.weight", model.shard)
             if not skipped(EMBEDDING, cfg.quantization_skip) and gguf_embedding(model, blocks, self.bp.dtype):
                 self.gguf_report[(blocks[0], "int8 table")] += 1
+                release_blocks(self.bp.source.location, "model.embed_tokens.weight")
         elif unit == "model.embed_tokens" and cfg.quantization:
             if model.config.tie_word_embeddings and model.shard.last_stage:
                 self._quantize(model, "lm_head")  # the tied head first: the int8 table can then share its weight
@@ -210,6 +212,9 @@ class _UnitOptimizer:
         if cfg.quantization == "gguf":
             blocks = functools.partial(self._gguf_blocks, shard=model.shard)
             self.gguf_report += quantize_gguf(model, blocks, cfg.quantization_skip, False, root)
+            for name in self.kept:  # converted: their file pages need not stay resident
+                if name.startswith(root + "."):
+                    release_blocks(self.bp.source.location, name)
         elif cfg.quantization:
             quantize(model, cfg.quantization, cfg.quantization_skip, cfg.group_size, progress=False, root=root)
 
