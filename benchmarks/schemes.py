@@ -1,7 +1,9 @@
-"""One row per precision scheme on SmolLM2-135M-Instruct: perplexity, agreement with fp32 all-off, weight bytes,
-and batch-1 decode speed, all in one process.
+"""One row per precision scheme on one model: perplexity, agreement with fp32 all-off, weight bytes, and batch-1
+decode speed, all in one process.
 
     python benchmarks/schemes.py --data ../shared/data/wikitext2/wiki.valid.tokens --ppl-tokens 8192
+    python benchmarks/schemes.py --model qwen2.5-coder-1.5b-instruct --data ../shared/data/wikitext2/wiki.valid.tokens \
+        --ppl-tokens 4096 --agree-tokens 512 --schemes fp32 gguf int8 "int4 g32" bf16
 """
 from __future__ import annotations
 
@@ -32,15 +34,17 @@ def main() -> None:
     ap.add_argument("--data", required=True)
     ap.add_argument("--ppl-tokens", type=int, default=8192)
     ap.add_argument("--agree-tokens", type=int, default=1024)
+    ap.add_argument("--model", default="smollm2-135m-instruct")
+    ap.add_argument("--schemes", nargs="+", default=[name for name, _ in SCHEMES], help="rows (the first is the base)")
     args = ap.parse_args()
     torch.set_num_threads(2)
-    ref = LLM("smollm2-135m-instruct", device="cpu", kv_cache=False, fusion=False, progress=False)
+    ref = LLM(args.model, device="cpu", kv_cache=False, fusion=False, progress=False)
     prompt = ref.tokenizer.encode("The history of the city begins in antiquity. " * 60)[:512]
     print("| scheme | perplexity | vs fp32 | top-1 agreement | mean KL | weight MB | decode tok/s (b=1, 512+128) |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
     base = None
-    for name, kw in SCHEMES:
-        llm = LLM("smollm2-135m-instruct", device="cpu", progress=False, **kw)
+    for name, kw in ((n, kw) for n, kw in SCHEMES if n in args.schemes):
+        llm = LLM(args.model, device="cpu", progress=False, **kw)
         ppl = perplexity(llm, args.data, args.ppl_tokens, progress=False)["perplexity"]
         base = base or ppl
         agr = agreement(llm, ref, args.data, args.agree_tokens, progress=False)
