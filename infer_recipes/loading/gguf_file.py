@@ -40,7 +40,6 @@ class GGUFFile:
         with open(path, "rb") as f:
             self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
         self._buf = memoryview(self._map)
-        self._pos = 0
         if bytes(self._buf[:4]) != MAGIC:
             raise ValueError("not a GGUF file (no GGUF magic)")
         self._pos = len(MAGIC)

@@ -102,6 +102,16 @@ def quantize_embedding(model: nn.Module, skip=()) -> bool:
 MERGED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
 
 
+FUSED_INTO = {part: fused for fused, parts in MERGED.items() for part in parts}
+
+
+def gguf_module(param_name: str, fusion: bool) -> str:
+    """The module a checkpoint weight ends up in: its fused module when fusion is on (gguf_sources' inverse)."""
+    parent, _, leaf = param_name.removesuffix(".weight").rpartition(".")
+    leaf = FUSED_INTO.get(leaf, leaf) if fusion else leaf
+    return f"{parent}.{leaf}" if parent else leaf
+
+
 def gguf_sources(module_name: str) -> list[str]:
     """The checkpoint tensors a (possibly fused) Linear is built from."""
     parent, _, leaf = module_name.rpartition(".")

@@ -27,8 +27,8 @@ from ..loading.gguf import quantized_blocks, release_blocks, tensor_shapes, tens
 from ..loading.weights import drop_metadata, read_config, release_loader_memory
 from ..models.llama import WHOLE, LlamaForCausalLM, shard_range
 from ..quantization import quantize
-from ..quantization.api import (BYTES_PER_WEIGHT, EMBEDDING, check_scheme, gguf_embedding, gguf_sources, quantize_embedding,
-                                quantize_gguf, skipped)
+from ..quantization.api import (BYTES_PER_WEIGHT, EMBEDDING, check_scheme, gguf_embedding, gguf_module,
+                                gguf_sources, quantize_embedding, quantize_gguf, skipped)
 from ..quantization.gguf import kernel_for
 from . import converted
 from .kv_cache import kv_bytes_per_token, kv_pool_blocks
@@ -104,7 +104,6 @@ def build(bp: Blueprint, num_blocks: int, shard: Shard = Shard(), world: Paralle
                          num_blocks=num_blocks, block_size=cfg.block_size, world=world, model_id=model_id)
     runner.source, runner.model_config, runner.max_model_len = bp.source, bp.model_config, bp.max_model_len
     runner.load_seconds, runner.compile_seconds = model.load_seconds, 0.0
-    runner.load_report = model.load_report  # what each GGUF tensor type became (quantization: gguf)
     if cfg.compile:
         start = time.perf_counter()
         if progress:
@@ -118,12 +117,11 @@ def build(bp: Blueprint, num_blocks: int, shard: Shard = Shard(), world: Paralle
 def _convert(bp: Blueprint, shard: Shard, progress: bool) -> LlamaForCausalLM:
     """The model read from its source, fused and quantized unit by unit as it loads."""
     cfg = bp.engine_config
-    optimizer = _UnitOptimizer(bp)
-    whole = shard == Shard()  # a split model takes the float detour: a rank's slice can cut through blocks
-    keep = optimizer.kept_in_blocks() if whole else None
+    # a split model takes the float detour: a rank's slice can cut through blocks
+    optimizer = _UnitOptimizer(bp, keep_blocks=shard == Shard())
     model = load_model(bp.source, bp.dtype, bp.device, max_positions=bp.max_model_len, progress=progress,
                        config=bp.model_config, on_loaded=optimizer, shard=shard,
-                       keep_quantized=None if keep is None else keep.__contains__)
+                       keep_quantized=optimizer.kept.__contains__)
     release_loader_memory()
     if cfg.quantization == "gguf" and not optimizer.gguf_report and shard.first_stage:
         raise InferRecipesError("this GGUF file has no quantized tensors to keep (it is float): use int4 or int8")
@@ -156,35 +154,27 @@ class _UnitOptimizer:
     """Fusion and quantization of one unit (a decoder layer, the embedding, the lm_head) as soon as the loader
     has filled it (load_model's `on_loaded`)."""
 
-    def __init__(self, bp: Blueprint):
+    def __init__(self, bp: Blueprint, keep_blocks: bool):
         self.bp = bp
-        self.kept: set[str] = set()  # tensors built from their blocks (kept_in_blocks)
+        # tensors whose modules are built from their GGUF blocks (the loader never dequantizes them)
+        self.kept: set[str] = self._kept_in_blocks() if keep_blocks and bp.engine_config.quantization == "gguf" \
+            else set()
         self.gguf_report: Counter = Counter()  # (GGUF type, what it became) -> tensors
 
-    def kept_in_blocks(self) -> set[str] | None:
-        """With `quantization: gguf`, the checkpoint tensors whose modules are built from their blocks, so the
-        loader never dequantizes them: every quantized Linear weight (a fused module's parts only if all are
-        quantized) and the embedding, unless the skip patterns keep their module float."""
+    def _kept_in_blocks(self) -> set[str]:
+        """Every quantized weight whose module is not skipped and whose parts are all quantized (a fused module
+        is built from blocks only if each part has them); a tied table stays float when its lm_head is skipped."""
         cfg, mc = self.bp.engine_config, self.bp.model_config
-        if cfg.quantization != "gguf":
-            return None
-        types = tensor_types(self.bp.source.location)
-        self.kept = kept = set()
-        quantized = {name for name, qtype in types.items() if kernel_for(qtype) is not None}
+        quantized = {n for n, qtype in tensor_types(self.bp.source.location).items() if kernel_for(qtype) is not None}
         skip = cfg.quantization_skip
-        for i in range(mc.num_layers):
-            modules = ["self_attn.o_proj", "mlp.down_proj"]
-            modules += (["self_attn.qkv_proj", "mlp.gate_up_proj"] if cfg.fusion else
-                        ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.gate_proj", "mlp.up_proj"])
-            for module in (f"model.layers.{i}.{m}" for m in modules):
-                sources = gguf_sources(module)
-                if not skipped(module, skip) and all(s in quantized for s in sources):
-                    kept.update(sources)
-        table_float = skipped(EMBEDDING, skip) or (mc.tie_word_embeddings and skipped("lm_head", skip))
-        if "model.embed_tokens.weight" in quantized and not table_float:
-            kept.add("model.embed_tokens.weight")
-        if "lm_head.weight" in quantized and not skipped("lm_head", skip):
-            kept.add("lm_head.weight")
+        table_float = mc.tie_word_embeddings and skipped("lm_head", skip)
+        kept = set()
+        for name in quantized:
+            module = gguf_module(name, cfg.fusion)
+            if skipped(module, skip) or (module == EMBEDDING and table_float):
+                continue
+            if all(s in quantized for s in gguf_sources(module)):
+                kept.add(name)
         return kept
 
     def __call__(self, model: LlamaForCausalLM, unit: str) -> None:
