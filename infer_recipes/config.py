@@ -97,6 +97,12 @@ class EngineConfig:
     # same prefix. None: on where it is exact (a KV cache, and not int4-w8a8, whose int4 form for <= 4 rows would
     # compute a cached prefix's suffix differently from the w8a8 form that computes a whole prompt)
     prefix_caching: bool | None = None
+    # speculative decoding: "ngram" (prompt lookup) or a smaller model with the same tokenizer (a path or alias)
+    # proposes num_speculative_tokens tokens per step, which the model verifies in one step; greedy outputs are
+    # unchanged, sampled ones keep the model's distribution. None: off
+    speculative_model: str | None = None
+    num_speculative_tokens: int | None = None  # None: 3 (prompt lookup) or 2 (a draft model), measured best here
+    speculative_quantization: str | None = None  # the draft model's scheme; None: the model's own
     # across devices (torch.distributed, launched by torchrun): ranks = tensor x pipeline parallel size
     tensor_parallel_size: int = 1  # heads, MLP columns and vocabulary split across this many ranks
     pipeline_parallel_size: int = 1  # contiguous layer stages on this many ranks
@@ -136,8 +142,29 @@ class EngineConfig:
         if self.kv_cache_memory is not None:
             _require(isinstance(self.kv_cache_memory, (int, float)) and 0 < self.kv_cache_memory <= 1,
                      "kv_cache_memory", f"must be a fraction in (0, 1], got {self.kv_cache_memory!r}")
+        if self.speculative_model is not None:
+            _require(isinstance(self.speculative_model, str) and self.speculative_model.strip() != "",
+                     "speculative_model", f"must be 'ngram' or a model path or alias, got {self.speculative_model!r}")
+            _require(self.kv_cache, "speculative_model", "needs the KV cache (kv_cache: true)")
+            _require(self.tensor_parallel_size * self.pipeline_parallel_size == 1, "speculative_model",
+                     "runs on one device: set tensor_parallel_size and pipeline_parallel_size to 1")
+        if self.num_speculative_tokens is not None:
+            _require(isinstance(self.num_speculative_tokens, int) and not isinstance(self.num_speculative_tokens, bool)
+                     and 1 <= self.num_speculative_tokens <= 16, "num_speculative_tokens",
+                     f"must be an integer in [1, 16], got {self.num_speculative_tokens!r}")
+        if self.speculative_quantization is not None:
+            _require(self.speculative_quantization in ("none", *filter(None, QUANTIZATIONS)),
+                     "speculative_quantization", f"unknown scheme {self.speculative_quantization!r}; choose one of "
+                     f"none, {', '.join(q for q in QUANTIZATIONS if q)}")
         _require(self.group_size in GROUP_SIZES, "group_size",
                  f"must be one of {', '.join(map(str, GROUP_SIZES))}, got {self.group_size!r}")
+
+
+def speculative_tokens(cfg: "EngineConfig") -> int:
+    """Guesses per step: as set, or the default measured best for the kind of proposer."""
+    if cfg.num_speculative_tokens is not None:
+        return cfg.num_speculative_tokens
+    return 3 if cfg.speculative_model == "ngram" else 2
 
 
 def prefix_caching_on(cfg: "EngineConfig") -> bool:

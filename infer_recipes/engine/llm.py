@@ -57,6 +57,9 @@ class LLM:
                 blueprint = replace(blueprint, device=world.device)  # this rank's device (cuda:LOCAL_RANK)
             self.tokenizer: LLMTokenizer = load_tokenizer(blueprint.source)
             num_blocks = kv_blocks(blueprint)
+            draft_bp = None  # checked before either model loads
+            if cfg.speculative_model not in (None, "ngram"):
+                draft_bp = _prepare_draft(cfg, blueprint, self.tokenizer, device_)
             if world is None:
                 self.model_id = 0
                 self.runner = build(blueprint, num_blocks, progress=progress)
@@ -68,11 +71,12 @@ class LLM:
                                         cfg.pipeline_parallel_size)
                     self.runner = build(blueprint, num_blocks, shard, world, self.model_id, progress)
                 weakref.finalize(self, world.free_later, self.model_id)
+            draft = build(draft_bp, kv_blocks(draft_bp), progress=progress) if draft_bp is not None else None
         eos = set(self.model_config.eos_token_ids)
         if self.tokenizer.eos_token_id is not None:
             eos.add(self.tokenizer.eos_token_id)
         self.eos_token_ids = frozenset(eos)
-        self.engine = LLMEngine(self.runner, self.tokenizer, cfg, self.eos_token_ids)
+        self.engine = LLMEngine(self.runner, self.tokenizer, cfg, self.eos_token_ids, draft)
 
     # ---- what was built (the runner owns it) -------------------------------------------------------------------------
     @property
@@ -181,3 +185,29 @@ class LLM:
     def logits(self, prompt: Prompt) -> torch.Tensor:
         """Next-token logits [T, V] (float32) at every position of one prompt."""
         return self.runner.full_logits(self.engine.token_ids(prompt).ids)
+
+
+def _prepare_draft(cfg: EngineConfig, target, tokenizer: LLMTokenizer, device: torch.device):
+    """The blueprint of the draft model of `cfg.speculative_model`: the target's switches (its own scheme when
+    speculative_quantization says so), the target's context, no prefix cache; refused, with the reason, when its
+    tokenizer is not the target's (its guesses would be other tokens)."""
+    scheme = cfg.speculative_quantization or cfg.quantization
+    draft_cfg = replace(cfg, speculative_model=None, num_speculative_tokens=None, speculative_quantization=None,
+                        quantization=None if scheme == "none" else scheme, prefix_caching=False,
+                        max_model_len=target.max_model_len)
+    where = f"speculative_model {cfg.speculative_model!r}"
+    try:
+        bp = prepare(cfg.speculative_model, draft_cfg, device)
+    except InferRecipesError as e:
+        raise InferRecipesError(f"{where}: {e}") from None
+    if bp.max_model_len < target.max_model_len:
+        raise InferRecipesError(f"{where}: its context ({bp.max_model_len} tokens) is shorter than the model's "
+                                f"({target.max_model_len}); set max_model_len to at most {bp.max_model_len}")
+    draft_tok = load_tokenizer(bp.source)
+    if (bp.model_config.vocab_size != target.model_config.vocab_size
+            or draft_tok.tokenizer.get_vocab(with_added_tokens=True) != tokenizer.tokenizer.get_vocab(
+                with_added_tokens=True)):
+        raise InferRecipesError(f"{where}: its vocabulary differs from the model's ({bp.model_config.vocab_size} "
+                                f"vs {target.model_config.vocab_size} token ids, or other tokens at the same ids): a "
+                                "draft model must share the model's tokenizer")
+    return bp

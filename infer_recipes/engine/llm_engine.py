@@ -10,13 +10,14 @@ import itertools
 from collections.abc import Sequence
 from typing import NamedTuple
 
-from ..config import EngineConfig, SamplingParams, prefix_caching_on
+from ..config import EngineConfig, SamplingParams, prefix_caching_on, speculative_tokens
 from ..errors import ContextLengthError, InferRecipesError
 from ..runner import ModelRunner, Sampled, SampleRequest, StepSeq, make_generator
 from ..tokenizer import IncrementalDetokenizer, LLMTokenizer
 from .block_pool import BlockPool
 from .request import Request, RequestOutput
 from .scheduler import Scheduler, SchedulerConfig, SchedulerOutput
+from .speculative import DraftModel, PromptLookup
 
 Prompt = str | Sequence[int]
 
@@ -30,7 +31,9 @@ class CheckedPrompt(NamedTuple):
 
 class LLMEngine:
     def __init__(self, runner: ModelRunner, tokenizer: LLMTokenizer, config: EngineConfig,
-                 eos_token_ids: frozenset[int]):
+                 eos_token_ids: frozenset[int], draft_runner: ModelRunner | None = None):
+        """draft_runner: the smaller model of `config.speculative_model` when it names one (built by the
+        caller)."""
         self.runner, self.tokenizer, self.config = runner, tokenizer, config
         self.max_model_len, self.vocab_size = runner.max_model_len, runner.model_config.vocab_size
         self.eos_token_ids = eos_token_ids
@@ -40,6 +43,15 @@ class LLMEngine:
                                                    max_num_batched_tokens=config.max_num_batched_tokens,
                                                    max_waiting=config.max_waiting,
                                                    recompute=not config.kv_cache), self.block_pool)
+        self.proposer = None
+        if config.speculative_model == "ngram":
+            self.proposer = PromptLookup(speculative_tokens(config))
+        elif config.speculative_model is not None:
+            if draft_runner is None:
+                raise InferRecipesError(f"speculative_model {config.speculative_model!r}: the draft model was not "
+                                        "built (LLM builds it; an LLMEngine made by hand takes it as draft_runner)")
+            self.proposer = DraftModel(draft_runner, speculative_tokens(config))
+        self.drafted = self.accepted = 0  # draft tokens verified, and kept, over the engine's life
         self.requests: dict[str, Request] = {}
         self._ids = itertools.count()
         self.num_steps = 0
@@ -90,6 +102,8 @@ class LLMEngine:
         if request is not None:
             request.finish_reason = request.finish_reason or "abort"
             self.scheduler.finish(request)
+            if self.proposer is not None:
+                self.proposer.forget(request_id)
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished()
@@ -98,30 +112,52 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         """Runs one iteration. Returns an output for every request that produced a token or failed (finished ones
         the last time they appear); a request that broke inside the step has finish_reason "error"."""
+        if self.proposer is not None:
+            self.proposer.propose(self.scheduler.running)  # sets each decoding request's draft
         scheduled = self.scheduler.schedule()
         results = self.runner.execute(*_runner_inputs(scheduled)) if scheduled.scheduled else []
         return self._update(scheduled, results)
 
-    def _update(self, scheduled: SchedulerOutput, results: list[Sampled | str | None]) -> list[RequestOutput]:
-        self.scheduler.update(scheduled, frozenset(s.seq.request_id for s, r in zip(scheduled.scheduled, results)
-                                                   if isinstance(r, str)))
+    def _update(self, scheduled: SchedulerOutput,
+                results: list[Sampled | list[Sampled] | str | None]) -> list[RequestOutput]:
         self.num_steps += bool(results)
-        outputs = []
+        done: list[tuple[Request, str, int]] = []  # (request, new text, new tokens) of those that produced any
+        accepted: dict[str, int] = {}
         for s, result in zip(scheduled.scheduled, results):
             request: Request = s.seq
+            request.draft = []
             if result is None:
                 continue  # a prefill chunk: nothing sampled yet
             if isinstance(result, str):
                 request.fail(result)
-                delta = ""
-            else:
-                delta = request.append(result.token, result.logprob, result.top)
+                done.append((request, "", 0))
+                continue
+            picks = result if isinstance(result, list) else [result]
+            delta, added = "", 0
+            for pick in picks:  # kept guesses, then the model's own token; none past a stop or the length
+                delta += request.append(pick.token, pick.logprob, pick.top)
+                added += 1
+                if request.finish_reason is not None:
+                    break
+            if s.draft:
+                accepted[request.request_id] = added - 1  # fewer than kept when a stop came first
+                request.drafted += len(s.draft)
+                request.accepted += len(picks) - 1
+                self.drafted += len(s.draft)
+                self.accepted += len(picks) - 1
+            done.append((request, delta, added))
+        self.scheduler.update(scheduled, frozenset(s.seq.request_id for s, r in zip(scheduled.scheduled, results)
+                                                   if isinstance(r, str)), accepted)
+        outputs = []
+        for request, delta, added in done:
             if request.finish_reason is None:
-                outputs.append(request.output(delta, 1))
+                outputs.append(request.output(delta, added))
                 continue
             self.scheduler.finish(request)  # its blocks go back to the pool
             self.requests.pop(request.request_id, None)
-            outputs.append(request.output(delta, 0 if request.error else 1))
+            if self.proposer is not None:
+                self.proposer.forget(request.request_id)
+            outputs.append(request.output(delta, 0 if request.error else added))
         return outputs
 
     # ---- state, for metrics ---------------------------------------------------------------------------------------
@@ -131,13 +167,14 @@ class LLMEngine:
                 "kv_blocks_total": self.block_pool.num_blocks, "kv_blocks_free": self.block_pool.num_free,
                 "preemptions": self.scheduler.num_preemptions, "steps": self.num_steps,
                 "prefix_cache_queries": self.block_pool.queries, "prefix_cache_hits": self.block_pool.hits,
-                "prefix_cache_blocks": self.block_pool.num_cached}
+                "prefix_cache_blocks": self.block_pool.num_cached,
+                "spec_draft_tokens": self.drafted, "spec_accepted_tokens": self.accepted}
 
 
 def _runner_inputs(scheduled: SchedulerOutput) -> tuple[list[StepSeq], list[SampleRequest]]:
     """The step's sequences as the runner takes them, and what sampling needs of those that reach their end."""
-    seqs = [StepSeq(s.seq.tokens(s.start, s.num_tokens), s.start, s.seq.block_table, s.sample)
-            for s in scheduled.scheduled]
+    seqs = [StepSeq(s.seq.tokens(s.start, s.num_tokens - len(s.draft)) + list(s.draft), s.start, s.seq.block_table,
+                    s.sample, len(s.draft)) for s in scheduled.scheduled]
     sampling = [SampleRequest(s.seq.params, s.seq.generator, s.seq.output_ids) for s in scheduled.scheduled
                 if s.sample]
     return seqs, sampling

@@ -57,6 +57,9 @@ class Request:
     block_table: list[int] = field(default_factory=list)
     block_names: list = field(default_factory=list)
     named_blocks: int = 0
+    draft: list[int] = field(default_factory=list)  # speculative decoding: this step's proposals
+    drafted: int = 0  # draft tokens verified so far, and kept (acceptance = accepted / drafted)
+    accepted: int = 0
 
     @property
     def num_tokens(self) -> int:
@@ -129,6 +132,8 @@ class Request:
 
     def output(self, delta: str = "", num_new_tokens: int = 0) -> RequestOutput:
         metrics = {"prompt_tokens": len(self.prompt_token_ids), "generated_tokens": len(self.output_ids)}
+        if self.drafted:
+            metrics.update(draft_tokens=self.drafted, accepted_draft_tokens=self.accepted)
         if self.first_token_time is not None:
             metrics["ttft_s"] = self.first_token_time - self.arrival
         if self.finish_time is not None:

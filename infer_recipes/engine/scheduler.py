@@ -31,6 +31,8 @@ class Seq(Protocol):
     # prefix caching only (BlockPool.caching): its chain of block names, how many of its blocks are named
     block_names: list[bytes]
     named_blocks: int
+    # speculative decoding only: tokens proposed to follow the sequence, verified in its next decode step
+    draft: list[int]
 
     @property
     def num_tokens(self) -> int: ...
@@ -44,6 +46,7 @@ class ScheduledSeq:
     start: int  # position of the first token computed this step
     num_tokens: int  # tokens computed this step
     sample: bool  # this chunk reaches the sequence's end: a new token is sampled from its last position
+    draft: tuple[int, ...] = ()  # proposed tokens computed after the chunk (counted in num_tokens), verified
 
 
 @dataclass(frozen=True)
@@ -107,6 +110,12 @@ class Scheduler:
                 i += 1
                 continue
             n = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            draft = self._draft(seq, n, budget)
+            if draft:
+                scheduled.append(ScheduledSeq(seq, seq.num_computed_tokens, n + len(draft), True, draft))
+                budget -= n + len(draft)
+                i += 1
+                continue
             while not self.pool.grow(seq.block_table, seq.num_computed_tokens + n):
                 victim = self.running[-1]
                 self._preempt(victim)
@@ -144,6 +153,17 @@ class Scheduler:
             budget -= n
         return SchedulerOutput(tuple(scheduled), tuple(preempted))
 
+    def _draft(self, seq: Seq, n: int, budget: int) -> tuple[int, ...]:
+        """The draft tokens a decoding sequence verifies this step: as many of its proposals as the budget leaves
+        room for, when the pool has the blocks for them without preempting anyone (else it decodes plainly)."""
+        proposed = seq.draft
+        if not proposed or n != 1 or seq.num_tokens - seq.num_computed_tokens != 1:
+            return ()
+        draft = tuple(proposed[:budget - 1])
+        if draft and self.pool.grow(seq.block_table, seq.num_computed_tokens + 1 + len(draft)):
+            return draft
+        return ()
+
     def _take_cached_prefix(self, seq: Seq) -> int | None:
         """A sequence starting from nothing takes the longest cached prefix of its tokens (it then starts from
         there); returns the tokens found, or None when there is no lookup (no caching, or a partial start)."""
@@ -171,16 +191,19 @@ class Scheduler:
         if self.pool.caching:
             seq.named_blocks = 0
 
-    def update(self, output: SchedulerOutput, failed: frozenset[str] = frozenset()) -> None:
-        """Marks the scheduled tokens computed (call after the step ran, before appending sampled tokens) and,
-        with prefix caching, names the blocks they filled. A `failed` sequence's tokens are not trusted: its
-        blocks stay unnamed."""
+    def update(self, output: SchedulerOutput, failed: frozenset[str] = frozenset(),
+               accepted: dict[str, int] | None = None) -> None:
+        """Marks the scheduled tokens computed (call after the step ran and its tokens were appended) and, with
+        prefix caching, names the blocks they filled. A `failed` sequence's tokens are not trusted: its blocks
+        stay unnamed. `accepted`: how many of its draft tokens each drafted sequence kept (appended as its own);
+        the keys and values of the rejected ones are overwritten by the tokens that follow."""
         if self.config.recompute:
             return
         bs = self.pool.block_size
         for s in output.scheduled:
             seq = s.seq
-            seq.num_computed_tokens = s.start + s.num_tokens
+            kept = (accepted or {}).get(seq.request_id, 0) if s.draft else 0
+            seq.num_computed_tokens = s.start + s.num_tokens - len(s.draft) + kept
             if self.pool.caching and seq.request_id not in failed and \
                     seq.num_computed_tokens // bs > seq.named_blocks:
                 seq.named_blocks = self.pool.name_full_blocks(seq.block_table,

@@ -24,7 +24,7 @@ from ..models.llama import LlamaForCausalLM
 from .compiled import CompiledLayers
 from .kv_cache import KVCache
 from .pipeline import micro_batches, run_stage, stages
-from .sampling import Sampled, SampleRequest, sample_each
+from .sampling import Sampled, SampleRequest, sample_each, verify
 
 
 @dataclass(frozen=True)
@@ -35,6 +35,7 @@ class StepSeq:
     start: int  # position of the first of them
     block_table: list[int]  # blocks holding positions [0, start + len(token_ids)) (empty without a KV cache)
     sample: bool  # return logits for the last token
+    draft: int = 0  # speculative decoding: the last `draft` token_ids are proposals, scored and verified too
 
 
 class ModelRunner:
@@ -60,12 +61,12 @@ class ModelRunner:
 
     # ---- rank 0: a step in, sampled tokens out -------------------------------------------------------------------
     @torch.inference_mode()
-    def execute(self, seqs: list[StepSeq], sampling: list[SampleRequest]) -> list[Sampled | str | None]:
+    def execute(self, seqs: list[StepSeq], sampling: list[SampleRequest]) -> list[Sampled | list[Sampled] | str | None]:
         """Runs one step and samples the next token of each sequence with `sample` (their SampleRequests in
-        order). Returns per sequence: its Sampled token, None (a prefill chunk with nothing to sample), or why it
-        failed (a string). Should the step fail, each sequence runs again alone, so only the ones that fail by
-        themselves fail: one bad request never takes the others down. Re-running rewrites the same keys and
-        values."""
+        order). Returns per sequence: its Sampled token (a list of them, 1 to draft + 1, for a sequence with draft
+        tokens: see sampling.verify), None (a prefill chunk with nothing to sample), or why it failed (a string).
+        Should the step fail, each sequence runs again alone, so only the ones that fail by themselves fail: one
+        bad request never takes the others down. Re-running rewrites the same keys and values."""
         if not self.kv_cache and any(s.start for s in seqs):
             raise ValueError("without a KV cache every step must recompute each sequence from position 0")
         wanted = {i: request for i, request in zip((i for i, s in enumerate(seqs) if s.sample), sampling)}
@@ -73,11 +74,24 @@ class ModelRunner:
             logits, failed = self._drive("execute", seqs), {}
         except Exception as e:
             logits, failed = self._one_by_one(seqs, e)
-        ok_rows = [i for i in wanted if i not in failed]
-        picks = sample_each(logits, [wanted[i] for i in ok_rows])
-        out: list[Sampled | str | None] = [failed.get(i) for i in range(len(seqs))]
-        for i, pick in zip(ok_rows, picks):
+        out: list[Sampled | list[Sampled] | str | None] = [failed.get(i) for i in range(len(seqs))]
+        first, at = {}, 0  # each scored sequence's first logits row
+        for i in wanted:
+            if i not in failed:
+                first[i], at = at, at + seqs[i].draft + 1
+        plain = [i for i in first if not seqs[i].draft]
+        if len(plain) < len(first):  # the plain rows among the drafts' rows
+            logits_plain = logits[torch.tensor([first[i] for i in plain], dtype=torch.long, device=logits.device)]
+        else:
+            logits_plain = logits
+        for i, pick in zip(plain, sample_each(logits_plain, [wanted[i] for i in plain])):
             out[i] = pick
+        for i in first.keys() - set(plain):
+            d = seqs[i].draft
+            try:
+                out[i] = verify(logits[first[i]:first[i] + d + 1], seqs[i].token_ids[-d:], wanted[i])
+            except Exception as e:
+                out[i] = f"sampling failed: {_describe(e)}"
         return out
 
     def _one_by_one(self, seqs: list[StepSeq], error: Exception) -> tuple[torch.Tensor, dict[int, str]]:
@@ -93,7 +107,7 @@ class ModelRunner:
                 failed[i] = f"the forward pass failed: {_describe(e)}"
                 continue
             if seq.sample:
-                rows.append(logits)
+                rows.append(logits)  # draft + 1 rows
         return (torch.cat(rows) if rows else torch.empty(0, self.config.vocab_size)), failed
 
     @torch.inference_mode()
@@ -127,12 +141,14 @@ class ModelRunner:
         for part in micro_batches(ordered, stages(self.world, self.model)):
             tokens, positions, meta = self._inputs(part)
             ends = itertools.accumulate(len(s.token_ids) for s in part)
-            batches.append((tokens, positions, meta, [e - 1 for e, s in zip(ends, part) if s.sample]))
-        sampled = [i for i in order if seqs[i].sample]  # the scored rows come in this order
-        where = {i: row for row, i in enumerate(sampled)}
-        given = None if sampled == sorted(sampled) else [where[i] for i in sorted(sampled)]
+            batches.append((tokens, positions, meta,
+                            [r for e, s in zip(ends, part) if s.sample for r in range(e - 1 - s.draft, e)]))
+        # the scored rows come in `order`; they go back in the order of the sequences, a sequence's rows together
+        rows = [(i, j) for i in order if seqs[i].sample for j in range(seqs[i].draft + 1)]
+        where = {key: row for row, key in enumerate(rows)}
+        given = None if rows == sorted(rows) else [where[key] for key in sorted(rows)]
         return run_stage(self.model, self.world, batches, self.cache.layers if self.cache else None, given,
-                         len(sampled), self.dtype, self.device)
+                         len(rows), self.dtype, self.device)
 
     def _inputs(self, seqs: list[StepSeq]):
         """(tokens [1, N], positions [1, N], PagedMetadata) for sequences already ordered decodes first."""

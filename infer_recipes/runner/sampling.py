@@ -135,6 +135,53 @@ def sample_each(logits: torch.Tensor, requests: Sequence[SampleRequest]) -> list
     return out
 
 
+def verify(logits: torch.Tensor, draft: Sequence[int], request: SampleRequest) -> list[Sampled]:
+    """Speculative decoding's acceptance: logits [k + 1, V] of the positions that fed the last real token and the
+    k draft tokens after it. Returns the tokens kept, 1 to k + 1: the longest prefix of the draft the model
+    agrees with, then the model's own next token.
+
+    Greedy: a draft token is kept while it is the argmax, so the output is the model's greedy output. Sampling
+    (drafts are deterministic proposals, q = 1 on the draft token): a draft token d is kept with probability p(d);
+    on rejection the token is drawn from p with d removed, renormalised. So P(x) = p(d)[x = d] + (1 - p(d)) p(x)
+    [x != d] / (1 - p(d)) = p(x): the model's distribution exactly, with `p` its processed distribution (penalties
+    over the tokens before that position, bias, temperature, top-k / top-p / min-p)."""
+    p, k = request.params, len(draft)
+    outputs = list(request.output_ids)
+    if p.greedy and not p.penalized:
+        best = logits.argmax(dim=-1).tolist()  # one host synchronization for all k + 1 positions
+        kept = next((j for j in range(k) if best[j] != draft[j]), k)
+        tokens = draft[:kept] + [best[kept]]
+    else:
+        tokens = []
+        for j in range(k + 1):
+            processed = apply_penalties(logits[j:j + 1], [p], [outputs])[0]
+            if p.greedy:
+                token = int(processed.argmax())
+            else:
+                probs = torch.softmax(_filter(processed / p.temperature, p), dim=-1)
+                if j < k:
+                    u = torch.rand((), generator=request.generator, device=probs.device)
+                    if float(u) < float(probs[draft[j]]):
+                        tokens.append(draft[j])
+                        outputs.append(draft[j])
+                        continue
+                    probs = probs.clone()
+                    probs[draft[j]] = 0.0  # rejected: draw from what is left
+                noise = torch.empty_like(probs).exponential_(generator=request.generator)
+                token = int((probs / noise).argmax())
+            tokens.append(token)
+            if j == k or token != draft[j]:
+                break
+            outputs.append(token)
+    if p.logprobs is None:
+        return [Sampled(t) for t in tokens]
+    logp = torch.log_softmax(logits[:len(tokens)], dim=-1)  # the model's own distribution, as `sample` reports
+    chosen = logp.gather(1, torch.tensor(tokens, device=logp.device)[:, None])[:, 0].tolist()
+    top_vals, top_ids = logp.topk(p.logprobs, dim=-1) if p.logprobs else (logp[:, :0], logp[:, :0])
+    return [Sampled(t, c, list(zip(map(int, ids), vals))) for t, c, ids, vals in
+            zip(tokens, chosen, top_ids.tolist(), top_vals.tolist())]
+
+
 def make_generator(seed: int | None, device: torch.device) -> torch.Generator | None:
     """A request's own generator; any integer seed (a server adds the choice index to it) wraps into the
     generator's 64-bit range, so distinct seeds below 2^64 apart stay distinct."""

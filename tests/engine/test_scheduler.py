@@ -19,6 +19,7 @@ class Seq:
     ids: list[int] | None = None  # token ids (prefix caching); default: the request's own, unlike any other's
     block_names: list = field(default_factory=list)
     named_blocks: int = 0
+    draft: list[int] = field(default_factory=list)
 
     @property
     def num_tokens(self) -> int:

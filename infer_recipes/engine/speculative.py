@@ -1,0 +1,136 @@
+"""Speculative decoding's proposers: before each step, guesses of the tokens that follow each decoding sequence.
+
+The target model then computes the last real token and the k guesses in one step, keeps the longest prefix it
+agrees with and adds its own next token (runner/sampling.verify): greedy outputs are exactly the target's, sampled
+ones follow the target's distribution. A step costs about as much as a decode step while weights, not tokens,
+bound it, so every kept guess is a token for free.
+
+- `PromptLookup`: the longest recent n-gram (n = 3, 2, 1) that ends the sequence is looked up earlier in its prompt
+  and output; the tokens that followed it there are the guess. No second model: strong where answers copy their
+  context (QA, code edits, summaries).
+- `DraftModel`: a smaller model with the same vocabulary drafts greedily, k single-token steps, on its own KV
+  blocks (its own BlockPool); a sequence whose blocks it cannot get is simply not drafted.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from ..config import SamplingParams
+from ..runner import ModelRunner, Sampled, SampleRequest, StepSeq
+from .block_pool import BlockPool
+from .request import Request
+
+
+def room(request: Request, k: int) -> int:
+    """How many guesses a decoding request can use: at most k, and never a token past max_tokens or the context
+    (a step keeps up to guesses + 1 tokens); 0 when it is not decoding (prefill left, or preempted)."""
+    if request.num_tokens - request.num_computed_tokens != 1:
+        return 0
+    left = min(request.params.max_tokens - len(request.output_ids), request.max_len - request.num_tokens)
+    return max(0, min(k, left - 1))
+
+
+class PromptLookup:
+    """n-gram prompt lookup. Each request's index maps every n-gram (n <= max_n) that has a continuation to where
+    its latest occurrence ends; it grows by the new tokens only, so a proposal costs O(new tokens), not O(length)."""
+
+    def __init__(self, k: int, max_n: int = 3):
+        self.k, self.max_n = k, max_n
+        self._index: dict[str, tuple[dict[tuple[int, ...], int], list[int]]] = {}
+
+    def propose(self, requests: Iterable[Request]) -> None:
+        for r in requests:
+            want = room(r, self.k)
+            r.draft = self._lookup(r, want) if want else []
+
+    def _lookup(self, r: Request, want: int) -> list[int]:
+        index, ids = self._index.setdefault(r.request_id, ({}, []))
+        done = len(ids)
+        ids += r.tokens(done, r.num_tokens - done)
+        for end in range(max(done, 1), len(ids)):  # n-grams ending before `end` gain a continuation
+            for n in range(1, min(self.max_n, end) + 1):
+                index[tuple(ids[end - n:end])] = end
+        for n in range(min(self.max_n, len(ids) - 1), 0, -1):
+            at = index.get(tuple(ids[-n:]))
+            if at is not None:
+                return ids[at:at + want]
+        return []
+
+    def forget(self, request_id: str) -> None:
+        self._index.pop(request_id, None)
+
+
+@dataclass
+class _Drafting:
+    table: list[int] = field(default_factory=list)  # the draft's KV blocks for this request
+    ids: list[int] = field(default_factory=list)  # the tokens whose keys and values those blocks hold
+    real: int = 0  # how many of `ids` are the request's own tokens (the rest were guesses)
+
+
+class DraftModel:
+    """A smaller model guessing greedily for a bigger one (same tokenizer). Its KV cache follows each request:
+    guesses the target rejected are dropped from it, the tokens the target added are computed in the next
+    proposal's first step (with the request's last token), then k - 1 single-token steps."""
+
+    _GREEDY = SamplingParams(temperature=0.0)
+
+    def __init__(self, runner: ModelRunner, k: int):
+        self.runner, self.k = runner, k
+        num_blocks = runner.cache.num_blocks if runner.cache is not None else 1
+        self.pool = BlockPool(num_blocks, runner.block_size)
+        self._state: dict[str, _Drafting] = {}
+
+    def propose(self, requests: Iterable[Request]) -> None:
+        work: list[tuple[Request, _Drafting, int]] = []
+        for r in requests:
+            r.draft = []
+            want = room(r, self.k)
+            if want:
+                state = self._catch_up(r, want)
+                if state is not None:
+                    work.append((r, state, want))
+        if not work:
+            return
+        # first step: each request's uncomputed tokens (at least its last), one guess each
+        steps = [StepSeq(r.tokens(len(s.ids), r.num_tokens - len(s.ids)), len(s.ids), s.table, True)
+                 for r, s, _ in work]
+        for (r, s, _), seq in zip(work, steps):
+            s.ids += seq.token_ids
+            s.real = len(s.ids)
+        for i in range(max(w for _, _, w in work)):
+            picks = self.runner.execute(steps, [SampleRequest(self._GREEDY, None, ())] * len(steps))
+            going, steps = [], []
+            for (r, s, want), pick in zip(work, picks):
+                if not isinstance(pick, Sampled):  # its draft step failed: the target decodes it plainly
+                    r.draft = []
+                    self.forget(r.request_id)
+                    continue
+                r.draft.append(pick.token)
+                if len(r.draft) < want:
+                    steps.append(StepSeq([pick.token], len(s.ids), s.table, True))
+                    s.ids.append(pick.token)
+                    going.append((r, s, want))
+            work = going
+            if not work:
+                break
+
+    def _catch_up(self, r: Request, want: int) -> _Drafting | None:
+        """The request's drafting state with guesses the target rejected dropped and blocks for this proposal;
+        None (and its blocks freed) when the draft pool has too few."""
+        s = self._state.setdefault(r.request_id, _Drafting())
+        keep = s.real
+        for a, b in zip(s.ids[s.real:], r.tokens(s.real, min(len(s.ids), r.num_tokens - 1) - s.real)):
+            if a != b:
+                break
+            keep += 1
+        del s.ids[min(keep, r.num_tokens - 1):]
+        if self.pool.grow(s.table, r.num_tokens + want - 1):
+            return s
+        self.forget(r.request_id)
+        return None
+
+    def forget(self, request_id: str) -> None:
+        s = self._state.pop(request_id, None)
+        if s is not None:
+            self.pool.release(s.table)
