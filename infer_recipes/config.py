@@ -103,6 +103,10 @@ class EngineConfig:
     speculative_model: str | None = None
     num_speculative_tokens: int | None = None  # None: 3 (prompt lookup) or 2 (a draft model), measured best here
     speculative_quantization: str | None = None  # the draft model's scheme; None: the model's own
+    # positions of decoding sequences a step verifies at most (their last tokens and guesses): guesses go to the
+    # first sequences while they fit. None: num_speculative_tokens + 1, one fully guessed sequence (on a 2-core
+    # CPU a step of more rows costs more than the guesses yield; a GPU can take far more)
+    speculative_max_rows: int | None = None
     # across devices (torch.distributed, launched by torchrun): ranks = tensor x pipeline parallel size
     tensor_parallel_size: int = 1  # heads, MLP columns and vocabulary split across this many ranks
     pipeline_parallel_size: int = 1  # contiguous layer stages on this many ranks
@@ -152,6 +156,10 @@ class EngineConfig:
             _require(isinstance(self.num_speculative_tokens, int) and not isinstance(self.num_speculative_tokens, bool)
                      and 1 <= self.num_speculative_tokens <= 16, "num_speculative_tokens",
                      f"must be an integer in [1, 16], got {self.num_speculative_tokens!r}")
+        if self.speculative_max_rows is not None:
+            _require(isinstance(self.speculative_max_rows, int) and not isinstance(self.speculative_max_rows, bool)
+                     and self.speculative_max_rows >= 2, "speculative_max_rows",
+                     f"must be an integer >= 2, got {self.speculative_max_rows!r}")
         if self.speculative_quantization is not None:
             _require(self.speculative_quantization in ("none", *filter(None, QUANTIZATIONS)),
                      "speculative_quantization", f"unknown scheme {self.speculative_quantization!r}; choose one of "
@@ -165,6 +173,11 @@ def speculative_tokens(cfg: "EngineConfig") -> int:
     if cfg.num_speculative_tokens is not None:
         return cfg.num_speculative_tokens
     return 3 if cfg.speculative_model == "ngram" else 2
+
+
+def speculative_rows(cfg: "EngineConfig") -> int:
+    """Positions of decoding sequences one step verifies at most."""
+    return cfg.speculative_max_rows or speculative_tokens(cfg) + 1
 
 
 def prefix_caching_on(cfg: "EngineConfig") -> bool:

@@ -193,6 +193,7 @@ def _prepare_draft(cfg: EngineConfig, target, tokenizer: LLMTokenizer, device: t
     tokenizer is not the target's (its guesses would be other tokens)."""
     scheme = cfg.speculative_quantization or cfg.quantization
     draft_cfg = replace(cfg, speculative_model=None, num_speculative_tokens=None, speculative_quantization=None,
+                        speculative_max_rows=None,
                         quantization=None if scheme == "none" else scheme, prefix_caching=False,
                         max_model_len=target.max_model_len)
     where = f"speculative_model {cfg.speculative_model!r}"

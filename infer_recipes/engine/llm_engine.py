@@ -10,7 +10,7 @@ import itertools
 from collections.abc import Sequence
 from typing import NamedTuple
 
-from ..config import EngineConfig, SamplingParams, prefix_caching_on, speculative_tokens
+from ..config import EngineConfig, SamplingParams, prefix_caching_on, speculative_rows, speculative_tokens
 from ..errors import ContextLengthError, InferRecipesError
 from ..runner import ModelRunner, Sampled, SampleRequest, StepSeq, make_generator
 from ..tokenizer import IncrementalDetokenizer, LLMTokenizer
@@ -45,12 +45,12 @@ class LLMEngine:
                                                    recompute=not config.kv_cache), self.block_pool)
         self.proposer = None
         if config.speculative_model == "ngram":
-            self.proposer = PromptLookup(speculative_tokens(config))
+            self.proposer = PromptLookup(speculative_tokens(config), speculative_rows(config))
         elif config.speculative_model is not None:
             if draft_runner is None:
                 raise InferRecipesError(f"speculative_model {config.speculative_model!r}: the draft model was not "
                                         "built (LLM builds it; an LLMEngine made by hand takes it as draft_runner)")
-            self.proposer = DraftModel(draft_runner, speculative_tokens(config))
+            self.proposer = DraftModel(draft_runner, speculative_tokens(config), speculative_rows(config))
         self.drafted = self.accepted = 0  # draft tokens verified, and kept, over the engine's life
         self.requests: dict[str, Request] = {}
         self._ids = itertools.count()

@@ -10,6 +10,10 @@ bound it, so every kept guess is a token for free.
   context (QA, code edits, summaries).
 - `DraftModel`: a smaller model with the same vocabulary drafts greedily, k single-token steps, on its own KV
   blocks (its own BlockPool); a sequence whose blocks it cannot get is simply not drafted.
+
+A step verifies at most `rows` positions of decoding sequences (each its last token plus its guesses): where
+computing more rows at once costs more than their expected yield (a batch of decodes on a CPU: see the README's
+measurements), guesses go to the first sequences only, and a full batch decodes plainly.
 """
 from __future__ import annotations
 
@@ -22,6 +26,16 @@ from .block_pool import BlockPool
 from .request import Request
 
 
+def decoding(requests: Iterable[Request]) -> list[Request]:
+    """The requests whose next step is a decode (one token left to compute); the others' drafts are cleared."""
+    out = []
+    for r in requests:
+        r.draft = []
+        if r.num_tokens - r.num_computed_tokens == 1:
+            out.append(r)
+    return out
+
+
 def room(request: Request, k: int) -> int:
     """How many guesses a decoding request can use: at most k, and never a token past max_tokens or the context
     (a step keeps up to guesses + 1 tokens); 0 when it is not decoding (prefill left, or preempted)."""
@@ -32,17 +46,22 @@ def room(request: Request, k: int) -> int:
 
 
 class PromptLookup:
-    """n-gram prompt lookup. Each request's index maps every n-gram (n <= max_n) that has a continuation to where
+    """n-gram prompt lookup (min_n <= n <= max_n: a single token matches too often to guess well). Each request's
+    index maps every n-gram (n <= max_n) that has a continuation to where
     its latest occurrence ends; it grows by the new tokens only, so a proposal costs O(new tokens), not O(length)."""
 
-    def __init__(self, k: int, max_n: int = 3):
-        self.k, self.max_n = k, max_n
+    def __init__(self, k: int, rows: int, min_n: int = 2, max_n: int = 3):
+        self.k, self.rows, self.min_n, self.max_n = k, rows, min_n, max_n
         self._index: dict[str, tuple[dict[tuple[int, ...], int], list[int]]] = {}
 
     def propose(self, requests: Iterable[Request]) -> None:
-        for r in requests:
-            want = room(r, self.k)
-            r.draft = self._lookup(r, want) if want else []
+        decodes = decoding(requests)
+        spare = self.rows - len(decodes)
+        for r in decodes:
+            want = min(room(r, self.k), spare)
+            if want > 0:
+                r.draft = self._lookup(r, want)
+                spare -= len(r.draft)
 
     def _lookup(self, r: Request, want: int) -> list[int]:
         index, ids = self._index.setdefault(r.request_id, ({}, []))
@@ -51,7 +70,7 @@ class PromptLookup:
         for end in range(max(done, 1), len(ids)):  # n-grams ending before `end` gain a continuation
             for n in range(1, min(self.max_n, end) + 1):
                 index[tuple(ids[end - n:end])] = end
-        for n in range(min(self.max_n, len(ids) - 1), 0, -1):
+        for n in range(min(self.max_n, len(ids) - 1), self.min_n - 1, -1):
             at = index.get(tuple(ids[-n:]))
             if at is not None:
                 return ids[at:at + want]
@@ -75,21 +94,23 @@ class DraftModel:
 
     _GREEDY = SamplingParams(temperature=0.0)
 
-    def __init__(self, runner: ModelRunner, k: int):
-        self.runner, self.k = runner, k
+    def __init__(self, runner: ModelRunner, k: int, rows: int):
+        self.runner, self.k, self.rows = runner, k, rows
         num_blocks = runner.cache.num_blocks if runner.cache is not None else 1
         self.pool = BlockPool(num_blocks, runner.block_size)
         self._state: dict[str, _Drafting] = {}
 
     def propose(self, requests: Iterable[Request]) -> None:
         work: list[tuple[Request, _Drafting, int]] = []
-        for r in requests:
-            r.draft = []
-            want = room(r, self.k)
-            if want:
+        decodes = decoding(requests)
+        spare = self.rows - len(decodes)
+        for r in decodes:
+            want = min(room(r, self.k), spare)
+            if want > 0:
                 state = self._catch_up(r, want)
                 if state is not None:
                     work.append((r, state, want))
+                    spare -= want
         if not work:
             return
         # first step: each request's uncomputed tokens (at least its last), one guess each
