@@ -24,11 +24,12 @@ from pathlib import Path
 import torch
 
 from infer_recipes import LLM, SamplingParams
+from infer_recipes.bench.prompts import SHARED_DATA
 from infer_recipes.eval.qa import build_prompt, load_qa
 from infer_recipes.loading import resolve_model_source
 
 REPO = Path(__file__).resolve().parents[1]
-DATA = REPO.parent / "shared" / "data" / "squad" / "dev-v2.0.part-a.json"
+DATA = SHARED_DATA / "squad" / "dev-v2.0.part-a.json"
 CHAT = ["Explain in a few paragraphs why the sky is blue.", "Write a short story about a lighthouse keeper.",
         "What are the pros and cons of remote work? Answer in detail.", "Describe how a bicycle gear system works.",
         "Give me ideas for a birthday party for a ten-year-old.", "Why do cats purr? Explain what is known.",
