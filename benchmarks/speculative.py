@@ -7,8 +7,8 @@ llama.cpp on the same GGUF (batch 1), greedy, on three kinds of request:
 
 Every request runs on every engine in turn (the order rotates), so all engines see the same machine noise.
 Decode tok/s of a request = (tokens - 1) / (end - first token); the table gives medians over requests, the
-acceptance (kept / proposed guesses) and the mean tokens a step produced. Batch 8: the same requests eight at a
-time, aggregate decode tokens/s.
+acceptance (kept / proposed guesses) and the guesses kept per step that verified any. Batches (--batch 2,8): the
+requests that many at a time, generated tokens / wall time.
 
     python benchmarks/speculative.py --model qwen2.5-coder-1.5b-instruct --quantization gguf \\
         --draft qwen2.5-coder-0.5b-instruct --requests 6 --max-tokens 128
@@ -69,9 +69,9 @@ class Ours:
         outs = self.llm.generate(prompts, SamplingParams(max_tokens=max_tokens, temperature=0.0))
         return [(len(o.token_ids), o.metrics["ttft_s"], o.metrics["e2e_s"]) for o in outs]
 
-    def counters(self) -> tuple[int, int]:
+    def counters(self) -> tuple[int, int, int]:
         stats = self.llm.engine.stats()
-        return stats["spec_draft_tokens"], stats["spec_accepted_tokens"]
+        return stats["spec_draft_tokens"], stats["spec_accepted_tokens"], stats["spec_steps"]
 
 
 class LlamaCpp:
@@ -96,8 +96,8 @@ class LlamaCpp:
         end = time.perf_counter()
         return [(made, first - start, end - start)]
 
-    def counters(self) -> tuple[int, int]:
-        return 0, 0
+    def counters(self) -> tuple[int, int, int]:
+        return 0, 0, 0
 
 
 def decode_rate(tokens: int, first: float, end: float) -> float | None:
@@ -135,7 +135,7 @@ def main() -> None:
         e.run([loads["chat"][0]], 8)
     print(f"{args.model} ({args.quantization}), greedy, up to {args.max_tokens} new tokens, {args.threads} threads, "
           f"{args.requests} requests per kind, batch 1 (engines take turns per request)")
-    print("| kind | engine | decode tok/s (median) | vs alone | tokens/request | acceptance | tokens per step |")
+    print("| kind | engine | decode tok/s (median) | vs alone | tokens/request | acceptance | kept per guessing step |")
     print("| --- | --- | ---: | ---: | ---: | ---: | ---: |")
     for kind in args.kinds.split(","):
         rates = {e.label: [] for e in engines}
@@ -150,13 +150,10 @@ def main() -> None:
                     rates[e.label].append(rate)
         base = statistics.median(rates["alone"])
         for e in engines:
-            drafted, kept = (a - b for a, b in zip(e.counters(), before[e.label]))
+            drafted, kept, steps = (a - b for a, b in zip(e.counters(), before[e.label]))
             med = statistics.median(rates[e.label]) if rates[e.label] else float("nan")
             accept = f"{kept / drafted:.0%}" if drafted else "-"
-            per_step = "-"
-            if isinstance(e, Ours) and e.label != "alone":
-                steps = sum(t - 1 for t in made[e.label]) - kept  # decode steps: each gives one own token
-                per_step = f"{(steps + kept) / max(1, steps):.2f}"
+            per_step = f"{kept / steps:.2f}" if steps else "-"
             print(f"| {kind} | {e.label} | {med:.2f} | {med / base:.2f}x | {statistics.mean(made[e.label]):.0f} | "
                   f"{accept} | {per_step} |")
     for batch in [int(b) for b in args.batch.split(",") if b]:
@@ -172,7 +169,7 @@ def main() -> None:
                 start = time.perf_counter()
                 outs = e.run(prompts, args.max_tokens)
                 total = time.perf_counter() - start
-                drafted, kept = (a - b for a, b in zip(e.counters(), before))
+                drafted, kept, _ = (a - b for a, b in zip(e.counters(), before))
                 results[e.label] = (sum(t for t, _, _ in outs) / total, drafted, kept)
             for label, (rate, drafted, kept) in results.items():
                 accept = f"{kept / drafted:.0%}" if drafted else "-"

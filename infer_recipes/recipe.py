@@ -74,6 +74,13 @@ SCHEMA: dict[str, dict[str, tuple]] = {
         "quantization": ((str, type(None)), ("none",) + tuple(q for q in QUANTIZATIONS if q), ""),
         "quantization_skip": ((list,), None, "module-name patterns kept in float"),
         "group_size": ((int,), GROUP_SIZES, ""),
+        "speculative_model": ((str, type(None)), None, "speculative decoding: ngram (prompt lookup) or a draft "
+                              "model with the same tokenizer"),
+        "num_speculative_tokens": ((int, type(None)), None, "guesses per step (null: 3 for ngram, 2 for a model)"),
+        "speculative_quantization": ((str, type(None)), ("none",) + tuple(q for q in QUANTIZATIONS if q),
+                                     "the draft model's scheme (null: the model's)"),
+        "speculative_max_rows": ((int, type(None)), None, "decoding positions a step verifies at most (null: "
+                                 "guesses + 1)"),
     },
     "parallel": {
         "tensor_parallel_size": ((int,), None, "ranks splitting each layer (heads, MLP, vocabulary)"),

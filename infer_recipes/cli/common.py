@@ -47,6 +47,15 @@ def _add_switch_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--quantization-skip", action="append", default=None,
                    help="module-name pattern kept in float, e.g. lm_head or 'model.layers.0.*' (repeatable)")
     g.add_argument("--group-size", type=int, default=None, choices=GROUP_SIZES, help="int4 group size")
+    g.add_argument("--speculative-model", default=None,
+                   help="speculative decoding: 'ngram' (prompt lookup) or a smaller model with the same tokenizer "
+                        "(path or alias); greedy outputs are unchanged")
+    g.add_argument("--num-speculative-tokens", type=int, default=None,
+                   help="guesses per step (default 3 for ngram, 2 for a draft model)")
+    g.add_argument("--speculative-quantization", default=None, choices=["none", *(q for q in QUANTIZATIONS if q)],
+                   help="the draft model's scheme (default: the model's)")
+    g.add_argument("--speculative-max-rows", type=int, default=None,
+                   help="decoding positions a step verifies at most (default: guesses + 1; raise it on a GPU)")
     g = p.add_argument_group("across devices (start the command under torchrun --nproc-per-node TP*PP)")
     g.add_argument("--tensor-parallel-size", "-tp", type=int, default=None,
                    help="ranks splitting every layer: heads, MLP columns, vocabulary (default 1)")
@@ -55,7 +64,8 @@ def _add_switch_args(p: argparse.ArgumentParser) -> None:
 
 
 _FLAGS = ("device", "dtype", "max_model_len", "max_batch_size", "kv_cache", "prefix_caching", "fusion", "compile",
-          "quantization", "quantization_skip", "group_size", "tensor_parallel_size", "pipeline_parallel_size")
+          "quantization", "quantization_skip", "group_size", "speculative_model", "num_speculative_tokens",
+          "speculative_quantization", "speculative_max_rows", "tensor_parallel_size", "pipeline_parallel_size")
 
 
 def _model_and_options(args) -> tuple[str, dict]:

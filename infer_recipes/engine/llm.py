@@ -76,6 +76,7 @@ class LLM:
         if self.tokenizer.eos_token_id is not None:
             eos.add(self.tokenizer.eos_token_id)
         self.eos_token_ids = frozenset(eos)
+        self.draft_runner = draft
         self.engine = LLMEngine(self.runner, self.tokenizer, cfg, self.eos_token_ids, draft)
 
     # ---- what was built (the runner owns it) -------------------------------------------------------------------------
@@ -117,12 +118,14 @@ class LLM:
         return self.runner.compiles
 
     def weight_bytes(self) -> int:
-        """Bytes of the weights as they are held now (quantized ones included, tied ones counted once)."""
-        return self.runner.weight_bytes()
+        """Bytes of the weights as they are held now (quantized ones included, tied ones counted once), a draft
+        model's included."""
+        return sum(r.weight_bytes() for r in (self.runner, self.draft_runner) if r is not None)
 
     def kv_cache_bytes(self) -> int:
-        """Bytes reserved for the KV cache (0 without one; on the CPU pages are committed on use)."""
-        return self.runner.kv_cache_bytes()
+        """Bytes reserved for the KV cache, a draft model's included (0 without one; on the CPU pages are
+        committed on use)."""
+        return sum(r.kv_cache_bytes() for r in (self.runner, self.draft_runner) if r is not None)
 
     # ---- generation, on the continuous-batching engine ---------------------------------------------------------
     def generate(self, prompts: Prompt | Sequence[Prompt], sampling_params: SamplingParams | Sequence[SamplingParams]

@@ -51,7 +51,7 @@ class LLMEngine:
                 raise InferRecipesError(f"speculative_model {config.speculative_model!r}: the draft model was not "
                                         "built (LLM builds it; an LLMEngine made by hand takes it as draft_runner)")
             self.proposer = DraftModel(draft_runner, speculative_tokens(config), speculative_rows(config))
-        self.drafted = self.accepted = 0  # draft tokens verified, and kept, over the engine's life
+        self.drafted = self.accepted = self.draft_steps = 0  # guesses verified and kept, in this many verifications
         self.requests: dict[str, Request] = {}
         self._ids = itertools.count()
         self.num_steps = 0
@@ -143,8 +143,10 @@ class LLMEngine:
                 accepted[request.request_id] = added - 1  # fewer than kept when a stop came first
                 request.drafted += len(s.draft)
                 request.accepted += len(picks) - 1
+                request.draft_steps += 1
                 self.drafted += len(s.draft)
                 self.accepted += len(picks) - 1
+                self.draft_steps += 1
             done.append((request, delta, added))
         self.scheduler.update(scheduled, frozenset(s.seq.request_id for s, r in zip(scheduled.scheduled, results)
                                                    if isinstance(r, str)), accepted)
@@ -168,7 +170,8 @@ class LLMEngine:
                 "preemptions": self.scheduler.num_preemptions, "steps": self.num_steps,
                 "prefix_cache_queries": self.block_pool.queries, "prefix_cache_hits": self.block_pool.hits,
                 "prefix_cache_blocks": self.block_pool.num_cached,
-                "spec_draft_tokens": self.drafted, "spec_accepted_tokens": self.accepted}
+                "spec_draft_tokens": self.drafted, "spec_accepted_tokens": self.accepted,
+                "spec_steps": self.draft_steps}
 
 
 def _runner_inputs(scheduled: SchedulerOutput) -> tuple[list[StepSeq], list[SampleRequest]]:

@@ -58,8 +58,9 @@ class Request:
     block_names: list = field(default_factory=list)
     named_blocks: int = 0
     draft: list[int] = field(default_factory=list)  # speculative decoding: this step's proposals
-    drafted: int = 0  # draft tokens verified so far, and kept (acceptance = accepted / drafted)
+    drafted: int = 0  # draft tokens verified so far, and kept (acceptance = accepted / drafted), in this many steps
     accepted: int = 0
+    draft_steps: int = 0
 
     @property
     def num_tokens(self) -> int:
@@ -133,7 +134,7 @@ class Request:
     def output(self, delta: str = "", num_new_tokens: int = 0) -> RequestOutput:
         metrics = {"prompt_tokens": len(self.prompt_token_ids), "generated_tokens": len(self.output_ids)}
         if self.drafted:
-            metrics.update(draft_tokens=self.drafted, accepted_draft_tokens=self.accepted)
+            metrics.update(draft_tokens=self.drafted, accepted_draft_tokens=self.accepted, draft_steps=self.draft_steps)
         if self.first_token_time is not None:
             metrics["ttft_s"] = self.first_token_time - self.arrival
         if self.finish_time is not None:

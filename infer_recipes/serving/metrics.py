@@ -36,6 +36,10 @@ class _EngineCollector:
                                       labels=["model"])
         hits = CounterMetricFamily(f"{PREFIX}_prefix_cache_hits", "Prompt tokens found in the prefix cache (not "
                                    "computed again)", labels=["model"])
+        drafted = CounterMetricFamily(f"{PREFIX}_spec_decode_draft_tokens", "Guessed tokens verified "
+                                      "(speculative decoding)", labels=["model"])
+        accepted = CounterMetricFamily(f"{PREFIX}_spec_decode_accepted_tokens", "Guessed tokens the model kept "
+                                       "(speculative decoding)", labels=["model"])
         for name, entry in self.pool.entries.items():
             loaded.add_metric([name], 1.0 if entry.loaded else 0.0)
             if entry.engine is None:
@@ -50,7 +54,9 @@ class _EngineCollector:
             preemptions.add_metric([name], stats["preemptions"])
             queries.add_metric([name], stats["prefix_cache_queries"])
             hits.add_metric([name], stats["prefix_cache_hits"])
-        yield from (waiting, running, usage, free, total, loaded, memory, preemptions, queries, hits)
+            drafted.add_metric([name], stats["spec_draft_tokens"])
+            accepted.add_metric([name], stats["spec_accepted_tokens"])
+        yield from (waiting, running, usage, free, total, loaded, memory, preemptions, queries, hits, drafted, accepted)
 
 
 class Metrics:

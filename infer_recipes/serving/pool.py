@@ -12,7 +12,7 @@ import gc
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from ..config import QUANTIZATIONS, EngineConfig
 from ..device import resolve_device, trim_host_memory
@@ -52,10 +52,16 @@ class Entry:
 
 
 def estimate_bytes(spec: ModelSpec) -> int:
-    """Weights (by scheme) + the KV pool the engine will reserve, before loading anything."""
+    """Weights (by scheme) + the KV pool the engine will reserve, before loading anything; a draft model's too."""
     known = set(EngineConfig.__dataclass_fields__)
     cfg = EngineConfig(**{k: v for k, v in spec.options.items() if k in known})
-    return memory_estimate(prepare(spec.model, cfg, resolve_device(cfg.device)))
+    device = resolve_device(cfg.device)
+    total = memory_estimate(prepare(spec.model, cfg, device))
+    if cfg.speculative_model not in (None, "ngram"):
+        scheme = cfg.speculative_quantization or cfg.quantization
+        draft = replace(cfg, speculative_model=None, quantization=None if scheme == "none" else scheme)
+        total += memory_estimate(prepare(cfg.speculative_model, draft, device))
+    return total
 
 
 class ModelPool:

@@ -253,6 +253,14 @@ def now() -> int:
     return int(time.time())
 
 
-def usage(prompt_tokens: int, completion_tokens: int) -> dict:
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
+def usage(prompt_tokens: int, completion_tokens: int, metrics=()) -> dict:
+    """OpenAI's usage; with speculative decoding, what the guesses did (over the choices' `metrics`)."""
+    out = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+           "total_tokens": prompt_tokens + completion_tokens}
+    drafted, kept, steps = (sum(m.get(k, 0) for m in metrics) for k in
+                            ("draft_tokens", "accepted_draft_tokens", "draft_steps"))
+    if drafted:
+        out["speculative"] = {"draft_tokens": drafted, "accepted_tokens": kept,
+                              "acceptance_rate": round(kept / drafted, 4),
+                              "mean_accepted_length": round(kept / steps, 4)}
+    return out

@@ -28,7 +28,8 @@ def completion_body(job: Job, chat: bool, finals: dict[int, RequestOutput], mode
         choices.append(choice)
     return {"id": new_id("chatcmpl" if chat else "cmpl"), "object": "chat.completion" if chat else
             "text_completion", "created": now(), "model": model, "choices": choices,
-            "usage": usage(sum(len(p) for p in job.prompts), sum(len(o.token_ids) for o in finals.values()))}
+            "usage": usage(sum(len(p) for p in job.prompts), sum(len(o.token_ids) for o in finals.values()),
+                           [o.metrics for o in finals.values()])}
 
 
 async def stream_events(job: Job, chat: bool, include_usage: bool) -> AsyncIterator[dict]:
@@ -42,7 +43,7 @@ async def stream_events(job: Job, chat: bool, include_usage: bool) -> AsyncItera
         for index, *_ in job.choices():
             yield {**head, "choices": [{"index": index, "delta": {"role": "assistant", "content": ""},
                                         "logprobs": None, "finish_reason": None}]}
-    completion_tokens = 0
+    completion_tokens, metrics = 0, []
     async for index, out in job.merged():
         lp = None
         if out.logprobs is not None and out.num_new_tokens:
@@ -55,11 +56,12 @@ async def stream_events(job: Job, chat: bool, include_usage: bool) -> AsyncItera
             yield {**head, "choices": [choice]}
         if out.finished:
             completion_tokens += len(out.token_ids)
+            metrics.append(out.metrics)
             choice = {"index": index, "logprobs": None, "finish_reason": out.finish_reason}
             choice.update({"delta": {}} if chat else {"text": ""})
             yield {**head, "choices": [choice]}
     if include_usage:
-        yield {**head, "choices": [], "usage": usage(sum(len(p) for p in job.prompts), completion_tokens)}
+        yield {**head, "choices": [], "usage": usage(sum(len(p) for p in job.prompts), completion_tokens, metrics)}
 
 
 async def replay_events(body: dict, chat: bool, include_usage: bool) -> AsyncIterator[dict]:

@@ -21,6 +21,7 @@ CHAT = [{"role": "user", "content": "What is the capital of France?"}]
 def server(smollm):  # smollm: skips when the model package is absent
     proc, url = start(["-m", "smollm2=smollm2-135m-instruct", "-m", "int8=smollm2-135m-instruct,quantization=int8",
                         "-m", "tiny=synthetic:tiny-llama3,max_batch_size=1,max_waiting=1",
+                        "-m", "spec=smollm2-135m-instruct,speculative_model=ngram",
                         "--max-model-len", "512", "--api-key", KEY, "--cascade", "auto=int8,smollm2,-0.5"])
     yield url
     stop(proc)
@@ -39,7 +40,24 @@ def _metric(url: str, name: str, model: str) -> float:
 
 
 def test_every_model_and_the_cascade_are_listed(client):
-    assert [m.id for m in client.models.list().data] == ["smollm2", "int8", "tiny", "auto"]
+    assert [m.id for m in client.models.list().data] == ["smollm2", "int8", "tiny", "spec", "auto"]
+
+
+def test_speculative_model_answers_as_the_model_and_reports_its_guesses(client, server):
+    prompt = ("Copy the list exactly.\nList: apples, pears, plums, cherries, grapes, lemons, limes, figs.\n"
+              "Copy: apples, pears,")
+    kw = dict(prompt=prompt, max_tokens=24, temperature=0, extra_body={"ignore_eos": True})
+    plain = client.completions.create(model="smollm2", **kw)
+    spec = client.completions.create(model="spec", **kw)
+    assert spec.choices[0].text == plain.choices[0].text
+    guesses = spec.usage.model_extra["speculative"]
+    assert 0 < guesses["accepted_tokens"] <= guesses["draft_tokens"]
+    assert guesses["acceptance_rate"] == round(guesses["accepted_tokens"] / guesses["draft_tokens"], 4)
+    assert "speculative" not in (plain.usage.model_extra or {})
+    chunks = list(client.completions.create(model="spec", **kw, stream=True, stream_options={"include_usage": True}))
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == plain.choices[0].text
+    assert chunks[-1].usage.model_extra["speculative"] == guesses
+    assert _metric(server, "infer_recipes_spec_decode_accepted_tokens_total", "spec") >= 2 * guesses["accepted_tokens"]
 
 
 @pytest.mark.parametrize("model", ["smollm2", "int8"])
