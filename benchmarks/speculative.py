@@ -63,11 +63,10 @@ class Ours:
     def __init__(self, label: str, llm: LLM):
         self.label, self.llm = label, llm
 
-    def run(self, prompts: list[list[int]], max_tokens: int) -> list[tuple[int, float, float]]:
+    def run(self, prompts: list[list[int]], max_tokens: int) -> list[tuple[list[int], float, float]]:
         """(tokens, first token s, end s) per request."""
-        start = time.perf_counter()
         outs = self.llm.generate(prompts, SamplingParams(max_tokens=max_tokens, temperature=0.0))
-        return [(len(o.token_ids), o.metrics["ttft_s"], o.metrics["e2e_s"]) for o in outs]
+        return [(o.token_ids, o.metrics["ttft_s"], o.metrics["e2e_s"]) for o in outs]
 
     def counters(self) -> tuple[int, int, int]:
         stats = self.llm.engine.stats()
@@ -84,14 +83,14 @@ class LlamaCpp:
                            verbose=False)
         self.eos = eos  # ours: the same stopping point
 
-    def run(self, prompts: list[list[int]], max_tokens: int) -> list[tuple[int, float, float]]:
+    def run(self, prompts: list[list[int]], max_tokens: int) -> list[tuple[list[int], float, float]]:
         assert len(prompts) == 1
         self.llama.reset()
-        start, first, made = time.perf_counter(), None, 0
+        start, first, made = time.perf_counter(), None, []
         for token in self.llama.generate(prompts[0], top_k=1, temp=0.0, reset=True):
-            made += 1
+            made.append(token)
             first = first or time.perf_counter()
-            if made == max_tokens or token in self.eos:
+            if len(made) == max_tokens or token in self.eos:
                 break
         end = time.perf_counter()
         return [(made, first - start, end - start)]
@@ -135,17 +134,18 @@ def main() -> None:
         e.run([loads["chat"][0]], 8)
     print(f"{args.model} ({args.quantization}), greedy, up to {args.max_tokens} new tokens, {args.threads} threads, "
           f"{args.requests} requests per kind, batch 1 (engines take turns per request)")
-    print("| kind | engine | decode tok/s (median) | vs alone | tokens/request | acceptance | kept per guessing step |")
-    print("| --- | --- | ---: | ---: | ---: | ---: | ---: |")
+    print("| kind | engine | decode tok/s (median) | vs alone | tokens/request | same tokens as alone | acceptance | "
+          "kept per guessing step |")
+    print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |")
     for kind in args.kinds.split(","):
         rates = {e.label: [] for e in engines}
-        made = {e.label: [] for e in engines}
+        made = {e.label: [] for e in engines}  # token ids per request
         before = {e.label: e.counters() for e in engines}
         for i, prompt in enumerate(loads[kind]):
             for e in engines[i % len(engines):] + engines[:i % len(engines)]:
                 (tokens, first, end), = e.run([prompt], args.max_tokens)
                 made[e.label].append(tokens)
-                rate = decode_rate(tokens, first, end)
+                rate = decode_rate(len(tokens), first, end)
                 if rate is not None:
                     rates[e.label].append(rate)
         base = statistics.median(rates["alone"])
@@ -154,8 +154,10 @@ def main() -> None:
             med = statistics.median(rates[e.label]) if rates[e.label] else float("nan")
             accept = f"{kept / drafted:.0%}" if drafted else "-"
             per_step = f"{kept / steps:.2f}" if steps else "-"
-            print(f"| {kind} | {e.label} | {med:.2f} | {med / base:.2f}x | {statistics.mean(made[e.label]):.0f} | "
-                  f"{accept} | {per_step} |")
+            same = sum(a == b for a, b in zip(made[e.label], made["alone"]))
+            print(f"| {kind} | {e.label} | {med:.2f} | {med / base:.2f}x | "
+                  f"{statistics.mean(map(len, made[e.label])):.0f} | {same}/{len(made['alone'])} | {accept} | "
+                  f"{per_step} |")
     for batch in [int(b) for b in args.batch.split(",") if b]:
         print(f"\nbatch {batch}: {batch} requests of each kind at once, generated tokens / wall time "
               "(prefill included)")
@@ -170,7 +172,7 @@ def main() -> None:
                 outs = e.run(prompts, args.max_tokens)
                 total = time.perf_counter() - start
                 drafted, kept, _ = (a - b for a, b in zip(e.counters(), before))
-                results[e.label] = (sum(t for t, _, _ in outs) / total, drafted, kept)
+                results[e.label] = (sum(len(t) for t, _, _ in outs) / total, drafted, kept)
             for label, (rate, drafted, kept) in results.items():
                 accept = f"{kept / drafted:.0%}" if drafted else "-"
                 print(f"| {kind} | {label} | {rate:.2f} | {rate / results['alone'][0]:.2f}x | {accept} |")
