@@ -187,6 +187,25 @@ def prefix_caching_on(cfg: "EngineConfig") -> bool:
     return cfg.kv_cache and cfg.quantization != "int4-w8a8"
 
 
+CONSTRAINTS = ("json_schema", "json_object", "regex", "grammar", "choice")
+
+
+@dataclass(frozen=True)
+class Constraint:
+    """Structured output: what the generated text must match. kind: json_schema (value: the schema as JSON text),
+    json_object (any JSON object; value ""), regex, grammar (GBNF as llama.cpp takes it, or Lark), choice (value: a
+    JSON list of strings)."""
+
+    kind: str
+    value: str = ""
+
+    def __post_init__(self) -> None:
+        _require(self.kind in CONSTRAINTS, "constraint",
+                 f"unknown kind {self.kind!r}; choose one of {', '.join(CONSTRAINTS)}")
+        _require(isinstance(self.value, str), "constraint", f"the {self.kind} must be text, got {self.value!r}")
+        _require(bool(self.value) or self.kind == "json_object", "constraint", f"the {self.kind} is empty")
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     """How to pick tokens for one request. temperature 0 means greedy."""
@@ -206,6 +225,7 @@ class SamplingParams:
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added to its logit), a dict is accepted too
+    constraint: Constraint | None = None  # structured output: only tokens that keep the text matching it
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -241,6 +261,8 @@ class SamplingParams:
         _require(all(t >= 0 and -100.0 <= b <= 100.0 for t, b in bias), "logit_bias",
                  "token ids must be >= 0 and biases in [-100, 100]")
         object.__setattr__(self, "logit_bias", bias)
+        _require(self.constraint is None or isinstance(self.constraint, Constraint), "constraint",
+                 f"must be a Constraint, got {self.constraint!r}")
 
     @property
     def penalized(self) -> bool:

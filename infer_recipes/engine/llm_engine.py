@@ -13,6 +13,7 @@ from typing import NamedTuple
 from ..config import EngineConfig, SamplingParams, prefix_caching_on, speculative_rows, speculative_tokens
 from ..errors import ContextLengthError, InferRecipesError
 from ..runner import ModelRunner, Sampled, SampleRequest, StepSeq, make_generator
+from ..runner.grammar import Grammars
 from ..tokenizer import IncrementalDetokenizer, LLMTokenizer
 from .block_pool import BlockPool
 from .request import Request, RequestOutput
@@ -51,6 +52,7 @@ class LLMEngine:
                 raise InferRecipesError(f"speculative_model {config.speculative_model!r}: the draft model was not "
                                         "built (LLM builds it; an LLMEngine made by hand takes it as draft_runner)")
             self.proposer = DraftModel(draft_runner, speculative_tokens(config), speculative_rows(config))
+        self.grammars = Grammars(tokenizer, self.vocab_size, eos_token_ids)  # structured output, compiled on use
         self.drafted = self.accepted = self.draft_steps = 0  # guesses verified and kept, in this many verifications
         self.requests: dict[str, Request] = {}
         self._ids = itertools.count()
@@ -90,8 +92,10 @@ class LLMEngine:
         if request_id in self.requests:
             raise InferRecipesError(f"request id {request_id!r} is already in use")
         stop_ids = frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else self.eos_token_ids)
+        matcher = self.grammars.matcher(params.constraint) if params.constraint is not None else None
         request = Request(request_id, text, list(ids), params, stop_ids, IncrementalDetokenizer(self.tokenizer, ids),
-                          max_len=self.max_model_len, generator=make_generator(params.seed, self.runner.device))
+                          max_len=self.max_model_len, generator=make_generator(params.seed, self.runner.device),
+                          matcher=matcher)
         self.scheduler.add(request)
         self.requests[request_id] = request
         return request_id
@@ -178,6 +182,6 @@ def _runner_inputs(scheduled: SchedulerOutput) -> tuple[list[StepSeq], list[Samp
     """The step's sequences as the runner takes them, and what sampling needs of those that reach their end."""
     seqs = [StepSeq(s.seq.tokens(s.start, s.num_tokens - len(s.draft)) + list(s.draft), s.start, s.seq.block_table,
                     s.sample, len(s.draft)) for s in scheduled.scheduled]
-    sampling = [SampleRequest(s.seq.params, s.seq.generator, s.seq.output_ids) for s in scheduled.scheduled
-                if s.sample]
+    sampling = [SampleRequest(s.seq.params, s.seq.generator, s.seq.output_ids, s.seq.matcher)
+                for s in scheduled.scheduled if s.sample]
     return seqs, sampling

@@ -52,6 +52,7 @@ class Request:
     scanned: int = 0  # characters of detok.text already searched for stop strings
     error: str | None = None  # why the request failed (finish_reason "error")
     generator: object = None  # the request's own torch.Generator when it is seeded
+    matcher: object = None  # structured output: the grammar state (runner/grammar.py), fed every token kept
     # what the scheduler keeps (see scheduler.Seq)
     num_computed_tokens: int = 0
     block_table: list[int] = field(default_factory=list)
@@ -94,6 +95,13 @@ class Request:
         else:
             self.detok.add(token)
             self._check_stop_strings()
+            if self.matcher is not None and self.finish_reason is None:
+                if not self.matcher.consume_token(token):
+                    self.fail(f"structured output: token {token} does not fit the grammar "
+                              f"({self.matcher.get_error() or 'rejected'})")
+                    return self._take(len(self.text))
+                if self.matcher.is_stopped():
+                    self.finish_reason = "stop"  # the grammar is complete: nothing may follow
         if self.finish_reason is None and (len(self.output_ids) >= self.params.max_tokens
                                            or len(self.prompt_token_ids) + len(self.output_ids) >= self.max_len):
             self.finish_reason = "length"

@@ -1,5 +1,5 @@
 """Choosing the next token from logits: greedy, temperature, top-k, top-p, min-p, penalties, logit bias,
-per-request seeds, logprobs."""
+structured output (a grammar's mask), per-request seeds, logprobs."""
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from ..config import SamplingParams
+from .grammar import allowed
 
 
 @dataclass(frozen=True)
@@ -18,6 +19,7 @@ class SampleRequest:
     params: SamplingParams
     generator: torch.Generator | None
     output_ids: Sequence[int]
+    matcher: object = None  # structured output: the request's grammar state (runner/grammar.py)
 
 
 @dataclass(frozen=True)
@@ -74,12 +76,26 @@ def apply_penalties(logits: torch.Tensor, params: Sequence[SamplingParams],
     return logits
 
 
+def apply_constraints(logits: torch.Tensor, matchers: Sequence[object]) -> torch.Tensor:
+    """logits [B, V] with the tokens each row's grammar forbids set to -inf (a new tensor when any row has one)."""
+    rows = [i for i, m in enumerate(matchers) if m is not None]
+    if not rows:
+        return logits
+    logits = logits.clone()
+    for i in rows:
+        logits[i].masked_fill_(~allowed(matchers[i], logits.shape[-1], logits.device), float("-inf"))
+    return logits
+
+
 def sample(logits: torch.Tensor, params: Sequence[SamplingParams], generators: Sequence[torch.Generator | None],
-           outputs: Sequence[Sequence[int]] | None = None) -> SampleResult:
-    """logits [B, V] float32 -> one token per row. outputs: each row's generated tokens so far (for penalties).
+           outputs: Sequence[Sequence[int]] | None = None, matchers: Sequence[object] | None = None) -> SampleResult:
+    """logits [B, V] float32 -> one token per row. outputs: each row's generated tokens so far (for penalties);
+    matchers: each row's grammar state (structured output) or None.
 
     One host synchronization: the final `.tolist()` (tokens, with the logprobs packed beside them when asked)."""
     processed = apply_penalties(logits, params, outputs or [()] * len(params))
+    if matchers is not None:
+        processed = apply_constraints(processed, matchers)
     if all(p.greedy for p in params):
         tokens = processed.argmax(dim=-1)
     else:
@@ -111,7 +127,8 @@ def sample_each(logits: torch.Tensor, requests: Sequence[SampleRequest]) -> list
     """A Sampled token per request (row of `logits`), sampled as one batch; should the batch fail, row by row, so
     that a row that cannot be sampled fails alone (why, a string, in its place)."""
     def picks(rows: Sequence[SampleRequest], lg: torch.Tensor) -> list[Sampled]:
-        r = sample(lg, [q.params for q in rows], [q.generator for q in rows], [q.output_ids for q in rows])
+        r = sample(lg, [q.params for q in rows], [q.generator for q in rows], [q.output_ids for q in rows],
+                   [q.matcher for q in rows])
         return [Sampled(r.tokens[i], r.logprobs[i] if r.logprobs else None, r.top_logprobs[i] if r.top_logprobs
                         else None) for i in range(len(rows))]
 
@@ -145,16 +162,16 @@ def verify(logits: torch.Tensor, draft: Sequence[int], request: SampleRequest) -
     on rejection the token is drawn from p with d removed, renormalised. So P(x) = p(d)[x = d] + (1 - p(d)) p(x)
     [x != d] / (1 - p(d)) = p(x): the model's distribution exactly, with `p` its processed distribution (penalties
     over the tokens before that position, bias, temperature, top-k / top-p / min-p)."""
-    p, k = request.params, len(draft)
+    p, k, matcher = request.params, len(draft), request.matcher
     outputs = list(request.output_ids)
-    if p.greedy and not p.penalized:
+    if p.greedy and not p.penalized and matcher is None:
         best = logits.argmax(dim=-1).tolist()  # one host synchronization for all k + 1 positions
         kept = next((j for j in range(k) if best[j] != draft[j]), k)
         tokens = draft[:kept] + [best[kept]]
     else:
-        tokens = []
+        tokens, consumed = [], 0  # a grammar walks through the kept guesses, then goes back (the engine feeds it)
         for j in range(k + 1):
-            processed = apply_penalties(logits[j:j + 1], [p], [outputs])[0]
+            processed = apply_constraints(apply_penalties(logits[j:j + 1], [p], [outputs]), [matcher])[0]
             if p.greedy:
                 token = int(processed.argmax())
             else:
@@ -164,6 +181,7 @@ def verify(logits: torch.Tensor, draft: Sequence[int], request: SampleRequest) -
                     if float(u) < float(probs[draft[j]]):
                         tokens.append(draft[j])
                         outputs.append(draft[j])
+                        consumed += _advance(matcher, draft[j])
                         continue
                     probs = probs.clone()
                     probs[draft[j]] = 0.0  # rejected: draw from what is left
@@ -173,6 +191,9 @@ def verify(logits: torch.Tensor, draft: Sequence[int], request: SampleRequest) -
             if j == k or token != draft[j]:
                 break
             outputs.append(token)
+            consumed += _advance(matcher, token)
+        if consumed:
+            matcher.rollback(consumed)
     if p.logprobs is None:
         return [Sampled(t) for t in tokens]
     logp = torch.log_softmax(logits[:len(tokens)], dim=-1)  # the model's own distribution, as `sample` reports
@@ -180,6 +201,13 @@ def verify(logits: torch.Tensor, draft: Sequence[int], request: SampleRequest) -
     top_vals, top_ids = logp.topk(p.logprobs, dim=-1) if p.logprobs else (logp[:, :0], logp[:, :0])
     return [Sampled(t, c, list(zip(map(int, ids), vals))) for t, c, ids, vals in
             zip(tokens, chosen, top_ids.tolist(), top_vals.tolist())]
+
+
+def _advance(matcher, token: int) -> int:
+    """Feeds a kept guess to the request's grammar (to mask the next position); how many tokens it took (0 or 1)."""
+    if matcher is None or matcher.is_stopped():
+        return 0
+    return 1 if matcher.consume_token(token) else 0
 
 
 def make_generator(seed: int | None, device: torch.device) -> torch.Generator | None:

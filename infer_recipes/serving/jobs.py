@@ -52,6 +52,11 @@ class Job:
             params = req.sampling_params(req.max_tokens or default, logprobs)
         except ConfigError as e:
             raise bad_request(str(e), str(e).split(":")[0]) from None
+        if params.constraint is not None:  # compiled now (and cached for the engine): a bad one is a 400
+            try:
+                await asyncio.to_thread(entry.llm.engine.grammars.compiled, params.constraint)
+            except InferRecipesError as e:
+                raise bad_request(str(e), req.constraint_param, "invalid_constraint") from None
         vocab = entry.llm.model_config.vocab_size
         if any(t >= vocab for t, _ in params.logit_bias):
             raise bad_request(f"logit_bias: token ids must be below the vocabulary size {vocab}", "logit_bias")

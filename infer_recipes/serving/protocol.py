@@ -9,7 +9,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from ..config import SamplingParams
+from ..config import Constraint, SamplingParams
 
 INT64 = 2**63
 
@@ -45,6 +45,31 @@ class StreamOptions(_Strict):
     include_usage: bool = False
 
 
+class JSONSchemaFormat(_Strict):
+    """OpenAI's `response_format.json_schema` (what `client.beta.chat.completions.parse` sends)."""
+
+    name: str
+    schema_: dict[str, Any] = Field(alias="schema")
+    strict: bool | None = None
+    description: str | None = None
+
+
+class ResponseFormat(_Strict):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JSONSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema(self):
+        if self.type == "json_schema" and self.json_schema is None:
+            raise ValueError("type 'json_schema' needs a json_schema object ({'name': ..., 'schema': {...}})")
+        return self
+
+
+# structured output as other servers take it: vLLM's guided_* and llama.cpp's json_schema / grammar
+_GUIDES = ("response_format", "guided_json", "guided_regex", "guided_grammar", "guided_choice", "json_schema",
+           "grammar")
+
+
 class _Sampling(_Strict):
     """Fields shared by completions and chat completions."""
 
@@ -65,6 +90,14 @@ class _Sampling(_Strict):
     top_k: int = Field(0, ge=0)
     min_p: float = Field(0.0, ge=0.0, le=1.0, allow_inf_nan=False)
     ignore_eos: bool = False
+    # structured output (at most one of these)
+    response_format: ResponseFormat | None = None
+    guided_json: dict[str, Any] | str | None = None
+    guided_regex: str | None = None
+    guided_grammar: str | None = None
+    guided_choice: list[str] | None = None
+    json_schema: dict[str, Any] | None = None
+    grammar: str | None = None
 
     @field_validator("stop")
     @classmethod
@@ -90,14 +123,44 @@ class _Sampling(_Strict):
     def _stream_options(self):
         if self.stream_options is not None and not self.stream:
             raise ValueError("stream_options is only allowed when stream is true")
+        given = [g for g in _GUIDES if getattr(self, g) is not None
+                 and not (g == "response_format" and self.response_format.type == "text")]
+        if len(given) > 1:
+            raise ValueError(f"give one structured-output constraint, not {len(given)} ({', '.join(given)})")
+        if self.guided_choice is not None and not self.guided_choice:
+            raise ValueError("guided_choice must list at least one string")
         return self
+
+    @property
+    def constraint_param(self) -> str:
+        """The field that carries the constraint (for a 400 about it)."""
+        return next((g for g in _GUIDES if getattr(self, g) is not None), "response_format")
+
+    def constraint(self) -> Constraint | None:
+        """What the output must match, if anything."""
+        rf = self.response_format
+        if rf is not None and rf.type == "json_object":
+            return Constraint("json_object")
+        if rf is not None and rf.type == "json_schema":
+            return Constraint("json_schema", json.dumps(rf.json_schema.schema_))
+        if self.guided_json is not None or self.json_schema is not None:
+            schema = self.guided_json if self.guided_json is not None else self.json_schema
+            return Constraint("json_schema", schema if isinstance(schema, str) else json.dumps(schema))
+        if self.guided_regex is not None:
+            return Constraint("regex", self.guided_regex)
+        if self.guided_grammar is not None or self.grammar is not None:
+            return Constraint("grammar", self.guided_grammar if self.guided_grammar is not None else self.grammar)
+        if self.guided_choice is not None:
+            return Constraint("choice", json.dumps(self.guided_choice))
+        return None
 
     def sampling_params(self, max_tokens: int, logprobs: int | None) -> SamplingParams:
         return SamplingParams(max_tokens=max_tokens, temperature=self.temperature, top_p=self.top_p,
                               top_k=self.top_k, min_p=self.min_p, seed=self.seed, stop=tuple(self.stop or ()),
                               ignore_eos=self.ignore_eos, logprobs=logprobs,
                               presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty,
-                              logit_bias={int(k): b for k, b in (self.logit_bias or {}).items()})
+                              logit_bias={int(k): b for k, b in (self.logit_bias or {}).items()},
+                              constraint=self.constraint())
 
 
 class CompletionRequest(_Sampling):
@@ -159,18 +222,12 @@ class ChatMessage(_Strict):
         return message
 
 
-class ResponseFormat(_Strict):
-    model_config = ConfigDict(strict=True, extra="allow")
-    type: str
-
-
 class ChatCompletionRequest(_Sampling):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
-    # accepted only where they ask for nothing: structured output and tool calling are not built yet
-    response_format: ResponseFormat | None = None
+    # accepted only where they ask for nothing: tool calling is not built yet
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
     parallel_tool_calls: bool | None = None
@@ -181,9 +238,6 @@ class ChatCompletionRequest(_Sampling):
             raise ValueError("top_logprobs requires logprobs to be true")
         if self.max_completion_tokens is not None:
             self.max_tokens = self.max_completion_tokens
-        if self.response_format is not None and self.response_format.type != "text":
-            raise _Unsupported("response_format", f"response_format {self.response_format.type!r} (structured "
-                               "output) is not supported yet: only 'text'")
         if self.tools:
             raise _Unsupported("tools", "tools (function calling) are not supported yet")
         if self.tool_choice not in (None, "none", "auto"):
