@@ -35,9 +35,10 @@ class LLM:
 
     def __init__(self, model: str, device: str = "auto", dtype: str = "float32", max_model_len: int | None = None,
                  max_batch_size: int = 16, progress: bool = True, **switches):
-        """switches: the optimization fields of `EngineConfig` (kv_cache, fusion, compile, quantization,
-        quantization_skip, group_size), the KV cache's and scheduler's (block_size, num_blocks, ...) and the
-        parallel sizes (tensor_parallel_size, pipeline_parallel_size)."""
+        """switches: the optimization fields of `EngineConfig` (kv_cache, prefix_caching, fusion, compile,
+        quantization, quantization_skip, group_size, speculative_model, num_speculative_tokens,
+        speculative_quantization, speculative_max_rows), the KV cache's and scheduler's (block_size, num_blocks,
+        ...) and the parallel sizes (tensor_parallel_size, pipeline_parallel_size)."""
         known = set(EngineConfig.__dataclass_fields__) - {"device", "dtype", "max_model_len", "max_batch_size"}
         unknown = sorted(set(switches) - known)
         if unknown:
