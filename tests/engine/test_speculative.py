@@ -11,7 +11,6 @@ from infer_recipes.config import ConfigError, EngineConfig
 from infer_recipes.engine.speculative import PromptLookup
 from infer_recipes.errors import InferRecipesError
 from infer_recipes.runner.sampling import SampleRequest, verify
-
 from tests.conftest import qwen_gguf
 
 # prompts whose continuations copy from them (where guesses are kept) and one that does not
