@@ -5,7 +5,7 @@ Frozen and validated at construction; every error names the field at fault. Stan
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from .errors import InferRecipesError
 
@@ -178,6 +178,15 @@ def speculative_tokens(cfg: "EngineConfig") -> int:
 def speculative_rows(cfg: "EngineConfig") -> int:
     """Positions of decoding sequences one step verifies at most."""
     return cfg.speculative_max_rows or speculative_tokens(cfg) + 1
+
+
+def draft_config(cfg: "EngineConfig", max_model_len: int) -> "EngineConfig":
+    """How the draft model of `cfg.speculative_model` runs: the model's switches, its own scheme when
+    speculative_quantization says so, the model's context (`max_model_len`, resolved), no prefix cache."""
+    scheme = cfg.speculative_quantization or cfg.quantization
+    return replace(cfg, speculative_model=None, num_speculative_tokens=None, speculative_quantization=None,
+                   speculative_max_rows=None, quantization=None if scheme == "none" else scheme,
+                   prefix_caching=False, max_model_len=max_model_len)
 
 
 def prefix_caching_on(cfg: "EngineConfig") -> bool:

@@ -10,7 +10,7 @@ import torch
 from tqdm import tqdm
 
 from .. import distributed
-from ..config import EngineConfig, SamplingParams
+from ..config import EngineConfig, SamplingParams, draft_config
 from ..device import resolve_device, returning_host_memory
 from ..errors import InferRecipesError
 from ..runner import build, kv_blocks, prepare, run_worker
@@ -192,14 +192,10 @@ class LLM:
 
 
 def _prepare_draft(cfg: EngineConfig, target, tokenizer: LLMTokenizer, device: torch.device):
-    """The blueprint of the draft model of `cfg.speculative_model`: the target's switches (its own scheme when
-    speculative_quantization says so), the target's context, no prefix cache; refused, with the reason, when its
-    tokenizer is not the target's (its guesses would be other tokens)."""
-    scheme = cfg.speculative_quantization or cfg.quantization
-    draft_cfg = replace(cfg, speculative_model=None, num_speculative_tokens=None, speculative_quantization=None,
-                        speculative_max_rows=None,
-                        quantization=None if scheme == "none" else scheme, prefix_caching=False,
-                        max_model_len=target.max_model_len)
+    """The blueprint of the draft model of `cfg.speculative_model` (config.draft_config); refused, with the
+    reason, when its context is shorter than the target's or its tokenizer is not the target's (its guesses would
+    be other tokens)."""
+    draft_cfg = draft_config(cfg, target.max_model_len)
     where = f"speculative_model {cfg.speculative_model!r}"
     try:
         bp = prepare(cfg.speculative_model, draft_cfg, device)

@@ -12,9 +12,9 @@ import gc
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
-from ..config import QUANTIZATIONS, EngineConfig
+from ..config import QUANTIZATIONS, EngineConfig, draft_config
 from ..device import resolve_device, trim_host_memory
 from ..engine.async_engine import AsyncEngine, DeviceThread
 from ..engine.llm import LLM
@@ -56,11 +56,10 @@ def estimate_bytes(spec: ModelSpec) -> int:
     known = set(EngineConfig.__dataclass_fields__)
     cfg = EngineConfig(**{k: v for k, v in spec.options.items() if k in known})
     device = resolve_device(cfg.device)
-    total = memory_estimate(prepare(spec.model, cfg, device))
+    bp = prepare(spec.model, cfg, device)
+    total = memory_estimate(bp)
     if cfg.speculative_model not in (None, "ngram"):
-        scheme = cfg.speculative_quantization or cfg.quantization
-        draft = replace(cfg, speculative_model=None, quantization=None if scheme == "none" else scheme)
-        total += memory_estimate(prepare(cfg.speculative_model, draft, device))
+        total += memory_estimate(prepare(cfg.speculative_model, draft_config(cfg, bp.max_model_len), device))
     return total
 
 
