@@ -17,7 +17,7 @@ measurements), guesses go to the first sequences only, and a full batch decodes 
 """
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from ..config import SamplingParams
@@ -26,44 +26,38 @@ from .block_pool import BlockPool
 from .request import Request
 
 
-def decoding(requests: Iterable[Request]) -> list[Request]:
-    """The requests whose next step is a decode (one token left to compute); the others' drafts are cleared."""
-    out = []
+def ration(requests: Iterable[Request], k: int, rows: int, guess: Callable[[Request, int], int]) -> None:
+    """Clears every request's draft, then offers each decoding request (one token left to compute) as many
+    guesses as it can use, `guess(request, want)`, which returns how many it took: at most k, never a token past
+    max_tokens or the context (a step keeps up to guesses + 1 tokens), and within the `rows` a step verifies
+    (each decoding request's last token, then the guesses, first come first served)."""
+    decodes = []
     for r in requests:
         r.draft = []
         if r.num_tokens - r.num_computed_tokens == 1:
-            out.append(r)
-    return out
-
-
-def room(request: Request, k: int) -> int:
-    """How many guesses a decoding request can use: at most k, and never a token past max_tokens or the context
-    (a step keeps up to guesses + 1 tokens); 0 when it is not decoding (prefill left, or preempted)."""
-    if request.num_tokens - request.num_computed_tokens != 1:
-        return 0
-    left = min(request.params.max_tokens - len(request.output_ids), request.max_len - request.num_tokens)
-    return max(0, min(k, left - 1))
+            decodes.append(r)
+    spare = rows - len(decodes)
+    for r in decodes:
+        left = min(r.params.max_tokens - len(r.output_ids), r.max_len - r.num_tokens)
+        want = min(k, left - 1, spare)
+        if want > 0:
+            spare -= guess(r, want)
 
 
 class PromptLookup:
     """n-gram prompt lookup (min_n <= n <= max_n: a single token matches too often to guess well). Each request's
-    index maps every n-gram (n <= max_n) that has a continuation to where
-    its latest occurrence ends; it grows by the new tokens only, so a proposal costs O(new tokens), not O(length)."""
+    index maps every n-gram (n <= max_n) that has a continuation to where its latest occurrence ends; it grows by
+    the new tokens only, so a proposal costs O(new tokens), not O(length)."""
 
     def __init__(self, k: int, rows: int, min_n: int = 2, max_n: int = 3):
         self.k, self.rows, self.min_n, self.max_n = k, rows, min_n, max_n
         self._index: dict[str, tuple[dict[tuple[int, ...], int], list[int]]] = {}
 
     def propose(self, requests: Iterable[Request]) -> None:
-        decodes = decoding(requests)
-        spare = self.rows - len(decodes)
-        for r in decodes:
-            want = min(room(r, self.k), spare)
-            if want > 0:
-                r.draft = self._lookup(r, want)
-                spare -= len(r.draft)
+        ration(requests, self.k, self.rows, self._lookup)
 
-    def _lookup(self, r: Request, want: int) -> list[int]:
+    def _lookup(self, r: Request, want: int) -> int:
+        """Sets `r.draft` to what followed the latest earlier occurrence of its last n-gram; how many it took."""
         index, ids = self._index.setdefault(r.request_id, ({}, []))
         done = len(ids)
         ids += r.tokens(done, r.num_tokens - done)
@@ -73,8 +67,9 @@ class PromptLookup:
         for n in range(min(self.max_n, len(ids) - 1), self.min_n - 1, -1):
             at = index.get(tuple(ids[-n:]))
             if at is not None:
-                return ids[at:at + want]
-        return []
+                r.draft = ids[at:at + want]
+                break
+        return len(r.draft)
 
     def forget(self, request_id: str) -> None:
         self._index.pop(request_id, None)
@@ -102,15 +97,15 @@ class DraftModel:
 
     def propose(self, requests: Iterable[Request]) -> None:
         work: list[tuple[Request, _Drafting, int]] = []
-        decodes = decoding(requests)
-        spare = self.rows - len(decodes)
-        for r in decodes:
-            want = min(room(r, self.k), spare)
-            if want > 0:
-                state = self._catch_up(r, want)
-                if state is not None:
-                    work.append((r, state, want))
-                    spare -= want
+
+        def take(r: Request, want: int) -> int:
+            state = self._catch_up(r, want)
+            if state is None:
+                return 0
+            work.append((r, state, want))
+            return want
+
+        ration(requests, self.k, self.rows, take)
         if not work:
             return
         # first step: each request's uncomputed tokens (at least its last), one guess each
