@@ -87,6 +87,17 @@ def apply_constraints(logits: torch.Tensor, matchers: Sequence[object]) -> torch
     return logits
 
 
+def _probs(row: torch.Tensor, p: SamplingParams) -> torch.Tensor:
+    """The distribution a sampled (non-greedy) row draws from: temperature, then top-k / min-p / top-p."""
+    return torch.softmax(_filter(row / p.temperature, p), dim=-1)
+
+
+def _draw(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """One token drawn from `probs` (a 0-d tensor): the exponential race, argmax(p / E) with E ~ Exp(1), with the
+    request's own generator."""
+    return (probs / torch.empty_like(probs).exponential_(generator=generator)).argmax()
+
+
 def sample(logits: torch.Tensor, params: Sequence[SamplingParams], generators: Sequence[torch.Generator | None],
            outputs: Sequence[Sequence[int]] | None = None, matchers: Sequence[object] | None = None) -> SampleResult:
     """logits [B, V] float32 -> one token per row. outputs: each row's generated tokens so far (for penalties);
@@ -99,15 +110,8 @@ def sample(logits: torch.Tensor, params: Sequence[SamplingParams], generators: S
     if all(p.greedy for p in params):
         tokens = processed.argmax(dim=-1)
     else:
-        rows = []
-        for i, p in enumerate(params):
-            if p.greedy:
-                rows.append(processed[i].argmax())
-                continue
-            probs = torch.softmax(_filter(processed[i] / p.temperature, p), dim=-1)
-            # exponential race: argmax(p / E) with E ~ Exp(1) draws from p, with a per-request generator
-            noise = torch.empty_like(probs).exponential_(generator=generators[i])
-            rows.append((probs / noise).argmax())
+        rows = [processed[i].argmax() if p.greedy else _draw(_probs(processed[i], p), generators[i])
+                for i, p in enumerate(params)]
         tokens = torch.stack(rows)
     want = [p.logprobs for p in params if p.logprobs is not None]
     if not want:
@@ -175,7 +179,7 @@ def verify(logits: torch.Tensor, draft: Sequence[int], request: SampleRequest) -
             if p.greedy:
                 token = int(processed.argmax())
             else:
-                probs = torch.softmax(_filter(processed / p.temperature, p), dim=-1)
+                probs = _probs(processed, p)
                 if j < k:
                     u = torch.rand((), generator=request.generator, device=probs.device)
                     if float(u) < float(probs[draft[j]]):
@@ -185,8 +189,7 @@ def verify(logits: torch.Tensor, draft: Sequence[int], request: SampleRequest) -
                         continue
                     probs = probs.clone()
                     probs[draft[j]] = 0.0  # rejected: draw from what is left
-                noise = torch.empty_like(probs).exponential_(generator=request.generator)
-                token = int((probs / noise).argmax())
+                token = int(_draw(probs, request.generator))
             tokens.append(token)
             if j == k or token != draft[j]:
                 break
