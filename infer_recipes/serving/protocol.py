@@ -123,18 +123,26 @@ class _Sampling(_Strict):
     def _stream_options(self):
         if self.stream_options is not None and not self.stream:
             raise ValueError("stream_options is only allowed when stream is true")
-        given = [g for g in _GUIDES if getattr(self, g) is not None
-                 and not (g == "response_format" and self.response_format.type == "text")]
+        return self
+
+    @model_validator(mode="after")
+    def _one_constraint(self):
+        given = self._guides()
         if len(given) > 1:
             raise ValueError(f"give one structured-output constraint, not {len(given)} ({', '.join(given)})")
         if self.guided_choice is not None and not self.guided_choice:
             raise ValueError("guided_choice must list at least one string")
         return self
 
+    def _guides(self) -> list[str]:
+        """The structured-output fields given (a response_format of type text asks for nothing)."""
+        return [g for g in _GUIDES if getattr(self, g) is not None
+                and not (g == "response_format" and self.response_format.type == "text")]
+
     @property
     def constraint_param(self) -> str:
         """The field that carries the constraint (for a 400 about it)."""
-        return next((g for g in _GUIDES if getattr(self, g) is not None), "response_format")
+        return next(iter(self._guides()), "response_format")
 
     def constraint(self) -> Constraint | None:
         """What the output must match, if anything."""

@@ -106,6 +106,7 @@ def test_streamed_and_speculative_answers_equal_the_plain_one(client):
     ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "objectx"}}}},
      "response_format"),
     ({"guided_regex": "[0-9]+("}, "guided_regex"),
+    ({"response_format": {"type": "text"}, "guided_regex": "[0-9]+("}, "guided_regex"),  # text asks nothing
     ({"response_format": {"type": "json_schema"}}, "response_format"),
     ({"guided_regex": "a", "guided_choice": ["a"]}, None),
 ])
