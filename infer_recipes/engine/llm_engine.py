@@ -117,7 +117,7 @@ class LLMEngine:
         """Runs one iteration. Returns an output for every request that produced a token or failed (finished ones
         the last time they appear); a request that broke inside the step has finish_reason "error"."""
         if self.proposer is not None:
-            self.proposer.propose(self.scheduler.running)  # sets each decoding request's draft
+            self.proposer.propose(self.scheduler.running)  # sets (or clears) every running request's draft
         scheduled = self.scheduler.schedule()
         results = self.runner.execute(*_runner_inputs(scheduled)) if scheduled.scheduled else []
         return self._update(scheduled, results)
@@ -129,7 +129,6 @@ class LLMEngine:
         accepted: dict[str, int] = {}
         for s, result in zip(scheduled.scheduled, results):
             request: Request = s.seq
-            request.draft = []
             if result is None:
                 continue  # a prefill chunk: nothing sampled yet
             if isinstance(result, str):

@@ -71,11 +71,10 @@ class Grammars:
                 return matcher
             text = grammar_text(c)
             problem = llguidance.LLMatcher.validate_grammar(text, self._ll_tokenizer())
-            if problem:
-                raise GrammarError(f"the {c.kind.replace('_', ' ')} cannot be compiled: {problem}")
-            matcher = llguidance.LLMatcher(self._ll_tokenizer(), text)
-            if matcher.is_error():
-                raise GrammarError(f"the {c.kind.replace('_', ' ')} cannot be compiled: {matcher.get_error()}")
+            matcher = None if problem else llguidance.LLMatcher(self._ll_tokenizer(), text)
+            if matcher is None or matcher.is_error():
+                why = problem or matcher.get_error()
+                raise GrammarError(f"the {c.kind.replace('_', ' ')} cannot be compiled: {why}")
             self._compiled[c] = matcher
             if len(self._compiled) > self.cache_size:
                 self._compiled.popitem(last=False)
