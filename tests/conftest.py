@@ -80,3 +80,15 @@ def hf_qwen05():
     model = transformers.AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
     tok = transformers.AutoTokenizer.from_pretrained(folder, gguf_file=name)
     return model.eval(), tok
+
+
+def abort_midway(engine, prompts, params, steps: int) -> None:
+    """Adds the prompts to `engine`, runs `steps` steps and aborts every request: then nothing may be left
+    unfinished and every KV block must be free again."""
+    ids = [engine.add_request(p, params) for p in prompts]
+    for _ in range(steps):
+        engine.step()
+    for request_id in ids:
+        engine.abort_request(request_id)
+    assert not engine.has_unfinished_requests()
+    assert engine.block_pool.num_free == engine.block_pool.num_blocks

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 
 from infer_recipes import LLM, SamplingParams
+from tests.conftest import abort_midway
 
 SYSTEM = ("You are a careful assistant. Answer the question with a short phrase copied from the context. If the "
           "context does not contain the answer, reply: unanswerable. ")
@@ -54,16 +55,8 @@ def test_a_later_request_computes_only_its_uncached_tail(smollm):
 
 
 def test_aborted_requests_leave_every_block_free(smollm):
-    engine = smollm.engine
-    prompts = _prompts(smollm.tokenizer)
-    ids = [engine.add_request(p, SamplingParams(max_tokens=50, temperature=0.0, ignore_eos=True))
-           for p in prompts]
-    for _ in range(3):
-        engine.step()
-    for request_id in ids:
-        engine.abort_request(request_id)
-    assert not engine.has_unfinished_requests()
-    assert engine.block_pool.num_free == engine.block_pool.num_blocks
+    abort_midway(smollm.engine, _prompts(smollm.tokenizer),
+                 SamplingParams(max_tokens=50, temperature=0.0, ignore_eos=True), steps=3)
 
 
 def test_int4_w8a8_does_not_cache_by_default_and_no_cache_refuses_it():

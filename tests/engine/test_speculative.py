@@ -11,7 +11,7 @@ from infer_recipes.config import ConfigError, EngineConfig
 from infer_recipes.engine.speculative import PromptLookup
 from infer_recipes.errors import InferRecipesError
 from infer_recipes.runner.sampling import SampleRequest, verify
-from tests.conftest import qwen_gguf
+from tests.conftest import abort_midway, qwen_gguf
 
 # prompts whose continuations copy from them (where guesses are kept) and one that does not
 PROMPTS = [
@@ -85,15 +85,8 @@ def test_preemption_with_guesses(smollm):
 
 
 def test_aborts_free_every_block(lookup):
-    engine = lookup.engine
-    ids = [engine.add_request(p, GREEDY) for p in PROMPTS]
-    for _ in range(6):
-        engine.step()
-    for i in ids:
-        engine.abort_request(i)
-    assert not engine.has_unfinished_requests()
-    assert engine.block_pool.num_free == engine.block_pool.num_blocks
-    assert not engine.proposer._index  # the lookup's per-request state goes with the request
+    abort_midway(lookup.engine, PROMPTS, GREEDY, steps=6)
+    assert not lookup.engine.proposer._index  # the lookup's per-request state goes with the request
 
 
 def test_draft_model_greedy_is_the_model_s_own(smollm):
@@ -105,11 +98,7 @@ def test_draft_model_greedy_is_the_model_s_own(smollm):
     stats = llm.engine.stats()
     assert stats["spec_accepted_tokens"] > stats["spec_draft_tokens"] / 2  # a close draft: most guesses kept
     draft = llm.engine.proposer
-    ids = [llm.engine.add_request(p, GREEDY) for p in PROMPTS]
-    for _ in range(4):
-        llm.engine.step()
-    for i in ids:
-        llm.engine.abort_request(i)
+    abort_midway(llm.engine, PROMPTS, GREEDY, steps=4)
     assert draft.pool.num_free == draft.pool.num_blocks and not draft._state
 
 
