@@ -13,6 +13,7 @@ from ..engine.request import RequestOutput
 from ..engine.scheduler import QueueFullError
 from ..errors import ContextLengthError, InferRecipesError
 from .metrics import Metrics
+from . import tool_calls
 from .pool import Entry
 from .protocol import APIError, ChatCompletionRequest, CompletionRequest, bad_request, server_error
 
@@ -29,6 +30,8 @@ class Job:
         # every choice its own seed, so n > 1 with a seed gives n different (reproducible) answers
         self.params = [replace(params, seed=None if params.seed is None else params.seed + j) for j in range(n)]
         self.ticket: Ticket | None = None
+        self.tool_mode: str | None = None  # how the choices may call tools (ChatCompletionRequest.tool_mode)
+        self.tool_names: frozenset[str] = frozenset()
 
     @classmethod
     async def create(cls, entry: Entry, req: CompletionRequest | ChatCompletionRequest, metrics: Metrics,
@@ -52,15 +55,25 @@ class Job:
             params = req.sampling_params(req.max_tokens or default, logprobs)
         except ConfigError as e:
             raise bad_request(str(e), str(e).split(":")[0]) from None
+        tool_mode = req.tool_mode if chat else None
+        param = req.constraint_param
+        if tool_mode not in (None, "auto"):  # a call is required: the grammar of the model's call syntax (one
+            # call of a named function; calls of any tool, one per line unless parallel_tool_calls is false)
+            parallel = tool_mode == "required" and req.parallel_tool_calls is not False
+            params = replace(params, constraint=tool_calls.constraint(req.template_tools(), tool_mode, parallel,
+                                                                      entry.llm.tokenizer))
+            param = "tools"
         if params.constraint is not None:  # compiled now (and cached for the engine): a bad one is a 400
             try:
                 await asyncio.to_thread(entry.llm.engine.grammars.compiled, params.constraint)
             except InferRecipesError as e:
-                raise bad_request(str(e), req.constraint_param, "invalid_constraint") from None
+                raise bad_request(str(e), param, "invalid_constraint") from None
         vocab = entry.llm.model_config.vocab_size
         if any(t >= vocab for t, _ in params.logit_bias):
             raise bad_request(f"logit_bias: token ids must be below the vocabulary size {vocab}", "logit_bias")
         job = cls(entry, prompts, params, req.n, metrics)
+        job.tool_mode = tool_mode
+        job.tool_names = frozenset(t.function.name for t in req.tools or ()) if tool_mode else frozenset()
         try:
             job.ticket = entry.engine.admit(len(job.choices()))
         except QueueFullError as e:
@@ -133,11 +146,17 @@ def _token_ids(entry: Entry, req, chat: bool) -> list[CheckedPrompt]:
     limit, tok = llm.max_model_len, llm.tokenizer
     param = "messages" if chat else "prompt"
     texts = [None] if chat else req.prompts
+    if chat and req.tool_mode is not None:
+        reason = tool_calls.unsupported(tok)
+        if reason is not None:
+            raise bad_request(f"the model {entry.spec.name!r} cannot call tools: {reason}. Send the request "
+                              f"without tools (or with tool_choice 'none'), or to a model whose template renders "
+                              f"them, such as Qwen2.5", "tools", "unsupported_parameter")
     out = []
     for item in texts:
         try:
             if chat:
-                text = tok.apply_chat_template(req.template_messages())
+                text = tok.apply_chat_template(req.template_messages(), tools=req.template_tools())
             else:
                 text = item if isinstance(item, str) else None
             if text is not None and len(text) > 2 * limit * tok.max_token_chars:

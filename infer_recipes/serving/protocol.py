@@ -207,27 +207,81 @@ class TextPart(_Strict):
     text: str
 
 
+class FunctionCall(_Strict):
+    name: str
+    arguments: str  # JSON text, as OpenAI sends it
+
+    @field_validator("arguments")
+    @classmethod
+    def _json(cls, v):
+        try:
+            json.loads(v)
+        except ValueError as e:
+            raise ValueError(f"must be JSON text (the function's arguments): {e}") from None
+        return v
+
+
+class ToolCall(_Strict):
+    """A call the assistant made earlier in the conversation (sent back by the client)."""
+
+    id: str
+    type: Literal["function"]
+    function: FunctionCall
+
+
 class ChatMessage(_Strict):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
     name: str | None = None
     tool_call_id: str | None = None
+    tool_calls: list[ToolCall] | None = None
+    refusal: str | None = None  # OpenAI's assistant messages carry it; a client may send one back
 
     @model_validator(mode="after")
     def _content(self):
-        if self.content is None and self.role != "assistant":
-            raise ValueError(f"a {self.role} message needs content (a string or a list of text parts)")
+        if self.content is None and not (self.role == "assistant" and (self.tool_calls or self.refusal)):
+            what = "content or tool_calls" if self.role == "assistant" else "content"
+            raise ValueError(f"{'an' if self.role[0] in 'aeiou' else 'a'} {self.role} message needs {what}")
+        if self.tool_calls is not None and self.role != "assistant":
+            raise ValueError(f"only assistant messages carry tool_calls, not {self.role} messages")
+        if self.role == "tool" and self.tool_call_id is None:
+            raise ValueError("a tool message needs the tool_call_id of the call it answers")
         return self
 
     def as_template_message(self) -> dict:
-        """The message as chat templates expect it: role (developer as system), content a string."""
+        """The message as chat templates expect it: role (developer as system), content a string, a call's
+        arguments as an object (templates write them out with tojson, as transformers passes them)."""
         content = self.content if not isinstance(self.content, list) else "".join(p.text for p in self.content)
         message = {"role": "system" if self.role == "developer" else self.role, "content": content or ""}
         if self.name is not None:
             message["name"] = self.name
         if self.tool_call_id is not None:
             message["tool_call_id"] = self.tool_call_id
+        if self.tool_calls:
+            message["tool_calls"] = [{"id": c.id, "type": "function", "function": {
+                "name": c.function.name, "arguments": json.loads(c.function.arguments)}} for c in self.tool_calls]
         return message
+
+
+class FunctionDef(_Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    description: str | None = None
+    parameters: dict[str, Any] | None = None  # a JSON schema; none: a function without arguments
+    strict: bool | None = None
+
+
+class Tool(_Strict):
+    type: Literal["function"]
+    function: FunctionDef
+
+
+class FunctionName(_Strict):
+    name: str
+
+
+class NamedToolChoice(_Strict):
+    type: Literal["function"]
+    function: FunctionName
 
 
 class ChatCompletionRequest(_Sampling):
@@ -235,10 +289,9 @@ class ChatCompletionRequest(_Sampling):
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
-    # accepted only where they ask for nothing: tool calling is not built yet
-    tools: list[dict[str, Any]] | None = None
-    tool_choice: str | dict[str, Any] | None = None
-    parallel_tool_calls: bool | None = None
+    tools: list[Tool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None  # None: true, as OpenAI defaults it
 
     @model_validator(mode="after")
     def _checks(self):
@@ -246,15 +299,68 @@ class ChatCompletionRequest(_Sampling):
             raise ValueError("top_logprobs requires logprobs to be true")
         if self.max_completion_tokens is not None:
             self.max_tokens = self.max_completion_tokens
-        if self.tools:
-            raise _Unsupported("tools", "tools (function calling) are not supported yet")
-        if self.tool_choice not in (None, "none", "auto"):
-            raise _Unsupported("tool_choice", "tool_choice other than 'none' or 'auto' needs tools, which are not "
-                               "supported yet")
         return self
+
+    @model_validator(mode="after")
+    def _tools(self):
+        names = [t.function.name for t in self.tools or ()]
+        if len(set(names)) < len(names):
+            raise _Unsupported("tools", f"tools: two functions share a name ({', '.join(sorted(names))}); "
+                                        f"give each function its own name")
+        if self.tool_choice in ("required",) or isinstance(self.tool_choice, NamedToolChoice):
+            if not names:
+                raise _Unsupported("tool_choice", "tool_choice asks for a function call but no tools were given")
+            if self._guides():
+                raise _Unsupported("tool_choice", f"tool_choice {self.tool_choice!r} constrains the output to a "
+                                   f"function call: it cannot be combined with {self._guides()[0]}")
+        if isinstance(self.tool_choice, NamedToolChoice) and self.tool_choice.function.name not in names:
+            raise _Unsupported("tool_choice", f"tool_choice names the function {self.tool_choice.function.name!r}, "
+                               f"which is not among the tools ({', '.join(names)})")
+        return self
+
+    @property
+    def tool_mode(self) -> str | None:
+        """How the model may call the tools: None (no tools, or tool_choice none), 'auto' (it chooses),
+        'required' (at least one call) or the name of the one function it must call."""
+        if not self.tools or self.tool_choice == "none":
+            return None
+        if isinstance(self.tool_choice, NamedToolChoice):
+            return self.tool_choice.function.name
+        return self.tool_choice or "auto"
+
+    def template_tools(self) -> list[dict] | None:
+        """The tools as the chat template renders them (none when the model may not call them)."""
+        if self.tool_mode is None:
+            return None
+        return [t.model_dump(exclude_none=True) for t in self.tools]
 
     def template_messages(self) -> list[dict]:
         return [m.as_template_message() for m in self.messages]
+
+
+class TokenizeRequest(_Strict):
+    """vLLM's `POST /tokenize`: a prompt, or a conversation rendered through the chat template."""
+
+    model: str
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = Field(None, min_length=1)
+    tools: list[Tool] | None = None
+    add_generation_prompt: bool = True
+    add_special_tokens: bool | None = None  # default: true for a prompt, false for messages (the template has them)
+    return_token_strs: bool = False
+
+    @model_validator(mode="after")
+    def _one(self):
+        if (self.prompt is None) == (self.messages is None):
+            raise ValueError("give either prompt or messages")
+        if self.tools is not None and self.messages is None:
+            raise ValueError("tools go with messages (they are rendered by the chat template)")
+        return self
+
+
+class DetokenizeRequest(_Strict):
+    model: str
+    tokens: list[int] = Field(min_length=1)
 
 
 class _Unsupported(ValueError):
@@ -269,7 +375,7 @@ _TYPE_HINTS = {
     "prompt": "must be a string, a list of strings, a list of token ids or a list of lists of token ids",
     "stop": "must be a string or a list of strings",
     "content": "must be a string or a list of text parts ({'type': 'text', 'text': ...})",
-    "tool_choice": "must be a string or an object",
+    "tool_choice": "must be 'none', 'auto', 'required' or {'type': 'function', 'function': {'name': ...}}",
 }
 
 
@@ -286,6 +392,9 @@ def parse(model: type[BaseModel], body: Any) -> BaseModel:
             raise bad_request(str(cause), cause.param, "unsupported_parameter") from None
         loc = [str(p) for p in err["loc"]]
         field = next((p for p in reversed(loc) if p in _TYPE_HINTS), None)
+        if loc and loc[0] == "tool_choice" and not isinstance(cause, ValueError):  # whichever member complained
+            raise bad_request(f"tool_choice {_TYPE_HINTS['tool_choice']}, got {_shown(body.get('tool_choice'))}",
+                              "tool_choice") from None
         if field is not None and err["type"].endswith("_type"):  # a union's members: one message for the field
             where = ".".join(loc[:loc.index(field) + 1])
             raise bad_request(f"{where} {_TYPE_HINTS[field]}, got {_shown(err.get('input'))}", loc[0]) from None

@@ -6,6 +6,7 @@ from collections.abc import AsyncIterator
 from ..engine.request import RequestOutput
 from .jobs import Job
 from .protocol import new_id, now, usage
+from .tool_calls import ToolCallParser, message
 
 
 def completion_body(job: Job, chat: bool, finals: dict[int, RequestOutput], model: str,
@@ -19,7 +20,11 @@ def completion_body(job: Job, chat: bool, finals: dict[int, RequestOutput], mode
             lp = (_chat_logprobs if chat else _completion_logprobs)(tok, out.token_ids, out.logprobs,
                                                                    out.top_logprobs)
         choice = {"index": index, "logprobs": lp, "finish_reason": out.finish_reason}
-        if chat:
+        if chat and job.tool_mode is not None:
+            parser = ToolCallParser(job.tool_names)
+            choice["message"] = message(parser.feed(out.text) + parser.finish())
+            choice["finish_reason"] = _finish_reason(out.finish_reason, "tool_calls" in choice["message"])
+        elif chat:
             choice["message"] = {"role": "assistant", "content": out.text}
         else:
             choice["text"] = out.text
@@ -44,20 +49,31 @@ async def stream_events(job: Job, chat: bool, include_usage: bool) -> AsyncItera
             yield {**head, "choices": [{"index": index, "delta": {"role": "assistant", "content": ""},
                                         "logprobs": None, "finish_reason": None}]}
     completion_tokens, metrics = 0, []
+    # with tools, each choice's text goes through its own parser: content deltas and tool-call deltas
+    parsers = {index: ToolCallParser(job.tool_names) for index, *_ in job.choices()} if chat and job.tool_mode else {}
+    called: set[int] = set()
     async for index, out in job.merged():
         lp = None
         if out.logprobs is not None and out.num_new_tokens:
             new = slice(len(out.token_ids) - out.num_new_tokens, len(out.token_ids))
             lp = (_chat_logprobs if chat else _completion_logprobs)(tok, out.token_ids[new], out.logprobs[new],
                                                                    out.top_logprobs[new])
-        if out.delta or lp is not None:
-            choice = {"index": index, "logprobs": lp, "finish_reason": None}
-            choice.update({"delta": {"content": out.delta}} if chat else {"text": out.delta})
+        if index in parsers:
+            deltas = parsers[index].feed(out.delta) + (parsers[index].finish() if out.finished else [])
+            called.update(index for d in deltas if "tool_calls" in d)
+        else:
+            deltas = [{"content": out.delta} if chat else {"text": out.delta}] if out.delta else []
+        if lp is not None and not deltas:
+            deltas = [{"content": ""} if chat else {"text": ""}]
+        for k, delta in enumerate(deltas):
+            choice = {"index": index, "logprobs": lp if k == 0 else None, "finish_reason": None}
+            choice.update({"delta": delta} if chat else delta)
             yield {**head, "choices": [choice]}
         if out.finished:
             completion_tokens += len(out.token_ids)
             metrics.append(out.metrics)
-            choice = {"index": index, "logprobs": None, "finish_reason": out.finish_reason}
+            choice = {"index": index, "logprobs": None,
+                      "finish_reason": _finish_reason(out.finish_reason, index in called)}
             choice.update({"delta": {}} if chat else {"text": ""})
             yield {**head, "choices": [choice]}
     if include_usage:
@@ -74,7 +90,10 @@ async def replay_events(body: dict, chat: bool, include_usage: bool) -> AsyncIte
         if chat:
             yield {**head, "choices": [{"index": c["index"], "delta": {"role": "assistant", "content": ""},
                                         "logprobs": None, "finish_reason": None}]}
-            yield {**head, "choices": [{"index": c["index"], "delta": {"content": c["message"]["content"]},
+            delta = {"content": c["message"]["content"]}
+            if "tool_calls" in c["message"]:
+                delta["tool_calls"] = [{"index": i, **call} for i, call in enumerate(c["message"]["tool_calls"])]
+            yield {**head, "choices": [{"index": c["index"], "delta": delta,
                                         "logprobs": c["logprobs"], "finish_reason": None, **extra}]}
             yield {**head, "choices": [{"index": c["index"], "delta": {}, "logprobs": None,
                                         "finish_reason": c["finish_reason"]}]}
@@ -85,6 +104,11 @@ async def replay_events(body: dict, chat: bool, include_usage: bool) -> AsyncIte
                                         "finish_reason": c["finish_reason"]}]}
     if include_usage:
         yield {**head, "choices": [], "usage": body["usage"]}
+
+
+def _finish_reason(reason: str | None, called: bool) -> str | None:
+    """A choice that called tools and ended by itself (not cut by max_tokens) finished to have them run."""
+    return "tool_calls" if called and reason == "stop" else reason
 
 
 def _token_text(tok, token_id: int) -> str:
