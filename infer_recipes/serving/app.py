@@ -1,5 +1,5 @@
-"""The OpenAI-compatible HTTP server's routes: /v1/models, /v1/completions, /v1/chat/completions, /health,
-/metrics.
+"""The OpenAI-compatible HTTP server's routes: /v1/models (and /v1/models/{id}), /v1/completions,
+/v1/chat/completions, vLLM's /tokenize and /detokenize, /health, /metrics.
 
 Requests route by their `model` field to a model of the pool (or to a cascade); each model streams from its own
 engine. Every refusal (bad input 400, a body too large 413, a full queue 429) is decided before the reply
@@ -22,7 +22,9 @@ from . import routing
 from .jobs import Job
 from .metrics import Metrics
 from .pool import ModelPool
-from .protocol import APIError, ChatCompletionRequest, CompletionRequest, bad_request, now, parse, server_error
+from ..errors import InferRecipesError
+from .protocol import (APIError, ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest,
+                       bad_request, now, parse, server_error)
 from .responses import completion_body, replay_events, stream_events
 from .routing import Cascade
 from .sse import EventStream
@@ -105,15 +107,48 @@ def create_app(pool: ModelPool, cascades: dict[str, Cascade] | None = None, api_
     async def prometheus():
         return Response(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
+    def cards() -> dict[str, dict]:
+        """What /v1/models says of each model and cascade, by name."""
+        created = now()
+        out = {n: {"id": n, "object": "model", "created": created, "owned_by": "infer-recipes", "root": e.spec.model,
+                   "loaded": e.loaded, "max_model_len": e.llm.max_model_len if e.llm else None}
+               for n, e in pool.entries.items()}
+        out.update({c.name: {"id": c.name, "object": "model", "created": created, "owned_by": "infer-recipes",
+                             "root": f"cascade({c.small} -> {c.large}, threshold {c.threshold})"}
+                    for c in cascades.values()})
+        return out
+
     @app.get("/v1/models")
     async def models():
-        created = now()
-        data = [{"id": n, "object": "model", "created": created, "owned_by": "infer-recipes",
-                 "root": e.spec.model, "loaded": e.loaded, "max_model_len": e.llm.max_model_len if e.llm else None}
-                for n, e in pool.entries.items()]
-        data += [{"id": c.name, "object": "model", "created": created, "owned_by": "infer-recipes",
-                  "root": f"cascade({c.small} -> {c.large}, threshold {c.threshold})"} for c in cascades.values()]
-        return {"object": "list", "data": data}
+        return {"object": "list", "data": list(cards().values())}
+
+    @app.get("/v1/models/{model_id:path}")
+    async def model(model_id: str):
+        card = cards().get(model_id)
+        if card is None:
+            raise _no_such_model(model_id, [*pool.entries, *cascades])
+        return card
+
+    @app.post("/tokenize")
+    async def tokenize(request: Request):
+        req = parse(TokenizeRequest, await read_json(request, max_body_bytes))
+        return await _with_tokenizer(req.model, _tokenize, req)
+
+    @app.post("/detokenize")
+    async def detokenize(request: Request):
+        req = parse(DetokenizeRequest, await read_json(request, max_body_bytes))
+        return await _with_tokenizer(req.model, _detokenize, req)
+
+    async def _with_tokenizer(name: str, work, req):
+        """work(entry, req) in a worker thread, on the model `name` (loaded if it was not)."""
+        if name not in pool.entries:
+            hint = " (a cascade: ask one of its models)" if name in cascades else ""
+            raise _no_such_model(name, list(pool.entries), hint)
+        entry = await pool.acquire(name)
+        try:
+            return await asyncio.to_thread(work, entry, req)
+        finally:
+            pool.release(entry)
 
     @app.post("/v1/completions")
     async def completions(request: Request):
@@ -130,9 +165,7 @@ def create_app(pool: ModelPool, cascades: dict[str, Cascade] | None = None, api_
         chat = isinstance(req, ChatCompletionRequest)
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         if req.model not in pool.entries and req.model not in cascades:
-            raise APIError(404, f"the model {req.model!r} does not exist; available: "
-                                f"{', '.join([*pool.entries, *cascades])}", "invalid_request_error", "model",
-                           "model_not_found")
+            raise _no_such_model(req.model, [*pool.entries, *cascades])
         if req.model in cascades:
             body = await until_disconnected(request, routing.answer(cascades[req.model], pool, req, metrics))
             if req.stream:
@@ -158,6 +191,37 @@ def create_app(pool: ModelPool, cascades: dict[str, Cascade] | None = None, api_
         return completion_body(job, chat, finals, job.name)
 
     return app
+
+
+def _no_such_model(name: str, available: list[str], hint: str = "") -> APIError:
+    return APIError(404, f"the model {name!r} does not exist{hint}; available: {', '.join(available)}",
+                    "invalid_request_error", "model", "model_not_found")
+
+
+def _tokenize(entry, req: TokenizeRequest) -> dict:
+    """vLLM's answer: the token ids, their count, the context size, and each token's string when asked."""
+    tok = entry.llm.tokenizer
+    try:
+        if req.messages is not None:
+            tools = [t.model_dump(exclude_none=True) for t in req.tools] if req.tools else None
+            text = tok.apply_chat_template([m.as_template_message() for m in req.messages],
+                                           req.add_generation_prompt, tools=tools)
+            ids = tok.encode(text, add_special_tokens=bool(req.add_special_tokens))
+        else:
+            ids = tok.encode(req.prompt, add_special_tokens=req.add_special_tokens is not False)
+    except InferRecipesError as e:
+        raise bad_request(str(e), "messages" if req.messages is not None else "prompt") from None
+    strs = [tok.tokenizer.id_to_token(i) for i in ids] if req.return_token_strs else None
+    return {"count": len(ids), "max_model_len": entry.llm.max_model_len, "tokens": ids, "token_strs": strs}
+
+
+def _detokenize(entry, req: DetokenizeRequest) -> dict:
+    tok = entry.llm.tokenizer
+    bad = next((t for t in req.tokens if not 0 <= t < tok.vocab_size), None)
+    if bad is not None:
+        raise bad_request(f"tokens: {bad} is not a token id of this model (ids are 0 to {tok.vocab_size - 1})",
+                          "tokens")
+    return {"prompt": tok.decode(req.tokens, skip_special_tokens=False)}
 
 
 async def read_json(request: Request, limit: int):

@@ -41,6 +41,34 @@ def _metric(url: str, name: str, model: str) -> float:
 
 def test_every_model_and_the_cascade_are_listed(client):
     assert [m.id for m in client.models.list().data] == ["smollm2", "int8", "tiny", "spec", "auto"]
+    assert client.models.retrieve("spec").id == "spec" and client.models.retrieve("auto").id == "auto"
+    with pytest.raises(openai.NotFoundError) as e:
+        client.models.retrieve("gpt-17")
+    assert e.value.body["code"] == "model_not_found" and "smollm2" in e.value.body["message"]
+
+
+def test_tokenize_and_detokenize_as_vllm_shapes_them(server, smollm):
+    def post(path, body):
+        return httpx.post(f"{server}/{path}", json=body, headers={"Authorization": f"Bearer {KEY}"}, timeout=60)
+
+    text = "Héllo, world! 1234"
+    r = post("tokenize", {"model": "smollm2", "prompt": text, "return_token_strs": True}).json()
+    ids = smollm.tokenizer.encode(text)
+    assert r == {"count": len(ids), "max_model_len": 512, "tokens": ids,
+                 "token_strs": [smollm.tokenizer.tokenizer.id_to_token(i) for i in ids]}
+    assert post("detokenize", {"model": "smollm2", "tokens": ids}).json() == {"prompt": text}
+    # a conversation: exactly the prompt a chat completion is given
+    r = post("tokenize", {"model": "smollm2", "messages": CHAT}).json()
+    assert r["tokens"] == smollm.tokenizer.encode_chat(CHAT) and r["token_strs"] is None
+    usage = openai.OpenAI(base_url=f"{server}/v1", api_key=KEY, max_retries=0).chat.completions.create(
+        model="smollm2", messages=CHAT, max_tokens=1).usage
+    assert r["count"] == usage.prompt_tokens
+    for path, body, param in [("detokenize", {"model": "smollm2", "tokens": [49152]}, "tokens"),
+                              ("tokenize", {"model": "smollm2"}, None),
+                              ("tokenize", {"model": "smollm2", "prompt": "a", "messages": CHAT}, None),
+                              ("tokenize", {"model": "auto", "prompt": "a"}, "model")]:
+        r = post(path, body)
+        assert r.status_code in (400, 404) and r.json()["error"]["param"] == param, (body, r.text)
 
 
 def test_speculative_model_answers_as_the_model_and_reports_its_guesses(client, server):
