@@ -130,17 +130,19 @@ def test_a_named_tool_choice_always_gives_valid_arguments(client, temperature):
         AddArgs.model_validate_json(call.function.arguments)
 
 
-def test_required_calls_some_tool_and_one_when_parallel_calls_are_off(client):
+@pytest.mark.parametrize("parallel", [True, False])
+def test_required_calls_some_tool_and_stops(client, parallel):
     r = client.chat.completions.create(model="qwen", messages=[{"role": "user", "content": "Tell me a joke."}],
-                                       tools=TOOLS, tool_choice="required", parallel_tool_calls=False,
-                                       temperature=0, max_tokens=60)
-    (call,) = r.choices[0].message.tool_calls
-    {"get_weather": WeatherArgs, "add": AddArgs}[call.function.name].model_validate_json(call.function.arguments)
-    assert r.choices[0].finish_reason == "tool_calls"
+                                       tools=TOOLS, tool_choice="required", parallel_tool_calls=parallel,
+                                       temperature=0, max_tokens=100)
+    assert r.choices[0].finish_reason == "tool_calls" and r.choices[0].message.content is None
+    calls = r.choices[0].message.tool_calls
+    assert calls and (parallel or len(calls) == 1)
+    for call in calls:
+        {"get_weather": WeatherArgs, "add": AddArgs}[call.function.name].model_validate_json(call.function.arguments)
 
 
-@pytest.mark.parametrize("choice", [{"tool_choice": "auto"}, {"tool_choice": "required", "parallel_tool_calls": False},
-                                    {"tool_choice": ADD_CHOICE}])
+@pytest.mark.parametrize("choice", [{"tool_choice": "auto"}, {"tool_choice": "required"}, {"tool_choice": ADD_CHOICE}])
 def test_streamed_tool_calls_reassemble_into_the_non_streamed_ones(client, choice):
     kw = dict(model="qwen", messages=[{"role": "user", "content": "Add 1234 and 4321."}], tools=TOOLS,
               temperature=0, max_tokens=80, **choice)
@@ -223,6 +225,7 @@ TEXTS = {
     "text": ("Hello there\n", "Hello there\n", []),
     "tagged": ('<tool_call>\n{"name": "add", "arguments": {"a": 1, "b": 2}}\n</tool_call>', None,
                [("add", '{"a": 1, "b": 2}')]),
+    "tagged, then a newline": ('<tool_call>\n{"name": "add", "arguments": {}}\n</tool_call>\n', None, [("add", "{}")]),
     "text, then two tagged calls": (
         'Sure.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris \\"}{", "x": [1, {}]}}\n'
         '</tool_call>\n<tool_call>\n{"name": "add", "arguments": {}}\n</tool_call>', "Sure.",
