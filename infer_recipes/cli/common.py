@@ -125,10 +125,10 @@ def _llm(args):
     return _load(*_model_and_options(args))
 
 
-def _load(spec: str, options: dict, label: str = ""):
+def _load(spec: str, options: dict, label: str = "", draft=None):
     from ..engine.llm import LLM
 
-    llm = LLM(spec, progress=_progress(), **options)
+    llm = LLM(spec, progress=_progress(), draft=draft, **options)
     compiled = f", compiled {llm.compiles} graphs in {llm.compile_seconds:.1f} s" if llm.compiles else ""
     print(f"{label}loaded {llm.source.name} ({llm.source.kind}) on {llm.device.type} in {llm.load_seconds:.2f} s"
           f"{compiled}", file=sys.stderr)

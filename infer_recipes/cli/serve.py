@@ -21,7 +21,7 @@ def cmd_serve(args) -> int:
     d = assemble(args.deployment, args.recipe, args.model, args.set, args.pin, args.cascade, args.memory_budget,
                  base)
     pool = ModelPool(d.models, d.memory_budget, log=log_stderr,
-                     loader=lambda spec: _load(spec.model, spec.options, f"[{spec.name}] "))
+                     loader=lambda spec, draft: _load(spec.model, spec.options, f"[{spec.name}] ", draft))
     names = [s.name for s in d.models] + [c.name for c in d.cascades]
     print(f"serving {', '.join(names)} on http://{args.host}:{args.port}/v1"
           f"{' (API key required)' if args.api_key else ''}", file=sys.stderr)

@@ -13,7 +13,7 @@ from .. import distributed
 from ..config import EngineConfig, SamplingParams, draft_config
 from ..device import resolve_device, returning_host_memory
 from ..errors import InferRecipesError
-from ..runner import build, kv_blocks, prepare, run_worker
+from ..runner import build, kv_blocks, prepare, run_worker, sharing
 from ..tokenizer import LLMTokenizer, load_tokenizer
 from .llm_engine import LLMEngine, Prompt
 from .request import RequestOutput
@@ -34,15 +34,26 @@ class LLM:
     _next_id = 0
 
     def __init__(self, model: str, device: str = "auto", dtype: str = "float32", max_model_len: int | None = None,
-                 max_batch_size: int = 16, progress: bool = True, **switches):
+                 max_batch_size: int = 16, progress: bool = True, draft: "LLM | None" = None, **switches):
         """switches: the optimization fields of `EngineConfig` (kv_cache, prefix_caching, fusion, compile,
         quantization, quantization_skip, group_size, speculative_model, num_speculative_tokens,
         speculative_quantization, speculative_max_rows), the KV cache's and scheduler's (block_size, num_blocks,
-        ...) and the parallel sizes (tensor_parallel_size, pipeline_parallel_size)."""
+        ...) and the parallel sizes (tensor_parallel_size, pipeline_parallel_size).
+
+        draft: an LLM already loaded that drafts for this one (speculative decoding) on its own weights, no second
+        copy, with KV blocks of its own here; it goes on serving its own requests. Instead of loading
+        `speculative_model`, which then only names it."""
         known = set(EngineConfig.__dataclass_fields__) - {"device", "dtype", "max_model_len", "max_batch_size"}
         unknown = sorted(set(switches) - known)
         if unknown:
             raise InferRecipesError(f"unknown LLM option(s): {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+        self.name = model
+        self.draft_llm = draft  # kept alive while it drafts here
+        if draft is not None:
+            if switches.get("speculative_model") == "ngram" or switches.get("speculative_quantization"):
+                raise InferRecipesError("draft: a loaded draft model drafts with its own weights and scheme; drop "
+                                        "speculative_model: ngram and speculative_quantization")
+            switches["speculative_model"] = switches.get("speculative_model") or draft.name
         self.engine_config = cfg = EngineConfig(device=device, dtype=dtype, max_model_len=max_model_len,
                                                 max_batch_size=max_batch_size, **switches)
         device_ = resolve_device(device)
@@ -59,7 +70,13 @@ class LLM:
             self.tokenizer: LLMTokenizer = load_tokenizer(blueprint.source)
             num_blocks = kv_blocks(blueprint)
             draft_bp = None  # checked before either model loads
-            if cfg.speculative_model not in (None, "ngram"):
+            if draft is not None:
+                _check_draft(f"draft {draft.name!r}", draft.max_model_len, draft.model_config.vocab_size,
+                             draft.tokenizer, blueprint, self.tokenizer)
+                if draft.device != device_:
+                    raise InferRecipesError(f"draft {draft.name!r} is on {draft.device}, this model on {device_}: "
+                                            "a shared draft must be on the same device")
+            elif cfg.speculative_model not in (None, "ngram"):
                 draft_bp = _prepare_draft(cfg, blueprint, self.tokenizer, device_)
             if world is None:
                 self.model_id = 0
@@ -72,7 +89,10 @@ class LLM:
                                         cfg.pipeline_parallel_size)
                     self.runner = build(blueprint, num_blocks, shard, world, self.model_id, progress)
                 weakref.finalize(self, world.free_later, self.model_id)
-            draft = build(draft_bp, kv_blocks(draft_bp), progress=progress) if draft_bp is not None else None
+            if draft is not None:
+                draft = sharing(draft.runner, draft_config(cfg, blueprint.max_model_len), blueprint.max_model_len)
+            elif draft_bp is not None:
+                draft = build(draft_bp, kv_blocks(draft_bp), progress=progress)
         eos = set(self.model_config.eos_token_ids)
         if self.tokenizer.eos_token_id is not None:
             eos.add(self.tokenizer.eos_token_id)
@@ -201,14 +221,19 @@ def _prepare_draft(cfg: EngineConfig, target, tokenizer: LLMTokenizer, device: t
         bp = prepare(cfg.speculative_model, draft_cfg, device)
     except InferRecipesError as e:
         raise InferRecipesError(f"{where}: {e}") from None
-    if bp.max_model_len < target.max_model_len:
-        raise InferRecipesError(f"{where}: its context ({bp.max_model_len} tokens) is shorter than the model's "
-                                f"({target.max_model_len}); set max_model_len to at most {bp.max_model_len}")
-    draft_tok = load_tokenizer(bp.source)
-    if (bp.model_config.vocab_size != target.model_config.vocab_size
+    _check_draft(where, bp.max_model_len, bp.model_config.vocab_size, load_tokenizer(bp.source), target, tokenizer)
+    return bp
+
+
+def _check_draft(where: str, max_len: int, vocab_size: int, draft_tok: LLMTokenizer, target,
+                 tokenizer: LLMTokenizer) -> None:
+    """Refuses a draft whose context is shorter than the target's or whose tokenizer is not the target's."""
+    if max_len < target.max_model_len:
+        raise InferRecipesError(f"{where}: its context ({max_len} tokens) is shorter than the model's "
+                                f"({target.max_model_len}); set max_model_len to at most {max_len}")
+    if (vocab_size != target.model_config.vocab_size
             or draft_tok.tokenizer.get_vocab(with_added_tokens=True) != tokenizer.tokenizer.get_vocab(
                 with_added_tokens=True)):
-        raise InferRecipesError(f"{where}: its vocabulary differs from the model's ({bp.model_config.vocab_size} "
+        raise InferRecipesError(f"{where}: its vocabulary differs from the model's ({vocab_size} "
                                 f"vs {target.model_config.vocab_size} token ids, or other tokens at the same ids): a "
                                 "draft model must share the model's tokenizer")
-    return bp

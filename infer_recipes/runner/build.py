@@ -71,11 +71,16 @@ def kv_blocks(bp: Blueprint) -> int:
     return kv_pool_blocks(per_rank, cfg, bp.max_model_len, bp.dtype, bp.device)
 
 
+def kv_estimate(bp: Blueprint) -> int:
+    """Bytes of the KV cache `kv_blocks` will reserve."""
+    return kv_blocks(bp) * kv_bytes_per_token(bp.model_config, bp.dtype.itemsize) * bp.engine_config.block_size
+
+
 def memory_estimate(bp: Blueprint) -> int:
     """Bytes the built model will hold, before building it: its weights in their scheme's bytes per weight, and
     the KV cache `kv_blocks` will reserve."""
     cfg = bp.engine_config
-    kv = kv_blocks(bp) * kv_bytes_per_token(bp.model_config, bp.dtype.itemsize) * cfg.block_size
+    kv = kv_estimate(bp)
     if cfg.quantization == "gguf":  # each tensor's kernel follows its type in the file
         per_kernel = {"int4": BYTES_PER_WEIGHT["gguf"], "int8": BYTES_PER_WEIGHT["int8"], None: bp.dtype.itemsize}
         shapes = tensor_shapes(bp.source.location)
@@ -112,6 +117,18 @@ def build(bp: Blueprint, num_blocks: int, shard: Shard = Shard(), world: Paralle
         runner.warm_up()
         runner.compile_seconds = time.perf_counter() - start
     return runner
+
+
+def sharing(runner: ModelRunner, cfg: EngineConfig, max_model_len: int) -> ModelRunner:
+    """A runner on `runner`'s model, the same weights (no copy), with a KV cache of its own sized by `cfg` for
+    contexts of `max_model_len`: a loaded model drafting for another while it serves its own requests."""
+    num_blocks = kv_pool_blocks(runner.model_config, cfg, max_model_len, runner.dtype, runner.device)
+    shared = ModelRunner(runner.model, runner.device, runner.dtype, num_blocks=num_blocks, block_size=cfg.block_size)
+    shared.compiled = runner.compiled  # the layers' forwards are the model's: compiled there, compiled here
+    shared.source, shared.model_config, shared.max_model_len = runner.source, runner.model_config, runner.max_model_len
+    shared.load_seconds = shared.compile_seconds = 0.0
+    shared.owns_weights = False
+    return shared
 
 
 def _convert(bp: Blueprint, shard: Shard, progress: bool) -> LlamaForCausalLM:

@@ -53,6 +53,7 @@ class ModelRunner:
         self.cache = (KVCache(len(model.layer_range), num_blocks, block_size, kv_end - kv_first,
                               self.config.head_dim, dtype, device) if kv_cache else None)
         self.compiled = CompiledLayers(model) if compile else None
+        self.owns_weights = True  # False for a runner sharing another's model (build.sharing)
 
     @property
     def compiles(self) -> int:
@@ -189,7 +190,10 @@ class ModelRunner:
 
     # ---- what the model holds --------------------------------------------------------------------------------------
     def weight_bytes(self) -> int:
-        """Bytes of the weights as they are held now (quantized ones included, tied ones counted once)."""
+        """Bytes of the weights as they are held now (quantized ones included, tied ones counted once); 0 for a
+        runner sharing another's model (they are that runner's)."""
+        if not self.owns_weights:
+            return 0
         seen, total = set(), 0
         for t in list(self.model.parameters()) + [b for n, b in self.model.named_buffers() if "rotary" not in n]:
             if t.data_ptr() not in seen:

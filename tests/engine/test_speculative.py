@@ -102,6 +102,22 @@ def test_draft_model_greedy_is_the_model_s_own(smollm):
     assert draft.pool.num_free == draft.pool.num_blocks and not draft._state
 
 
+def test_a_loaded_model_drafts_on_its_own_weights(smollm):
+    # the served pair: an int4 SmolLM2 that also answers its own requests drafts for SmolLM2, with no second copy
+    small = _smollm(quantization="int4")
+    llm = _smollm(draft=small)
+    assert llm.draft_runner.model is small.runner.model and llm.weight_bytes() == smollm.weight_bytes()
+    assert llm.engine_config.speculative_model == small.name
+    want = [o.token_ids for o in smollm.generate(PROMPTS, GREEDY)]
+    own = [o.token_ids for o in small.generate(PROMPTS, GREEDY)]
+    assert [o.token_ids for o in llm.generate(PROMPTS, GREEDY)] == want
+    assert [o.token_ids for o in llm.generate(PROMPTS[:2], GREEDY)] == want[:2]  # few enough rows to guess
+    assert [o.token_ids for o in small.generate(PROMPTS, GREEDY)] == own  # drafting left its own cache alone
+    assert llm.engine.stats()["spec_accepted_tokens"] > 0
+    with pytest.raises(InferRecipesError, match="drafts with its own weights"):
+        _smollm(draft=small, speculative_quantization="int8")
+
+
 def test_qwen_pair():
     path = qwen_gguf("qwen2.5-coder-1.5b-instruct")  # skips with the install line when absent
     prompts = [PROMPTS[1], "# Python: reverse a string\ndef reverse(s):"]

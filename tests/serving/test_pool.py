@@ -108,3 +108,36 @@ def test_model_arguments_and_deployments_parse_with_clear_errors():
     assert [m.name for m in d.models] == ["smollm2", "smollm2-int4"] and d.models[1].pinned
     assert d.models[1].options["quantization"] == "int4" and d.models[0].options["max_model_len"] == 2048
     assert d.cascades[0].small == "smollm2-int4" and d.memory_budget == 6 * 2**30
+
+
+def test_a_served_model_drafts_for_another_on_the_same_weights():
+    from infer_recipes import InferRecipesError
+
+    draft = ModelSpec("d", "synthetic:tiny-llama3", dict(OPTS))
+    target = ModelSpec("t", "synthetic:tiny-llama3", {**OPTS, "speculative_model": "d"})
+    own_draft = ModelSpec("t", "synthetic:tiny-llama3", {**OPTS, "speculative_model": "synthetic:tiny-llama3"})
+    # counted once: the target adds the draft's KV pool, not its weights
+    assert estimate_bytes(target, draft) < estimate_bytes(own_draft)
+
+    async def main():
+        pool = ModelPool([ModelSpec("a", "synthetic:tiny-llama3", dict(OPTS)), draft, target],
+                         int(SIZE * 3.5), log=lambda _: None)
+        assert await _use(pool, "t") == 2  # loads d first
+        d, t = pool.entries["d"], pool.entries["t"]
+        shared = d.loaded and t.llm.draft_runner.model is d.llm.runner.model
+        await _use(pool, "a")  # no room for a third model: t (least recently used, idle) goes, never d under it
+        gone_first = {n for n, e in pool.entries.items() if not e.loaded}
+        leases_after = d.leases
+        await _use(pool, "t")  # back, on d's weights again
+        pool.shutdown()
+        return shared, gone_first, leases_after
+
+    shared, gone_first, leases_after = asyncio.run(main())
+    assert shared and gone_first == {"t"} and leases_after == 0
+    for options, match in [({"speculative_model": "t"}, "itself"), ({}, None)]:
+        specs = [ModelSpec("t", "m", options), ModelSpec("u", "m", {"speculative_model": "t"})]
+        if match is None:
+            ModelPool(specs).shutdown()
+        else:
+            with pytest.raises(InferRecipesError, match=match):
+                ModelPool(specs)
