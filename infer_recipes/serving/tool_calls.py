@@ -56,18 +56,18 @@ def constraint(tools: list[dict], mode: str, parallel: bool, tokenizer: LLMToken
     added = {t.content for t in tokenizer.tokenizer.get_added_tokens_decoder().values()}
     open_, close = ((m if m in added else json.dumps(m)) for m in (OPEN, CLOSE))
     chosen = [t for t in tools if mode == "required" or t["function"]["name"] == mode]
+    newline, tail = json.dumps("\n"), json.dumps("}\n")
     rules = []
     for i, tool in enumerate(chosen):
         fn = tool["function"]
         schema = fn.get("parameters") or {"type": "object", "properties": {}}
         schema = {**schema, "x-guidance": {**_ARGUMENT_STYLE, **schema.get("x-guidance", {})}}
         head = json.dumps('\n{"name": ' + json.dumps(fn["name"], ensure_ascii=False) + ', "arguments": ')
-        rules.append(f"call_{i}: {open_} {head} args_{i} {json.dumps('}' + chr(10))} {close}\n"
+        rules.append(f"call_{i}: {open_} {head} args_{i} {tail} {close}\n"
                      f"args_{i}: %json {json.dumps(schema)}")
     calls = " | ".join(f"call_{i}" for i in range(len(chosen)))
     # a newline may end the answer: after a call Qwen2.5-Coder writes one before <|im_end|>; were it only the
     # separator of parallel calls, the 0.5B went on calling until max_tokens (8 of 8 answers; 0 of 8 with it)
-    newline = json.dumps("\n")
     start = f"start: call ({newline} call)* {newline}?" if parallel else f"start: call {newline}?"
     return Constraint("grammar", "\n".join([start, f"call: {calls}", *rules]))
 
