@@ -203,9 +203,8 @@ def _tokenize(entry, req: TokenizeRequest) -> dict:
     tok = entry.llm.tokenizer
     try:
         if req.messages is not None:
-            tools = [t.model_dump(exclude_none=True) for t in req.tools] if req.tools else None
-            text = tok.apply_chat_template([m.as_template_message() for m in req.messages],
-                                           req.add_generation_prompt, tools=tools)
+            text = tok.apply_chat_template(req.template_messages(), req.add_generation_prompt,
+                                           tools=req.template_tools())
             ids = tok.encode(text, add_special_tokens=bool(req.add_special_tokens))
         else:
             ids = tok.encode(req.prompt, add_special_tokens=req.add_special_tokens is not False)

@@ -24,14 +24,14 @@ class Job:
     """Prompts (token ids), one SamplingParams per choice (n per prompt), and the queue places they hold."""
 
     def __init__(self, entry: Entry, prompts: list[CheckedPrompt], params: SamplingParams, n: int,
-                 metrics: Metrics):
+                 metrics: Metrics, tool_mode: str | None = None, tool_names: frozenset[str] = frozenset()):
         self.entry, self.checked, self.n, self.metrics = entry, prompts, n, metrics
         self.prompts = [p.ids for p in prompts]
         # every choice its own seed, so n > 1 with a seed gives n different (reproducible) answers
         self.params = [replace(params, seed=None if params.seed is None else params.seed + j) for j in range(n)]
         self.ticket: Ticket | None = None
-        self.tool_mode: str | None = None  # how the choices may call tools (ChatCompletionRequest.tool_mode)
-        self.tool_names: frozenset[str] = frozenset()
+        # how the choices may call tools (ChatCompletionRequest.tool_mode), and the functions they may call
+        self.tool_mode, self.tool_names = tool_mode, tool_names
 
     @classmethod
     async def create(cls, entry: Entry, req: CompletionRequest | ChatCompletionRequest, metrics: Metrics,
@@ -71,9 +71,8 @@ class Job:
         vocab = entry.llm.model_config.vocab_size
         if any(t >= vocab for t, _ in params.logit_bias):
             raise bad_request(f"logit_bias: token ids must be below the vocabulary size {vocab}", "logit_bias")
-        job = cls(entry, prompts, params, req.n, metrics)
-        job.tool_mode = tool_mode
-        job.tool_names = frozenset(t.function.name for t in req.tools or ()) if tool_mode else frozenset()
+        names = frozenset(t.function.name for t in req.tools or ()) if tool_mode else frozenset()
+        job = cls(entry, prompts, params, req.n, metrics, tool_mode, names)
         try:
             job.ticket = entry.engine.admit(len(job.choices()))
         except QueueFullError as e:

@@ -330,12 +330,15 @@ class ChatCompletionRequest(_Sampling):
 
     def template_tools(self) -> list[dict] | None:
         """The tools as the chat template renders them (none when the model may not call them)."""
-        if self.tool_mode is None:
-            return None
-        return [t.model_dump(exclude_none=True) for t in self.tools]
+        return _template_tools(self.tools) if self.tool_mode is not None else None
 
     def template_messages(self) -> list[dict]:
         return [m.as_template_message() for m in self.messages]
+
+
+def _template_tools(tools: list[Tool] | None) -> list[dict] | None:
+    """Tools as chat templates take them (transformers' form: plain dicts, unset fields left out)."""
+    return [t.model_dump(exclude_none=True) for t in tools] if tools else None
 
 
 class TokenizeRequest(_Strict):
@@ -356,6 +359,12 @@ class TokenizeRequest(_Strict):
         if self.tools is not None and self.messages is None:
             raise ValueError("tools go with messages (they are rendered by the chat template)")
         return self
+
+    def template_tools(self) -> list[dict] | None:
+        return _template_tools(self.tools)
+
+    def template_messages(self) -> list[dict]:
+        return [m.as_template_message() for m in self.messages]
 
 
 class DetokenizeRequest(_Strict):

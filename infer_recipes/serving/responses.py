@@ -51,7 +51,6 @@ async def stream_events(job: Job, chat: bool, include_usage: bool) -> AsyncItera
     completion_tokens, metrics = 0, []
     # with tools, each choice's text goes through its own parser: content deltas and tool-call deltas
     parsers = {index: ToolCallParser(job.tool_names) for index, *_ in job.choices()} if chat and job.tool_mode else {}
-    called: set[int] = set()
     async for index, out in job.merged():
         lp = None
         if out.logprobs is not None and out.num_new_tokens:
@@ -60,7 +59,6 @@ async def stream_events(job: Job, chat: bool, include_usage: bool) -> AsyncItera
                                                                    out.top_logprobs[new])
         if index in parsers:
             deltas = parsers[index].feed(out.delta) + (parsers[index].finish() if out.finished else [])
-            called.update(index for d in deltas if "tool_calls" in d)
         else:
             deltas = [{"content": out.delta} if chat else {"text": out.delta}] if out.delta else []
         if lp is not None and not deltas:
@@ -72,8 +70,8 @@ async def stream_events(job: Job, chat: bool, include_usage: bool) -> AsyncItera
         if out.finished:
             completion_tokens += len(out.token_ids)
             metrics.append(out.metrics)
-            choice = {"index": index, "logprobs": None,
-                      "finish_reason": _finish_reason(out.finish_reason, index in called)}
+            called = index in parsers and parsers[index].calls > 0
+            choice = {"index": index, "logprobs": None, "finish_reason": _finish_reason(out.finish_reason, called)}
             choice.update({"delta": {}} if chat else {"text": ""})
             yield {**head, "choices": [choice]}
     if include_usage:

@@ -9,10 +9,10 @@ render tools, or teaches another syntax, is refused with the reason rather than 
 """
 from __future__ import annotations
 
-import functools
 import json
 import re
 import uuid
+import weakref
 
 from ..config import Constraint
 from ..errors import InferRecipesError
@@ -32,9 +32,17 @@ _BARE_HEAD_CHARS = 256  # a head longer than this is no call (a name has at most
 _ARGUMENT_STYLE = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
 
 
-@functools.lru_cache(maxsize=16)
+_UNSUPPORTED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # per tokenizer, gone with its model
+
+
 def unsupported(tokenizer: LLMTokenizer) -> str | None:
-    """Why this model's chat template cannot do tool calling, or None when it can."""
+    """Why this model's chat template cannot do tool calling, or None when it can (probed once per tokenizer)."""
+    if tokenizer not in _UNSUPPORTED:
+        _UNSUPPORTED[tokenizer] = _probe(tokenizer)
+    return _UNSUPPORTED[tokenizer]
+
+
+def _probe(tokenizer: LLMTokenizer) -> str | None:
     tool = {"type": "function", "function": {"name": _PROBE, "parameters": {"type": "object", "properties": {}}}}
     try:
         text = tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], tools=[tool])
@@ -115,8 +123,9 @@ class ToolCallParser:
         """One move of the state machine over the buffer; False when it needs more text."""
         if self.state == "start":  # the answer so far may be a bare call
             head = _BARE_HEAD.match(self.buffer)
-            if head is not None and json.loads(f'"{head.group(1)}"') in self.names:
-                deltas.append(self._start(json.loads(f'"{head.group(1)}"')))
+            name = json.loads(f'"{head.group(1)}"') if head is not None else None
+            if name in self.names:
+                deltas.append(self._start(name))
                 self.buffer, self.state, self.value = self.buffer[head.end():], "args", _JSONValue()
                 self.after = "bare_tail"
                 return True
