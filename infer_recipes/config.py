@@ -5,14 +5,23 @@ Frozen and validated at construction; every error names the field at fault. Stan
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 from .errors import InferRecipesError
 
 DTYPES = ("float32", "bfloat16", "float16")
 DEVICES = ("auto", "cpu", "cuda", "npu")
+KERNELS = ("native", "torch")
 QUANTIZATIONS = (None, "int8", "int8-minmax", "w8a8", "int4", "int4-w8a8", "gguf")
 GROUP_SIZES = (32, 64, 128)
+
+
+def cache_dir() -> Path:
+    """Where our caches live (assembled models, converted weights, built kernels): $INFER_RECIPES_CACHE, by default
+    ~/.cache/infer-recipes."""
+    return Path(os.environ.get("INFER_RECIPES_CACHE") or Path.home() / ".cache" / "infer-recipes")
 
 
 class ConfigError(InferRecipesError, ValueError):
@@ -86,6 +95,9 @@ class EngineConfig:
     quantization: str | None = None
     quantization_skip: tuple[str, ...] = ()  # module-name patterns kept in float (mixed precision)
     group_size: int = 32  # int4 group size
+    # quantized linears (AVX-512 VNNI, int8 activations per block) and paged decode attention on our own CPU
+    # kernels where they build and run, else torch's; "torch" keeps torch's everywhere (the ablation's before)
+    kernels: str = "native"
     # the paged KV cache and the continuous-batching scheduler
     block_size: int = 16  # tokens per KV block
     num_blocks: int | None = None  # None: sized from kv_cache_memory
@@ -164,6 +176,8 @@ class EngineConfig:
             _require(self.speculative_quantization in ("none", *filter(None, QUANTIZATIONS)),
                      "speculative_quantization", f"unknown scheme {self.speculative_quantization!r}; choose one of "
                      f"none, {', '.join(q for q in QUANTIZATIONS if q)}")
+        _require(self.kernels in KERNELS, "kernels",
+                 f"unknown kernels {self.kernels!r}; choose one of {', '.join(KERNELS)}")
         _require(self.group_size in GROUP_SIZES, "group_size",
                  f"must be one of {', '.join(map(str, GROUP_SIZES))}, got {self.group_size!r}")
 

@@ -1,7 +1,7 @@
 """Recipes: one YAML file that reproduces one deployment (model, optimizations, parallel, scheduler, data).
 
     model:        name (a model spec, as `--model` takes it), dtype, device, max_model_len
-    optimization: kv_cache, prefix_caching, fusion, compile, quantization, quantization_skip, group_size
+    optimization: kv_cache, prefix_caching, fusion, compile, quantization, quantization_skip, group_size, kernels
     parallel:     tensor_parallel_size, pipeline_parallel_size
     scheduler:    max_batch_size
     data:         prompts, prompts_file, chat, max_tokens, temperature, top_p, top_k, seed, ignore_eos
@@ -16,7 +16,7 @@ from pathlib import Path
 
 import yaml
 
-from .config import DEVICES, DTYPES, GROUP_SIZES, QUANTIZATIONS, ConfigError, EngineConfig, SamplingParams
+from .config import DEVICES, DTYPES, GROUP_SIZES, KERNELS, QUANTIZATIONS, ConfigError, EngineConfig, SamplingParams
 from .errors import InferRecipesError
 
 RECIPES_DIR = Path(__file__).with_name("recipes")
@@ -74,6 +74,7 @@ SCHEMA: dict[str, dict[str, tuple]] = {
         "quantization": ((str, type(None)), ("none",) + tuple(q for q in QUANTIZATIONS if q), ""),
         "quantization_skip": ((list,), None, "module-name patterns kept in float"),
         "group_size": ((int,), GROUP_SIZES, ""),
+        "kernels": ((str,), KERNELS, "quantized linears on our own CPU kernels (native, where they run) or torch's"),
         "speculative_model": ((str, type(None)), None, "speculative decoding: ngram (prompt lookup) or a draft "
                               "model with the same tokenizer"),
         "num_speculative_tokens": ((int, type(None)), None, "guesses per step (null: 3 for ngram, 2 for a model)"),

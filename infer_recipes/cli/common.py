@@ -7,7 +7,7 @@ import json
 import os
 import sys
 
-from ..config import DTYPES, GROUP_SIZES, QUANTIZATIONS
+from ..config import DTYPES, GROUP_SIZES, KERNELS, QUANTIZATIONS
 from ..loading.source import DEFAULT_MODEL
 
 MODEL_HELP = ("a Hugging Face directory (config.json + *.safetensors), a .gguf file, an alias of a model that "
@@ -47,6 +47,9 @@ def _add_switch_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--quantization-skip", action="append", default=None,
                    help="module-name pattern kept in float, e.g. lm_head or 'model.layers.0.*' (repeatable)")
     g.add_argument("--group-size", type=int, default=None, choices=GROUP_SIZES, help="int4 group size")
+    g.add_argument("--kernels", default=None, choices=KERNELS,
+                   help="quantized linears on our own CPU kernels (default native, where they build and run) or "
+                        "torch's")
     g.add_argument("--speculative-model", default=None,
                    help="speculative decoding: 'ngram' (prompt lookup) or a smaller model with the same tokenizer "
                         "(path or alias); greedy outputs are unchanged")
@@ -64,7 +67,7 @@ def _add_switch_args(p: argparse.ArgumentParser) -> None:
 
 
 _FLAGS = ("device", "dtype", "max_model_len", "max_batch_size", "kv_cache", "prefix_caching", "fusion", "compile",
-          "quantization", "quantization_skip", "group_size", "speculative_model", "num_speculative_tokens",
+          "quantization", "quantization_skip", "group_size", "kernels", "speculative_model", "num_speculative_tokens",
           "speculative_quantization", "speculative_max_rows", "tensor_parallel_size", "pipeline_parallel_size")
 
 

@@ -11,6 +11,8 @@ from functools import cached_property
 import torch
 import torch.nn.functional as F
 
+from .. import kernels
+
 
 def causal_mask(q_len: int, kv_len: int, device: torch.device) -> torch.Tensor:
     """[q_len, kv_len] bool, bottom-right aligned."""
@@ -108,6 +110,7 @@ class PagedMetadata:
 class _Layout:
     num_decodes: int
     decode_blocks: torch.Tensor  # [Bd * blocks]
+    decode_lens: torch.Tensor  # [Bd] keys per decode row
     decode_mask: torch.Tensor  # [Bd, 1, 1, blocks * block_size] True where a key is real
     prefills: list[tuple[int, int, int]]  # (query start, query length, context length)
     prefill_blocks: torch.Tensor  # [Bp, blocks]
@@ -126,7 +129,7 @@ class _Layout:
         prefill_blocks = layout[at:at + npf * bp].view(npf, bp)
         columns = torch.arange(bd * block_size, device=layout.device)
         mask = (columns.unsqueeze(0) < ctx.unsqueeze(1)).view(nd, 1, 1, bd * block_size)
-        return _Layout(nd, decode_blocks, mask, prefills, prefill_blocks)
+        return _Layout(nd, decode_blocks, ctx, mask, prefills, prefill_blocks)
 
 
 def _gather(cache: torch.Tensor, blocks: torch.Tensor, rows: int) -> torch.Tensor:
@@ -164,24 +167,29 @@ def _blockwise_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
 
 def paged_attention_impl(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor | None,
                          v_cache: torch.Tensor | None, slot_mapping: torch.Tensor | None, layout: "_Layout",
-                         scale: float, fused: bool) -> torch.Tensor:
+                         scale: float, fused: bool, native: bool = False) -> torch.Tensor:
     """q [N, H, D], k, v [N, H_kv, D] (this step's tokens) -> [N, H, D]; writes k, v into the pool first.
 
-    The pool is [num_blocks, H_kv, block_size, D] per layer. Decodes are batched: fused, block by block
-    (`_blockwise_decode`); unfused (the textbook baseline), by gathering contiguous K/V and `eager_attention`.
+    The pool is [num_blocks, H_kv, block_size, D] per layer. Decodes are batched: with `native`, our kernel reads
+    the blocks in place in one pass (`infer_recipes.kernels`; k and v are then in the pool already, written by
+    the rotary kernel); fused, block by block (`_blockwise_decode`);
+    unfused (the textbook baseline), by gathering contiguous K/V and `eager_attention`.
     Each prefill chunk attends causally (bottom-right aligned) over its context: straight from this step's k, v
     when it is the whole context (a first chunk, or no cache), else gathered from its blocks.
     """
     attend = fused_attention if fused else eager_attention
-    out = torch.empty_like(q)
-    if k_cache is not None:
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)  # contiguous: the native kernel writes rows of it
+    if k_cache is not None and not native:
         bs = k_cache.shape[2]
         block, offset = slot_mapping // bs, slot_mapping % bs
         k_cache[block, :, offset] = k
         v_cache[block, :, offset] = v
     nd = layout.num_decodes
     if nd:
-        if fused:
+        if native and k_cache is not None:
+            kernels.native().decode_attention(q[:nd], k_cache, v_cache, layout.decode_blocks, layout.decode_lens,
+                                              scale, out[:nd])
+        elif fused:
             out[:nd] = _blockwise_decode(q[:nd], k_cache, v_cache, layout.decode_blocks, layout.decode_mask, scale)
         else:
             kd = _gather(k_cache, layout.decode_blocks, nd)
@@ -203,13 +211,13 @@ def paged_attention_impl(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_ca
 @torch.library.custom_op("infer_recipes::paged_attention", mutates_args=("k_cache", "v_cache"))
 def _paged_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
                         v_cache: torch.Tensor, slot_mapping: torch.Tensor, layout: torch.Tensor,
-                        block_size: int, scale: float, fused: bool) -> torch.Tensor:
+                        block_size: int, scale: float, fused: bool, native: bool) -> torch.Tensor:
     return paged_attention_impl(q, k, v, k_cache, v_cache, slot_mapping, _Layout.unpack(layout, block_size), scale,
-                                fused)
+                                fused, native)
 
 
 @_paged_attention_op.register_fake
-def _(q, k, v, k_cache, v_cache, slot_mapping, layout, block_size, scale, fused):
+def _(q, k, v, k_cache, v_cache, slot_mapping, layout, block_size, scale, fused, native):
     return torch.empty_like(q)
 
 
@@ -227,7 +235,7 @@ def _(q, k, v, layout, block_size, scale, fused):
 
 def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                     kv: tuple[torch.Tensor, torch.Tensor] | None, meta: PagedMetadata, scale: float,
-                    fused: bool) -> torch.Tensor:
+                    fused: bool, native: bool = False) -> torch.Tensor:
     """Attention for a continuous-batching step (see `paged_attention_impl`).
 
     Inside a compiled graph it is one opaque custom op (as vLLM splits attention out of its graphs): the graph
@@ -238,5 +246,5 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         if k_cache is None:
             return _uncached_attention_op(q, k, v, meta.layout, meta.block_size, scale, fused)
         return _paged_attention_op(q, k, v, k_cache, v_cache, meta.slot_mapping, meta.layout, meta.block_size,
-                                   scale, fused)
-    return paged_attention_impl(q, k, v, k_cache, v_cache, meta.slot_mapping, meta.parts, scale, fused)
+                                   scale, fused, native)
+    return paged_attention_impl(q, k, v, k_cache, v_cache, meta.slot_mapping, meta.parts, scale, fused, native)

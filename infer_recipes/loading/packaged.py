@@ -17,6 +17,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from ..config import cache_dir
 from ..errors import ModelSourceError
 
 CHUNK = 8 << 20
@@ -105,10 +106,6 @@ def package_dir(name: str) -> Path | None:
     if spec.submodule_search_locations:
         return Path(next(iter(spec.submodule_search_locations)))
     return Path(spec.origin).parent if spec.origin else None
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("INFER_RECIPES_CACHE") or Path.home() / ".cache" / "infer-recipes")
 
 
 def _marker(target: Path) -> Path:

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import kernels
 from ..config import ModelConfig
 from ..layers.activation import silu_and_mul
 from ..layers.attention import PagedMetadata, paged_attention
@@ -19,6 +20,8 @@ from ..layers.rotary import RotaryEmbedding, apply_rotary
 
 class LlamaAttention(nn.Module):
     """q/k/v column-parallel (this rank's heads), o_proj row-parallel: one all-reduce per block."""
+
+    native = False  # rotary, the K/V write and decode attention on our own kernels (`use_native_kernels`)
 
     def __init__(self, config: ModelConfig, shard: Shard = Shard()):
         super().__init__()
@@ -43,6 +46,13 @@ class LlamaAttention(nn.Module):
         """x [1, N, hidden]: the step's tokens of every sequence end to end; cos, sin [N, 1, D]."""
         N = x.shape[1]
         H, Hkv, D = self.num_heads, self.num_kv_heads, self.head_dim
+        if self.native and kv is not None:  # fused, with a KV cache: rotary and the cache write in one call
+            qkv = self.qkv_proj(x).view(N, (H + 2 * Hkv) * D)
+            kernels.native().rope_cache(qkv, cos.reshape(N, D), sin.reshape(N, D), H, Hkv, kv[0], kv[1],
+                                        meta.slot_mapping)
+            q, k, v = (t.view(N, -1, D) for t in qkv.split([H * D, Hkv * D, Hkv * D], dim=-1))
+            out = paged_attention(q, k, v, kv, meta, self.scale, fused=True, native=True)
+            return self.shard.all_reduce(self.o_proj(out.view(1, N, H * D)))
         if hasattr(self, "qkv_proj"):
             q, k, v = self.qkv_proj(x).split([H * D, Hkv * D, Hkv * D], dim=-1)
         else:
@@ -68,7 +78,11 @@ class LlamaMLP(nn.Module):
         self.gate_up_proj = _merged_linear([self.gate_proj, self.up_proj])
         del self.gate_proj, self.up_proj
 
+    native = False  # silu-and-mul on our own kernel
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.native:
+            return self.shard.all_reduce(self.down_proj(kernels.native().silu_mul(self.gate_up_proj(x))))
         if hasattr(self, "gate_up_proj"):
             return self.shard.all_reduce(self.down_proj(silu_and_mul(self.gate_up_proj(x))))
         return self.shard.all_reduce(self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x)))
@@ -142,6 +156,23 @@ class LlamaForCausalLM(nn.Module):
         self.rotary = RotaryEmbedding(config.head_dim, max_positions or config.max_position_embeddings,
                                       config.rope_theta, config.rope_scaling)
         self.tie_weights()
+
+    def use_native_kernels(self, on: bool, dtype: torch.dtype) -> None:
+        """The fused decoder layers' norms, rotary with the K/V write, decode attention and silu-and-mul on our
+        own kernels (`infer_recipes.kernels`), or not; only for shapes the kernels take (widths multiples of 16,
+        head_dim a multiple of 32 up to 256, at most 16 query heads per K/V head) in float32 or bfloat16."""
+        on = on and dtype in (torch.float32, torch.bfloat16) and self.config.hidden_size % 16 == 0
+        for layer in self.model.layers:
+            if not isinstance(layer, LlamaDecoderLayer):
+                continue
+            attn, mlp, fused = layer.self_attn, layer.mlp, layer.fused
+            attn.native = (on and fused and attn.head_dim % 32 == 0 and attn.head_dim <= 256
+                           and attn.num_heads // max(attn.num_kv_heads, 1) <= 16)
+            mlp.native = on and fused and mlp.down_proj.in_features % 16 == 0
+            for norm in (layer.input_layernorm, layer.post_attention_layernorm):
+                norm.use_native(on and fused)
+        if hasattr(self.model, "norm"):
+            self.model.norm.use_native(on)
 
     def tie_weights(self) -> None:
         """A tied lm_head uses the embedding table (once quantized, each holds its own form, or shares it)."""

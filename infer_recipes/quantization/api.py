@@ -23,12 +23,13 @@ from .w8a8 import PhaseLinear, W8A8Linear
 BYTES_PER_WEIGHT = {"int8": 1.0 + 2 / 4096, "int8-minmax": 1.0 + 6 / 4096, "w8a8": 1.0 + 4 / 4096,
                     "int4": 0.5 + 4 / 32, "gguf": 0.5 + 4 / 32, "int4-w8a8": 0.5 + 4 / 32 + 1.0 + 4 / 4096}
 
+# (weight, bias, group size, native kernels) -> module
 SCHEMES = {
-    "int8": lambda w, b, g: Int8Linear(w, b),
-    "int8-minmax": lambda w, b, g: Int8MinMaxLinear(w, b),
-    "w8a8": lambda w, b, g: W8A8Linear(w, b),
-    "int4": lambda w, b, g: Int4Linear.from_float(w, b, g),
-    "int4-w8a8": lambda w, b, g: PhaseLinear(Int4Linear.from_float(w, b, g), W8A8Linear(w, b)),
+    "int8": lambda w, b, g, n: Int8Linear(w, b, n),
+    "int8-minmax": lambda w, b, g, n: Int8MinMaxLinear(w, b),
+    "w8a8": lambda w, b, g, n: W8A8Linear(w, b),
+    "int4": lambda w, b, g, n: Int4Linear.from_float(w, b, g, n),
+    "int4-w8a8": lambda w, b, g, n: PhaseLinear(Int4Linear.from_float(w, b, g, n), W8A8Linear(w, b)),
 }
 
 
@@ -60,9 +61,10 @@ def check_scheme(scheme: str, group_size: int = 32) -> None:
 
 
 def quantize(model: nn.Module, scheme: str, skip=(), group_size: int = 32, progress: bool = True,
-             root: str = "") -> nn.Module:
+             root: str = "", native: bool = False) -> nn.Module:
     """Quantizes the Linear layers under `root` (the whole model by default) in place. Loading calls it layer by
-    layer as layers arrive, so the whole model never sits in float."""
+    layer as layers arrive, so the whole model never sits in float. `native`: our own CPU kernels where they run
+    (see `infer_recipes.kernels`), else torch's."""
     check_scheme(scheme, group_size)
     targets = _linear_targets(model, skip, root)
     for name, module in tqdm(targets, desc=f"quantizing ({scheme})", unit="linear", disable=not progress,
@@ -72,7 +74,7 @@ def quantize(model: nn.Module, scheme: str, skip=(), group_size: int = 32, progr
         parent_name, _, leaf = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         with torch.no_grad():
-            q = SCHEMES[scheme](module.weight.detach(), module.bias, group_size)
+            q = SCHEMES[scheme](module.weight.detach(), module.bias, group_size, native)
         setattr(parent, leaf, q)
     return model
 
@@ -118,18 +120,21 @@ def gguf_sources(module_name: str) -> list[str]:
     return [f"{parent}.{p}.weight" if parent else f"{p}.weight" for p in MERGED.get(leaf, (leaf,))]
 
 
-def gguf_linear(found: list[tuple[str, object]], in_features: int, bias) -> tuple[nn.Module, str]:
+def gguf_linear(found: list[tuple[str, object]], in_features: int, bias, native: bool = False
+                ) -> tuple[nn.Module, str]:
     """One Linear from the GGUF blocks of its parts: int4 when every part is a 4-bit type, else int8 per row."""
     kinds = {gguf_q.kernel_for(qtype) for qtype, _ in found}
     if kinds == {"int4"}:
         parts = [gguf_q.int4_parts(qtype, blocks, blocks.shape[0], in_features) for qtype, blocks in found]
         q, scales, zeros = (torch.cat([p[i] for p in parts]) for i in range(3))
-        return Int4Linear(q, scales, zeros, 32, bias), "int4"
+        return Int4Linear(q, scales, zeros, 32, bias, native), "int4"
     parts = [gguf_q.int8_parts(qtype, blocks, blocks.shape[0], in_features) for qtype, blocks in found]
-    return Int8Linear.from_parts(torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]), bias), "int8"
+    return Int8Linear.from_parts(torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]), bias,
+                                 native), "int8"
 
 
-def quantize_gguf(model: nn.Module, blocks_for, skip=(), progress: bool = True, root: str = "") -> Counter:
+def quantize_gguf(model: nn.Module, blocks_for, skip=(), progress: bool = True, root: str = "",
+                  native: bool = False) -> Counter:
     """Keeps a GGUF file's quantized blocks quantized: each Linear whose checkpoint tensors are all quantized
     types becomes an Int4Linear (Q4_0, Q4_1, Q4_K: group 32, exact) or an Int8Linear (other types, or a fused
     module whose parts mix 4-bit and wider types), built from the blocks without a float copy of the tensor.
@@ -146,7 +151,7 @@ def quantize_gguf(model: nn.Module, blocks_for, skip=(), progress: bool = True, 
             continue
         parent_name, _, leaf = name.rpartition(".")
         with torch.no_grad():
-            linear, kernel = gguf_linear(found, module.in_features, module.bias)
+            linear, kernel = gguf_linear(found, module.in_features, module.bias, native)
         setattr(model.get_submodule(parent_name) if parent_name else model, leaf, linear)
         report.update((qtype, kernel) for qtype, _ in found)
     return report

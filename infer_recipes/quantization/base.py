@@ -23,12 +23,26 @@ class QuantizedLinear(nn.Module):
         self.in_features, self.out_features = in_features, out_features
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
 
+    bias_in_matmul = False  # the native kernels add the bias themselves
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         y = self._matmul(x.reshape(-1, self.in_features)).to(x.dtype)  # [M, N]
-        if self.bias is not None:
+        if self.bias is not None and not self.bias_in_matmul:
             y = y + self.bias.to(x.dtype)
         return y.reshape(*shape[:-1], self.out_features)
+
+    def _native_bias(self) -> None:
+        """Gives the native kernels the bias as they take it (float32), once."""
+        self.bias_in_matmul = True
+        self.register_buffer("bias32", None if self.bias is None else self.bias.detach().float().contiguous())
+
+    @staticmethod
+    def _native_input(x: torch.Tensor) -> torch.Tensor:
+        """Activations as the native kernels take them: contiguous float32 or bfloat16."""
+        if x.dtype not in (torch.float32, torch.bfloat16):
+            x = x.float()
+        return x.contiguous()
 
     def weight_bytes(self) -> int:
         return sum(b.numel() * b.element_size() for b in self.buffers())

@@ -14,6 +14,7 @@ class Int8Embedding(nn.Module):
         super().__init__()
         self.num_embeddings, self.embedding_dim = qweight.shape
         self.dtype = dtype
+        self.head = None
         self.register_buffer("qweight", qweight)
         self.register_buffer("scales", scales)
 
@@ -24,9 +25,18 @@ class Int8Embedding(nn.Module):
 
     @classmethod
     def sharing(cls, linear: Int8Linear, dtype: torch.dtype) -> Int8Embedding:
-        return cls(linear.qweight, linear.scales, dtype)
+        """The table is the tied head's own weight, read through the head (in whichever layout it holds it)."""
+        self = cls.__new__(cls)
+        nn.Module.__init__(self)
+        self.num_embeddings, self.embedding_dim = linear.out_features, linear.in_features
+        self.dtype = dtype
+        self.head = [linear]  # in a list: not a submodule (the model owns the head)
+        return self
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        if self.head is not None:
+            q, s = self.head[0].rows(ids.reshape(-1))
+            return (q.float() * s.unsqueeze(-1)).to(self.dtype).reshape(*ids.shape, self.embedding_dim)
         return (self.qweight[ids].float() * self.scales[ids].float().unsqueeze(-1)).to(self.dtype)
 
     def extra_repr(self) -> str:

@@ -8,17 +8,27 @@ from __future__ import annotations
 
 import torch
 
+from .. import kernels
 from ..config import GROUP_SIZES
+from ..kernels import layout
 from .base import QuantizedLinear, by_rows
 from .int8 import ACT_DTYPE, representable_scale
 
 
 class Int4Linear(QuantizedLinear):
     def __init__(self, q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int,
-                 bias: torch.Tensor | None = None):
-        """q [N, K] int in [0, 15]; scales, zeros [N, K / group]."""
+                 bias: torch.Tensor | None = None, native: bool = False):
+        """q [N, K] int in [0, 15]; scales, zeros [N, K / group]. `native`: our own kernel's layout (scale and
+        zero in float16), where the kernel runs here; else torch's (scale and zero in bfloat16)."""
         super().__init__(q.shape[1], q.shape[0], bias)
         self.group_size = group_size
+        self.native = native and kernels.available()
+        if self.native:
+            packed, sz = layout.pack_int4(q, scales, zeros, group_size)
+            self.register_buffer("packed", packed)
+            self.register_buffer("scales_zeros", sz)
+            self._native_bias()
+            return
         # the packing wants int32 input: slice by rows (the packed layout is row-major, so slices concatenate)
         packed = by_rows(lambda r: (torch.ops.aten._convert_weight_to_int4pack_for_cpu(r.to(torch.int32), 2),), q)[0]
         self.register_buffer("packed", packed)
@@ -26,7 +36,8 @@ class Int4Linear(QuantizedLinear):
         self.register_buffer("scales_zeros", sz.to(ACT_DTYPE))
 
     @classmethod
-    def from_float(cls, weight: torch.Tensor, bias: torch.Tensor | None = None, group_size: int = 32):
+    def from_float(cls, weight: torch.Tensor, bias: torch.Tensor | None = None, group_size: int = 32,
+                   native: bool = False):
         N, K = weight.shape
         if group_size not in GROUP_SIZES or K % group_size:
             raise ValueError(f"group_size must be one of {GROUP_SIZES} and divide in_features={K}")
@@ -40,14 +51,22 @@ class Int4Linear(QuantizedLinear):
             q = torch.round((w - (zeros - 8 * scales)[..., None]) / scales[..., None]).clamp(0, 15)
             return q.view(-1, K).to(torch.uint8), scales, zeros
 
-        return cls(*by_rows(rows, weight), group_size, bias)
+        return cls(*by_rows(rows, weight), group_size, bias, native)
 
     def dequantize(self, dtype=torch.float32) -> torch.Tensor:
+        if self.native:
+            q, s, z = layout.unpack_int4(self.packed, self.scales_zeros, self.out_features, self.in_features,
+                                         self.group_size)
+            w = (q.float().view(self.out_features, -1, self.group_size) - 8) * s[..., None] + z[..., None]
+            return w.view(self.out_features, self.in_features).to(dtype)
         eye = torch.eye(self.in_features, dtype=ACT_DTYPE)
         # the packed layout is the kernel's own; reading it back through the kernel is exact for an identity input
         return torch.ops.aten._weight_int4pack_mm_for_cpu(eye, self.packed, self.group_size,
                                                          self.scales_zeros).t().to(dtype)
 
     def _matmul(self, x: torch.Tensor) -> torch.Tensor:
+        if self.native:
+            return kernels.native().int4_linear(self._native_input(x), self.packed, self.scales_zeros,
+                                                self.group_size, self.out_features, self.bias32)
         return torch.ops.aten._weight_int4pack_mm_for_cpu(x.to(ACT_DTYPE), self.packed, self.group_size,
                                                          self.scales_zeros)

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import torch
 
+from .. import kernels
+from ..kernels import layout
 from .base import QuantizedLinear, by_rows
 
 ACT_DTYPE = torch.bfloat16
@@ -22,22 +24,41 @@ def representable_scale(s: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 class Int8Linear(QuantizedLinear):
-    """W ~= q * s, q in [-127, 127], one scale per output channel."""
+    """W ~= q * s, q in [-127, 127], one scale per output channel.
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
+    Held for torch's kernel (`qweight` [N, K] int8, `scales` in bfloat16) or, with `native`, in our own kernel's
+    layout (`packed`, `scales` float32 padded to whole tiles); `rows(ids)` reads weight rows back from either."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, native: bool = False):
         super().__init__(weight.shape[1], weight.shape[0], bias)
-        q, s = self.quantize(weight)
-        self.register_buffer("qweight", q)  # [N, K] int8
-        self.register_buffer("scales", s.to(ACT_DTYPE))  # [N]
+        self._hold(*self.quantize(weight), native)
 
     @classmethod
-    def from_parts(cls, q: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None = None) -> Int8Linear:
+    def from_parts(cls, q: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None = None,
+                   native: bool = False) -> Int8Linear:
         """From an int8 weight [N, K] and its row scales [N] (already representable in the kernel's dtype)."""
         self = cls.__new__(cls)
         QuantizedLinear.__init__(self, q.shape[1], q.shape[0], bias)
-        self.register_buffer("qweight", q)
-        self.register_buffer("scales", scales.to(ACT_DTYPE))
+        self._hold(q, scales, native)
         return self
+
+    def _hold(self, q: torch.Tensor, scales: torch.Tensor, native: bool) -> None:
+        self.native = native and q.shape[1] % 32 == 0 and kernels.available()
+        if self.native:
+            packed, s = layout.pack_int8(q, scales.to(ACT_DTYPE))  # the same scales torch's kernel would hold
+            self.register_buffer("packed", packed)
+            self.register_buffer("scales", s)
+            self._native_bias()
+        else:
+            self.register_buffer("qweight", q)  # [N, K] int8
+            self.register_buffer("scales", scales.to(ACT_DTYPE))  # [N]
+
+    def rows(self, ids: torch.Tensor | slice = slice(None)) -> tuple[torch.Tensor, torch.Tensor]:
+        """(q int8 [R, K], scales [R] float32) of some weight rows: an int8 embedding table shares them."""
+        if self.native:
+            return (layout.int8_rows(self.packed, self.out_features, self.in_features, ids),
+                    self.scales[:self.out_features][ids])
+        return self.qweight[ids], self.scales[ids].float()
 
     @staticmethod
     def quantize(w: torch.Tensor, scale_dtype: torch.dtype = ACT_DTYPE) -> tuple[torch.Tensor, torch.Tensor]:
@@ -49,9 +70,13 @@ class Int8Linear(QuantizedLinear):
         return by_rows(rows, w)
 
     def dequantize(self, dtype=torch.float32) -> torch.Tensor:
-        return (self.qweight.float() * self.scales.float()[:, None]).to(dtype)
+        q, s = self.rows()
+        return (q.float() * s[:, None]).to(dtype)
 
     def _matmul(self, x: torch.Tensor) -> torch.Tensor:
+        if self.native:
+            return kernels.native().int8_linear(self._native_input(x), self.packed, self.scales, self.out_features,
+                                                self.bias32)
         return torch.ops.aten._weight_int8pack_mm(x.to(ACT_DTYPE), self.qweight, self.scales)
 
 

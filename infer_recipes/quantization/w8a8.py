@@ -37,7 +37,9 @@ class PhaseLinear(QuantizedLinear):
     through `small` (int4 weight-only: the fewest bytes to read), prefill (many rows, compute-bound) through
     `large` (w8a8: int8 x int8 GEMM with VNNI). Costs both forms' memory; buys the fast kernel for each phase."""
 
-    ROWS = 4  # measured on the SmolLM2 shapes: int4 wins at 1-4 rows, w8a8 from 8 rows
+    # measured on the SmolLM2 and Qwen2.5-1.5B shapes, 2 threads: torch's int4 kernel wins at 1-4 rows, w8a8
+    # from 8; our native int4 kernel up to 16 (benchmarks/kernels.py)
+    ROWS, NATIVE_ROWS = 4, 16
 
     def __init__(self, small: QuantizedLinear, large: QuantizedLinear):
         super().__init__(small.in_features, small.out_features, None)
@@ -48,7 +50,8 @@ class PhaseLinear(QuantizedLinear):
         return self.small.dequantize(dtype)
 
     def form(self, rows: int) -> QuantizedLinear:
-        return self.small if rows <= self.ROWS else self.large
+        limit = self.NATIVE_ROWS if getattr(self.small, "native", False) else self.ROWS
+        return self.small if rows <= limit else self.large
 
     def idle_parts(self, rows: int) -> list[nn.Module]:
         """The form a call of `rows` rows leaves unread (what a memory roofline must not count)."""

@@ -17,6 +17,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from .. import kernels
 from ..config import EngineConfig, ModelConfig
 from ..device import resolve_dtype
 from ..distributed import ParallelContext, launched, world_size
@@ -105,6 +106,10 @@ def build(bp: Blueprint, num_blocks: int, shard: Shard = Shard(), world: Paralle
         converted.save(cached_at, model)
     if cfg.quantization == "gguf" and progress:
         print(f"GGUF blocks kept: {model.load_report}", file=sys.stderr)
+    # eager only: inside a compiled graph each call would be a graph break
+    model.use_native_kernels(cfg.kv_cache and not cfg.compile and kernels.wanted(cfg.kernels, bp.device), bp.dtype)
+    if cfg.kernels == "native" and bp.device.type == "cpu" and kernels.reason() and progress:
+        print(kernels.reason(), file=sys.stderr)
     runner = ModelRunner(model, bp.device, bp.dtype, kv_cache=cfg.kv_cache, compile=cfg.compile,
                          num_blocks=num_blocks, block_size=cfg.block_size, world=world, model_id=model_id)
     runner.source, runner.model_config, runner.max_model_len = bp.source, bp.model_config, bp.max_model_len
@@ -177,6 +182,7 @@ class _UnitOptimizer:
         self.kept: set[str] = self._kept_in_blocks() if keep_blocks and bp.engine_config.quantization == "gguf" \
             else set()
         self.gguf_report: Counter = Counter()  # (GGUF type, what it became) -> tensors
+        self.native = kernels.wanted(bp.engine_config.kernels, bp.device)
 
     def _kept_in_blocks(self) -> set[str]:
         """Every quantized weight whose module is not skipped and whose parts are all quantized (a fused module
@@ -218,12 +224,13 @@ class _UnitOptimizer:
         cfg = self.bp.engine_config
         if cfg.quantization == "gguf":
             blocks = functools.partial(self._gguf_blocks, shard=model.shard)
-            self.gguf_report += quantize_gguf(model, blocks, cfg.quantization_skip, False, root)
+            self.gguf_report += quantize_gguf(model, blocks, cfg.quantization_skip, False, root, self.native)
             for name in self.kept:  # converted: their file pages need not stay resident
                 if name.startswith(root + "."):
                     release_blocks(self.bp.source.location, name)
         elif cfg.quantization:
-            quantize(model, cfg.quantization, cfg.quantization_skip, cfg.group_size, progress=False, root=root)
+            quantize(model, cfg.quantization, cfg.quantization_skip, cfg.group_size, progress=False, root=root,
+                     native=self.native)
 
     def report(self) -> str:
         """What each GGUF tensor type became, e.g. `Q4_K -> int4 x 168, Q6_K -> int8 x 29`."""

@@ -25,7 +25,8 @@ from pathlib import Path
 
 import torch
 
-from ..loading.packaged import cache_dir
+from .. import kernels
+from ..config import cache_dir
 from ..models.llama import LlamaForCausalLM
 
 FORMAT = 1
@@ -44,7 +45,7 @@ def _code_digest() -> str:
     by other code is never read back."""
     root = Path(__file__).resolve().parents[1]
     h = hashlib.sha256()
-    for folder in ("loading", "quantization", "models", "layers"):
+    for folder in ("loading", "quantization", "models", "layers", "kernels"):
         for file in sorted((root / folder).glob("*.py")):
             h.update(file.name.encode() + file.read_bytes())
     return h.hexdigest()[:16]
@@ -65,6 +66,7 @@ def cache_file(source, engine_config, dtype: torch.dtype, max_positions: int, de
     key = {"format": FORMAT, "code": _code_digest(), "files": files, "dtype": str(dtype), "fusion": cfg.fusion,
            "quantization": cfg.quantization, "skip": list(cfg.quantization_skip), "group_size": cfg.group_size,
            "max_positions": max_positions, "torch": torch.__version__,
+           "native_kernels": kernels.wanted(cfg.kernels, device),
            "cpu": torch.backends.cpu.get_cpu_capability()}
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
     return cache_dir() / "converted" / f"{source.name}-{cfg.quantization}-{digest}.pt"

@@ -1,0 +1,90 @@
+"""Our own CPU kernels, in C++ (`csrc/`): quantized linears for the few rows of a decode step, with activations
+quantized to int8 per block on the fly and AVX-512 VNNI dot products, the way llama.cpp reaches the memory roof.
+
+The extension is built just in time, at first use, against the installed torch (`torch.utils.cpp_extension`,
+gcc and ninja), and cached under `$INFER_RECIPES_CACHE/kernels/` by a key naming the sources, the torch version
+and the flags, so every later process only loads it. `native()` returns the module, or None when it cannot run
+here (a CPU without AVX-512 VNNI, a failed build); `reason()` then says why in one line, and the callers keep
+torch's kernels. The engine's `kernels` switch (native | torch) decides whether the callers ask at all.
+"""
+from __future__ import annotations
+
+import fcntl
+import functools
+import hashlib
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+
+from ..config import cache_dir
+
+SOURCES = ("ops.cpp", "qgemv_avx512.cpp", "attention_avx512.cpp", "elementwise_avx512.cpp")
+HEADERS = ("qgemv.h", "attention.h", "elementwise.h", "vec.h")
+CFLAGS = ("-O3", "-std=c++17", "-fopenmp")  # OpenMP: ATen's parallel_for is a header template, serial without it
+_why: list[str] = []
+
+
+def _key() -> str:
+    h = hashlib.sha256()
+    for name in SOURCES + HEADERS:
+        h.update((Path(__file__).parent / "csrc" / name).read_bytes())
+    h.update(f"{torch.__version__} {sys.version_info[:2]} {CFLAGS}".encode())
+    return h.hexdigest()[:16]
+
+
+def _build():
+    from torch.utils import cpp_extension
+
+    if shutil.which("ninja") is None:  # pip's ninja lives beside the interpreter, which may not be on PATH
+        os.environ["PATH"] = os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")
+    name = f"infer_recipes_kernels_{_key()}"
+    where = cache_dir() / "kernels" / name
+    where.mkdir(parents=True, exist_ok=True)
+    if not any(where.glob(f"{name}*.so")):
+        print("building infer-recipes' CPU kernels (once per torch version, about a minute)...", file=sys.stderr)
+    csrc = Path(__file__).parent / "csrc"
+    # one build at a time, under a lock the kernel drops when its holder dies: torch's own lock file would be
+    # left behind by a killed build and make every later process wait for it forever
+    with open(where / ".build.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        (where / "lock").unlink(missing_ok=True)
+        return cpp_extension.load(name=name, sources=[str(csrc / s) for s in SOURCES], extra_cflags=list(CFLAGS),
+                                  extra_ldflags=["-fopenmp"], build_directory=str(where), verbose=False)
+
+
+@functools.cache
+def native():
+    """The built extension, or None (then `reason()` says why)."""
+    if sys.platform != "linux" or os.uname().machine != "x86_64":
+        _why.append(f"the native kernels are x86-64 Linux only (this is {sys.platform} {os.uname().machine})")
+        return None
+    try:
+        module = _build()
+    except Exception as exc:  # noqa: BLE001 -- any build failure means: run torch's kernels
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+        first = next((line for line in lines if "error" in line), lines[0] if lines else type(exc).__name__)
+        _why.append(f"the native kernels did not build ({first[:200]}); torch's kernels run instead")
+        return None
+    if not module.cpu_ok():
+        _why.append("this CPU lacks AVX-512 VNNI, which the native kernels need; torch's kernels run instead")
+        return None
+    return module
+
+
+def available() -> bool:
+    return native() is not None
+
+
+def wanted(switch: str, device: torch.device) -> bool:
+    """Whether a model on `device` with the engine's `kernels` switch runs our kernels: asked for, on the CPU, and
+    runnable here."""
+    return switch == "native" and device.type == "cpu" and available()
+
+
+def reason() -> str | None:
+    """Why the native kernels do not run here (None when they do)."""
+    native()
+    return _why[0] if _why else None

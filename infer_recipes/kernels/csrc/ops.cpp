@@ -1,0 +1,221 @@
+// The torch side of the kernels: argument checks, the run-time CPU check, threads through ATen's parallel_for.
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include "attention.h"
+#include "elementwise.h"
+#include "qgemv.h"
+
+namespace {
+
+bool cpu_ok() {
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
+         __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("f16c") && __builtin_cpu_supports("fma");
+}
+
+struct Activations {
+  torch::Tensor q, d, qsum, xsum;
+  ir::QuantizedRows rows;
+};
+
+Activations quantize(const torch::Tensor& x, int64_t block) {
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous(), "x must be a contiguous [M, K] matrix");
+  TORCH_CHECK(x.scalar_type() == torch::kFloat || x.scalar_type() == torch::kBFloat16, "x must be float32 or bfloat16");
+  const int64_t M = x.size(0), K = x.size(1);
+  TORCH_CHECK(K % block == 0, "K=", K, " is not a multiple of the block ", block);
+  Activations a;
+  a.q = torch::empty({M, K}, torch::kInt8);
+  a.d = torch::empty({M, K / block}, torch::kFloat);
+  a.qsum = torch::empty({M, K / block}, torch::kInt32);
+  a.xsum = torch::empty({M, K / block}, torch::kFloat);
+  const bool bf16 = x.scalar_type() == torch::kBFloat16;
+  const void* xp = x.data_ptr();
+  auto* q = a.q.data_ptr<int8_t>();
+  auto* d = a.d.data_ptr<float>();
+  auto* qs = a.qsum.data_ptr<int32_t>();
+  auto* xs = a.xsum.data_ptr<float>();
+  // a few rows are quicker on one thread than the hand-off to several
+  at::parallel_for(0, M, M * K >= (1 << 16) ? 1 : M, [&](int64_t m0, int64_t m1) {
+    ir::quantize_rows(xp, bf16, K, block, m0, m1, q, d, qs, xs);
+  });
+  a.rows = {q, d, qs, xs, M, K, block};
+  return a;
+}
+
+int64_t grain(int64_t M, int64_t K) {
+  // tiles per task: a hand-off to another thread costs microseconds, so a task gets at least ~256k products
+  return std::max<int64_t>(1, (1 << 18) / (16 * K * M));
+}
+
+torch::Tensor int4_linear(const torch::Tensor& x, const torch::Tensor& packed, const torch::Tensor& sz,
+                          int64_t group, int64_t N, const c10::optional<torch::Tensor>& bias) {
+  TORCH_CHECK(cpu_ok(), "this CPU lacks AVX-512 VNNI");
+  TORCH_CHECK(group == 32 || group == 64 || group == 128, "group must be 32, 64 or 128");
+  TORCH_CHECK(packed.scalar_type() == torch::kUInt8 && packed.is_contiguous(), "packed must be contiguous uint8");
+  TORCH_CHECK(sz.scalar_type() == torch::kHalf && sz.is_contiguous(), "sz must be contiguous float16");
+  const int64_t K = x.size(1), T = (N + 15) / 16;
+  TORCH_CHECK(packed.numel() == T * 16 * K / 2, "packed holds ", packed.numel(), " bytes, not ", T * 8 * K);
+  TORCH_CHECK(sz.numel() == T * 32 * (K / group), "sz has the wrong size");
+  const float* b = nullptr;
+  if (bias) {
+    TORCH_CHECK(bias->scalar_type() == torch::kFloat && bias->numel() == N && bias->is_contiguous(),
+                "bias must be N contiguous float32");
+    b = bias->data_ptr<float>();
+  }
+  Activations a = quantize(x, group);
+  auto y = torch::empty({x.size(0), N}, x.options());
+  const bool bf16 = x.scalar_type() == torch::kBFloat16;
+  const auto* w = packed.data_ptr<uint8_t>();
+  const auto* s = reinterpret_cast<const uint16_t*>(sz.data_ptr<at::Half>());
+  void* yp = y.data_ptr();
+  at::parallel_for(0, T, grain(x.size(0), K), [&](int64_t t0, int64_t t1) {
+    ir::int4_tiles(a.rows, w, s, group, N, b, yp, bf16, t0, t1);
+  });
+  return y;
+}
+
+torch::Tensor int8_linear(const torch::Tensor& x, const torch::Tensor& packed, const torch::Tensor& scales,
+                          int64_t N, const c10::optional<torch::Tensor>& bias) {
+  TORCH_CHECK(cpu_ok(), "this CPU lacks AVX-512 VNNI");
+  TORCH_CHECK(packed.scalar_type() == torch::kUInt8 && packed.is_contiguous(), "packed must be contiguous uint8");
+  const int64_t K = x.size(1), T = (N + 15) / 16;
+  TORCH_CHECK(packed.numel() == T * 16 * K, "packed holds ", packed.numel(), " bytes, not ", T * 16 * K);
+  TORCH_CHECK(scales.scalar_type() == torch::kFloat && scales.numel() == T * 16 && scales.is_contiguous(),
+              "scales must be float32, padded to whole tiles of 16");
+  const float* b = nullptr;
+  if (bias) {
+    TORCH_CHECK(bias->scalar_type() == torch::kFloat && bias->numel() == N && bias->is_contiguous(),
+                "bias must be N contiguous float32");
+    b = bias->data_ptr<float>();
+  }
+  Activations a = quantize(x, 32);
+  auto y = torch::empty({x.size(0), N}, x.options());
+  const bool bf16 = x.scalar_type() == torch::kBFloat16;
+  const auto* w = packed.data_ptr<uint8_t>();
+  const auto* s = scales.data_ptr<float>();
+  void* yp = y.data_ptr();
+  at::parallel_for(0, T, grain(x.size(0), K), [&](int64_t t0, int64_t t1) {
+    ir::int8_tiles(a.rows, w, s, N, b, yp, bf16, t0, t1);
+  });
+  return y;
+}
+
+void decode_attention(const torch::Tensor& q, const torch::Tensor& k_cache, const torch::Tensor& v_cache,
+                      const torch::Tensor& blocks, const torch::Tensor& lens, double scale, torch::Tensor& out) {
+  TORCH_CHECK(cpu_ok(), "this CPU lacks AVX-512 VNNI");
+  TORCH_CHECK(q.dim() == 3 && k_cache.dim() == 4, "q must be [B, H, D] and the caches [blocks, Hkv, bs, D]");
+  const auto dtype = q.scalar_type();
+  TORCH_CHECK(dtype == torch::kFloat || dtype == torch::kBFloat16, "attention runs in float32 or bfloat16");
+  for (const torch::Tensor* t : {&k_cache, &v_cache, static_cast<const torch::Tensor*>(&out)})
+    TORCH_CHECK(t->scalar_type() == dtype && t->is_contiguous(), "caches and out must be contiguous, q's dtype");
+  TORCH_CHECK(q.stride(2) == 1 && q.stride(1) == q.size(2), "q's heads must be contiguous within a row");
+  TORCH_CHECK(blocks.scalar_type() == torch::kLong && lens.scalar_type() == torch::kLong && blocks.is_contiguous() &&
+              lens.is_contiguous(), "blocks and lens must be contiguous int64");
+  const int64_t B = q.size(0), H = q.size(1), D = q.size(2), Hkv = k_cache.size(1);
+  TORCH_CHECK(k_cache.sizes() == v_cache.sizes() && k_cache.size(3) == D && out.sizes() == q.sizes(), "shapes differ");
+  TORCH_CHECK(H % Hkv == 0 && H / Hkv <= 16 && D % 16 == 0 && D <= 256,
+              "needs head_dim a multiple of 16 up to 256 and at most 16 query heads per K/V head");
+  TORCH_CHECK(lens.numel() == B && blocks.numel() % std::max<int64_t>(B, 1) == 0, "one length per sequence");
+  if (B == 0) return;
+  ir::AttentionArgs a{q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), blocks.data_ptr<int64_t>(),
+                      lens.data_ptr<int64_t>(), out.data_ptr(), q.stride(0), blocks.numel() / B, H, Hkv,
+                      k_cache.size(2), D,
+                      static_cast<float>(scale), dtype == torch::kBFloat16};
+  const int64_t max_len = lens.max().item<int64_t>();
+  TORCH_CHECK(max_len <= a.blocks_per_row * a.block_size, "a length exceeds its block table");
+  at::parallel_for(0, B * Hkv, max_len * D >= 4096 ? 1 : B * Hkv, [&](int64_t t0, int64_t t1) {
+    ir::decode_attention(a, t0, t1);
+  });
+}
+
+bool is_bf16(const torch::Tensor& t) {
+  TORCH_CHECK(t.scalar_type() == torch::kFloat || t.scalar_type() == torch::kBFloat16, "float32 or bfloat16 only");
+  return t.scalar_type() == torch::kBFloat16;
+}
+
+// (norm(x + residual) * weight, x + residual); without a residual, (norm(x) * weight, x)
+std::vector<torch::Tensor> rms_norm(const torch::Tensor& x, const c10::optional<torch::Tensor>& residual,
+                                    const torch::Tensor& weight, double eps) {
+  TORCH_CHECK(cpu_ok(), "this CPU lacks AVX-512 VNNI");
+  const bool bf16 = is_bf16(x);
+  const int64_t H = x.size(-1), R = x.numel() / H;
+  TORCH_CHECK(x.is_contiguous() && H % 16 == 0, "x must be contiguous, its last dimension a multiple of 16");
+  TORCH_CHECK(weight.scalar_type() == torch::kFloat && weight.numel() == H, "weight must be H float32");
+  const void* res = nullptr;
+  if (residual) {
+    TORCH_CHECK(residual->sizes() == x.sizes() && residual->scalar_type() == x.scalar_type() &&
+                residual->is_contiguous(), "residual must match x");
+    res = residual->data_ptr();
+  }
+  auto y = torch::empty_like(x);
+  auto sum = residual ? torch::empty_like(x) : x;
+  const void* xp = x.data_ptr();
+  void* yp = y.data_ptr();
+  void* sp = sum.data_ptr();
+  const float* w = weight.data_ptr<float>();
+  at::parallel_for(0, R, R * H >= (1 << 16) ? 1 : R, [&](int64_t r0, int64_t r1) {
+    // without a residual the sum is x itself: reading and writing it back unchanged is harmless
+    ir::rms_norm(xp, res, w, static_cast<float>(eps), H, bf16, yp, sp, r0, r1);
+  });
+  return {y, sum};
+}
+
+// rotates the q and k heads of a fused qkv output in place and writes k, v to their pool slots
+void rope_cache(torch::Tensor& qkv, const torch::Tensor& cos, const torch::Tensor& sin, int64_t H, int64_t Hkv,
+                torch::Tensor& k_cache, torch::Tensor& v_cache, const torch::Tensor& slots) {
+  TORCH_CHECK(cpu_ok(), "this CPU lacks AVX-512 VNNI");
+  const bool bf16 = is_bf16(qkv);
+  TORCH_CHECK(qkv.dim() == 2 && qkv.stride(1) == 1, "qkv must be [N, (H + 2 Hkv) D] with contiguous rows");
+  const int64_t N = qkv.size(0), D = k_cache.size(3);
+  TORCH_CHECK(qkv.size(1) == (H + 2 * Hkv) * D && D % 32 == 0, "qkv's width or head_dim does not fit");
+  TORCH_CHECK(cos.scalar_type() == qkv.scalar_type() && sin.scalar_type() == qkv.scalar_type() &&
+              cos.is_contiguous() && sin.is_contiguous() && cos.numel() == N * D && sin.numel() == N * D,
+              "cos and sin must be contiguous [N, D] in qkv's dtype");
+  TORCH_CHECK(k_cache.scalar_type() == qkv.scalar_type() && v_cache.scalar_type() == qkv.scalar_type() &&
+              k_cache.is_contiguous() && v_cache.is_contiguous() && k_cache.size(1) == Hkv,
+              "the caches must be contiguous [blocks, Hkv, block_size, D] in qkv's dtype");
+  TORCH_CHECK(slots.scalar_type() == torch::kLong && slots.is_contiguous() && slots.numel() == N,
+              "one int64 slot per token");
+  const int64_t capacity = k_cache.size(0) * k_cache.size(2);
+  if (N) {
+    auto range = slots.aminmax();
+    TORCH_CHECK(std::get<0>(range).item<int64_t>() >= 0 && std::get<1>(range).item<int64_t>() < capacity,
+                "a slot lies outside the pool");
+  }
+  void* p = qkv.data_ptr();
+  const int64_t stride = qkv.stride(0);
+  at::parallel_for(0, N, N >= 64 ? 1 : N, [&](int64_t t0, int64_t t1) {
+    ir::rope_cache(p, stride, cos.data_ptr(), sin.data_ptr(), H, Hkv, D, k_cache.data_ptr(), v_cache.data_ptr(),
+                   slots.data_ptr<int64_t>(), k_cache.size(2), bf16, t0, t1);
+  });
+}
+
+torch::Tensor silu_mul(const torch::Tensor& gate_up) {
+  TORCH_CHECK(cpu_ok(), "this CPU lacks AVX-512 VNNI");
+  const bool bf16 = is_bf16(gate_up);
+  const int64_t I = gate_up.size(-1) / 2, R = gate_up.numel() / (2 * I);
+  TORCH_CHECK(gate_up.is_contiguous() && I % 16 == 0, "gate_up must be contiguous, half its width a multiple of 16");
+  auto sizes = gate_up.sizes().vec();
+  sizes.back() = I;
+  auto y = torch::empty(sizes, gate_up.options());
+  const void* gp = gate_up.data_ptr();
+  void* yp = y.data_ptr();
+  at::parallel_for(0, R, R * I >= (1 << 16) ? 1 : R, [&](int64_t r0, int64_t r1) {
+    ir::silu_mul(gp, I, bf16, yp, r0, r1);
+  });
+  return y;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("cpu_ok", &cpu_ok, "whether this CPU runs the kernels (AVX-512 with VNNI)");
+  m.def("int4_linear", &int4_linear, "y = x W^T (+ bias), W int4 group-wise in the native layout");
+  m.def("int8_linear", &int8_linear, "y = x W^T (+ bias), W int8 per row in the native layout");
+  m.def("decode_attention", &decode_attention, "one query per sequence against its paged K/V, written into out");
+  m.def("rms_norm", &rms_norm, "(norm(x + residual) * weight, x + residual)");
+  m.def("rope_cache", &rope_cache, "rotary on a fused qkv output in place, k and v written to their slots");
+  m.def("silu_mul", &silu_mul, "silu(gate) * up of a fused gate_up output");
+}

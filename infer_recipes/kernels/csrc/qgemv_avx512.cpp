@@ -1,0 +1,196 @@
+// The AVX-512 VNNI kernels. Compiled for that instruction set by the pragma below (the rest of the extension is
+// not), and only called after a run-time check of the CPU (ops.cpp).
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,fma,f16c")
+#include <immintrin.h>
+
+#include <cmath>
+#include <cstring>
+#include <type_traits>
+
+#include "qgemv.h"
+
+namespace ir {
+namespace {
+
+inline float bf16_to_float(uint16_t h) {
+  uint32_t u = static_cast<uint32_t>(h) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+// 16 floats -> bf16, round to nearest even (no AVX512-BF16 needed), masked store
+inline void store16(void* y, bool bf16, int64_t offset, __m512 v, __mmask16 mask) {
+  if (!bf16) {
+    _mm512_mask_storeu_ps(static_cast<float*>(y) + offset, mask, v);
+    return;
+  }
+  __m512i u = _mm512_castps_si512(v);
+  __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+  u = _mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF)));
+  _mm256_mask_storeu_epi16(static_cast<uint16_t*>(y) + offset, mask, _mm512_cvtepi32_epi16(_mm512_srli_epi32(u, 16)));
+}
+
+inline __m512i bcast4(const int8_t* p) {
+  int32_t v;
+  std::memcpy(&v, p, 4);
+  return _mm512_set1_epi32(v);
+}
+
+// Independent accumulators per activation row: one VNNI product waits ~5 cycles for the previous one into the
+// same register, so a single row needs several chains to keep loads streaming.
+template <int MB>
+constexpr int chains() { return MB == 1 ? 4 : MB == 2 ? 2 : 1; }
+
+template <int MB, int GROUP>
+void int4_tile(const QuantizedRows& x, int64_t m0, const uint8_t* w, const uint16_t* sz, const float* bias,
+               void* y, bool bf16, int64_t N, int64_t n0) {
+  constexpr int NA = chains<MB>(), chunks = GROUP / 8, group = GROUP;
+  const int64_t G = x.K / group;
+  const __m512i low4 = _mm512_set1_epi8(0x0F);
+  __m512 out[MB];
+  for (int m = 0; m < MB; ++m) out[m] = _mm512_setzero_ps();
+  for (int64_t g = 0; g < G; ++g) {
+    __m512i acc[MB][NA];
+    for (int m = 0; m < MB; ++m)
+      for (int j = 0; j < NA; ++j) acc[m][j] = _mm512_setzero_si512();
+    const uint8_t* wg = w + g * chunks * 64;
+#pragma GCC unroll 16
+    for (int c = 0; c < chunks; ++c) {
+      const __m512i v = _mm512_loadu_si512(wg + c * 64);
+      const __m512i lo = _mm512_and_si512(v, low4);
+      const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), low4);
+      const int8_t* xp = x.q + m0 * x.K + g * group + c * 8;
+      const int j = (2 * c) % NA, j2 = (2 * c + 1) % NA;
+      for (int m = 0; m < MB; ++m) {
+        acc[m][j] = _mm512_dpbusd_epi32(acc[m][j], lo, bcast4(xp + m * x.K));
+        acc[m][j2] = _mm512_dpbusd_epi32(acc[m][j2], hi, bcast4(xp + m * x.K + 4));
+      }
+    }
+    const __m512 S = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(sz + g * 32)));
+    const __m512 Z = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(sz + g * 32 + 16)));
+    for (int m = 0; m < MB; ++m) {
+      __m512i sum = acc[m][0];
+      for (int j = 1; j < NA; ++j) sum = _mm512_add_epi32(sum, acc[m][j]);
+      const int64_t i = (m0 + m) * G + g;
+      const __m512 a = _mm512_cvtepi32_ps(_mm512_sub_epi32(sum, _mm512_set1_epi32(8 * x.qsum[i])));
+      out[m] = _mm512_fmadd_ps(a, _mm512_mul_ps(S, _mm512_set1_ps(x.d[i])), out[m]);
+      out[m] = _mm512_fmadd_ps(Z, _mm512_set1_ps(x.xsum[i]), out[m]);
+    }
+  }
+  const __mmask16 mask = N - n0 >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (N - n0)) - 1);
+  const __m512 b = bias ? _mm512_maskz_loadu_ps(mask, bias + n0) : _mm512_setzero_ps();
+  for (int m = 0; m < MB; ++m) store16(y, bf16, (m0 + m) * N + n0, _mm512_add_ps(out[m], b), mask);
+}
+
+template <int MB>
+void int8_tile(const QuantizedRows& x, int64_t m0, const uint8_t* w, const float* scales, const float* bias,
+               void* y, bool bf16, int64_t N, int64_t n0) {
+  constexpr int NA = chains<MB>();
+  const int64_t B = x.K / 32;  // activation blocks of 32: 8 chunks of 4 k
+  __m512 out[MB];
+  for (int m = 0; m < MB; ++m) out[m] = _mm512_setzero_ps();
+  for (int64_t b = 0; b < B; ++b) {
+    __m512i acc[MB][NA];
+    for (int m = 0; m < MB; ++m)
+      for (int j = 0; j < NA; ++j) acc[m][j] = _mm512_setzero_si512();
+    const uint8_t* wb = w + b * 8 * 64;
+    const int8_t* xp = x.q + m0 * x.K + b * 32;
+#pragma GCC unroll 8
+    for (int c = 0; c < 8; ++c) {
+      const __m512i v = _mm512_loadu_si512(wb + c * 64);
+      for (int m = 0; m < MB; ++m)
+        acc[m][c % NA] = _mm512_dpbusd_epi32(acc[m][c % NA], v, bcast4(xp + m * x.K + c * 4));
+    }
+    for (int m = 0; m < MB; ++m) {
+      __m512i sum = acc[m][0];
+      for (int j = 1; j < NA; ++j) sum = _mm512_add_epi32(sum, acc[m][j]);
+      const int64_t i = (m0 + m) * B + b;
+      const __m512 a = _mm512_cvtepi32_ps(_mm512_sub_epi32(sum, _mm512_set1_epi32(128 * x.qsum[i])));
+      out[m] = _mm512_fmadd_ps(a, _mm512_set1_ps(x.d[i]), out[m]);
+    }
+  }
+  const __mmask16 mask = N - n0 >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (N - n0)) - 1);
+  const __m512 s = _mm512_loadu_ps(scales + n0);  // scales are padded to whole tiles
+  const __m512 b = bias ? _mm512_maskz_loadu_ps(mask, bias + n0) : _mm512_setzero_ps();
+  for (int m = 0; m < MB; ++m) store16(y, bf16, (m0 + m) * N + n0, _mm512_fmadd_ps(out[m], s, b), mask);
+}
+
+constexpr int MAX_MB = 6;  // activation rows per pass over a tile: the accumulators must stay in registers
+
+template <typename F>
+void by_rows(int64_t M, F&& f) {
+  int64_t m0 = 0;
+  for (; m0 + MAX_MB <= M; m0 += MAX_MB) f(std::integral_constant<int, MAX_MB>{}, m0);
+  switch (M - m0) {
+    case 1: f(std::integral_constant<int, 1>{}, m0); break;
+    case 2: f(std::integral_constant<int, 2>{}, m0); break;
+    case 3: f(std::integral_constant<int, 3>{}, m0); break;
+    case 4: f(std::integral_constant<int, 4>{}, m0); break;
+    case 5: f(std::integral_constant<int, 5>{}, m0); break;
+    default: break;
+  }
+}
+
+}  // namespace
+
+void quantize_rows(const void* x, bool bf16, int64_t K, int64_t block, int64_t m0, int64_t m1, int8_t* q,
+                   float* d, int32_t* qsum, float* xsum) {
+  const int64_t nb = K / block;
+  float buf[128];
+  for (int64_t m = m0; m < m1; ++m) {
+    for (int64_t b = 0; b < nb; ++b) {
+      const int64_t at = m * K + b * block;
+      if (bf16) {
+        const uint16_t* src = static_cast<const uint16_t*>(x) + at;
+        for (int64_t k = 0; k < block; ++k) buf[k] = bf16_to_float(src[k]);
+      } else {
+        std::memcpy(buf, static_cast<const float*>(x) + at, block * sizeof(float));
+      }
+      __m512 amax = _mm512_setzero_ps(), sum = _mm512_setzero_ps();
+      for (int64_t k = 0; k < block; k += 16) {
+        const __m512 v = _mm512_loadu_ps(buf + k);
+        amax = _mm512_max_ps(amax, _mm512_abs_ps(v));
+        sum = _mm512_add_ps(sum, v);
+      }
+      const float scale = _mm512_reduce_max_ps(amax) / 127.0f;
+      const __m512 inv = _mm512_set1_ps(scale > 0 ? 1.0f / scale : 0.0f);
+      __m512i qs = _mm512_setzero_si512();
+      for (int64_t k = 0; k < block; k += 16) {
+        const __m512i r = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(buf + k), inv));  // nearest even
+        qs = _mm512_add_epi32(qs, r);
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(q + at + k), _mm512_cvtsepi32_epi8(r));
+      }
+      d[m * nb + b] = scale;
+      qsum[m * nb + b] = _mm512_reduce_add_epi32(qs);
+      xsum[m * nb + b] = _mm512_reduce_add_ps(sum);
+    }
+  }
+}
+
+void int4_tiles(const QuantizedRows& x, const uint8_t* packed, const uint16_t* sz, int64_t group, int64_t N,
+                const float* bias, void* y, bool bf16_out, int64_t t0, int64_t t1) {
+  const int64_t tile_bytes = 16 * x.K / 2, tile_sz = 2 * 16 * (x.K / group);
+  for (int64_t t = t0; t < t1; ++t) {
+    const uint8_t* w = packed + t * tile_bytes;
+    const uint16_t* s = sz + t * tile_sz;
+    by_rows(x.M, [&](auto mb, int64_t m0) {
+      constexpr int MB = decltype(mb)::value;
+      if (group == 32) int4_tile<MB, 32>(x, m0, w, s, bias, y, bf16_out, N, t * 16);
+      else if (group == 64) int4_tile<MB, 64>(x, m0, w, s, bias, y, bf16_out, N, t * 16);
+      else int4_tile<MB, 128>(x, m0, w, s, bias, y, bf16_out, N, t * 16);
+    });
+  }
+}
+
+void int8_tiles(const QuantizedRows& x, const uint8_t* packed, const float* scales, int64_t N,
+                const float* bias, void* y, bool bf16_out, int64_t t0, int64_t t1) {
+  const int64_t tile_bytes = 16 * x.K;
+  for (int64_t t = t0; t < t1; ++t) {
+    by_rows(x.M, [&](auto mb, int64_t m0) {
+      int8_tile<decltype(mb)::value>(x, m0, packed + t * tile_bytes, scales, bias, y, bf16_out, N, t * 16);
+    });
+  }
+}
+
+}  // namespace ir
