@@ -48,8 +48,8 @@ def _add_switch_args(p: argparse.ArgumentParser) -> None:
                    help="module-name pattern kept in float, e.g. lm_head or 'model.layers.0.*' (repeatable)")
     g.add_argument("--group-size", type=int, default=None, choices=GROUP_SIZES, help="int4 group size")
     g.add_argument("--kernels", default=None, choices=KERNELS,
-                   help="quantized linears on our own CPU kernels (default native, where they build and run) or "
-                        "torch's")
+                   help="quantized linears and decode attention on our own CPU kernels (native, where they build "
+                        "and run) or torch's (the default)")
     g.add_argument("--speculative-model", default=None,
                    help="speculative decoding: 'ngram' (prompt lookup) or a smaller model with the same tokenizer "
                         "(path or alias); greedy outputs are unchanged")
