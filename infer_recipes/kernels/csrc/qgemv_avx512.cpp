@@ -8,6 +8,7 @@
 #include <type_traits>
 
 #include "qgemv.h"
+#include "vec.h"
 
 namespace ir {
 namespace {
@@ -19,16 +20,27 @@ inline float bf16_to_float(uint16_t h) {
   return f;
 }
 
-// 16 floats -> bf16, round to nearest even (no AVX512-BF16 needed), masked store
-inline void store16(void* y, bool bf16, int64_t offset, __m512 v, __mmask16 mask) {
-  if (!bf16) {
-    _mm512_mask_storeu_ps(static_cast<float*>(y) + offset, mask, v);
-    return;
+// the rows n0..n0+15 of a tile that exist: all 16 but in the last tile of a row count N not a multiple of 16
+inline __mmask16 tail_mask(int64_t N, int64_t n0) {
+  return N - n0 >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (N - n0)) - 1);
+}
+
+// out[m] (x per-row scales, when given) + bias for the MB activation rows of one tile, into y [M, N] float32
+// or bfloat16
+template <int MB>
+void store_tile(const __m512 (&out)[MB], const float* scales, const float* bias, void* y, bool bf16, int64_t m0,
+                int64_t N, int64_t n0) {
+  const __mmask16 mask = tail_mask(N, n0);
+  const __m512 b = bias ? _mm512_maskz_loadu_ps(mask, bias + n0) : _mm512_setzero_ps();
+  const __m512 s = scales ? _mm512_loadu_ps(scales + n0) : _mm512_setzero_ps();  // scales padded to whole tiles
+  for (int m = 0; m < MB; ++m) {
+    const __m512 v = scales ? _mm512_fmadd_ps(out[m], s, b) : _mm512_add_ps(out[m], b);
+    const int64_t at = (m0 + m) * N + n0;
+    if (bf16)
+      vec::store(static_cast<uint16_t*>(y) + at, v, mask);
+    else
+      vec::store(static_cast<float*>(y) + at, v, mask);
   }
-  __m512i u = _mm512_castps_si512(v);
-  __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
-  u = _mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF)));
-  _mm256_mask_storeu_epi16(static_cast<uint16_t*>(y) + offset, mask, _mm512_cvtepi32_epi16(_mm512_srli_epi32(u, 16)));
 }
 
 inline __m512i bcast4(const int8_t* p) {
@@ -42,6 +54,19 @@ inline __m512i bcast4(const int8_t* p) {
 template <int MB>
 constexpr int chains() { return MB == 1 ? 4 : MB == 2 ? 2 : 1; }
 
+template <int MB, int NA>
+void zero(__m512i (&acc)[MB][NA]) {
+  for (int m = 0; m < MB; ++m)
+    for (int j = 0; j < NA; ++j) acc[m][j] = _mm512_setzero_si512();
+}
+
+template <int NA>
+__m512i chain_sum(const __m512i (&acc)[NA]) {
+  __m512i sum = acc[0];
+  for (int j = 1; j < NA; ++j) sum = _mm512_add_epi32(sum, acc[j]);
+  return sum;
+}
+
 template <int MB, int GROUP>
 void int4_tile(const QuantizedRows& x, int64_t m0, const uint8_t* w, const uint16_t* sz, const float* bias,
                void* y, bool bf16, int64_t N, int64_t n0) {
@@ -52,8 +77,7 @@ void int4_tile(const QuantizedRows& x, int64_t m0, const uint8_t* w, const uint1
   for (int m = 0; m < MB; ++m) out[m] = _mm512_setzero_ps();
   for (int64_t g = 0; g < G; ++g) {
     __m512i acc[MB][NA];
-    for (int m = 0; m < MB; ++m)
-      for (int j = 0; j < NA; ++j) acc[m][j] = _mm512_setzero_si512();
+    zero(acc);
     const uint8_t* wg = w + g * chunks * 64;
 #pragma GCC unroll 16
     for (int c = 0; c < chunks; ++c) {
@@ -70,17 +94,13 @@ void int4_tile(const QuantizedRows& x, int64_t m0, const uint8_t* w, const uint1
     const __m512 S = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(sz + g * 32)));
     const __m512 Z = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(sz + g * 32 + 16)));
     for (int m = 0; m < MB; ++m) {
-      __m512i sum = acc[m][0];
-      for (int j = 1; j < NA; ++j) sum = _mm512_add_epi32(sum, acc[m][j]);
       const int64_t i = (m0 + m) * G + g;
-      const __m512 a = _mm512_cvtepi32_ps(_mm512_sub_epi32(sum, _mm512_set1_epi32(8 * x.qsum[i])));
+      const __m512 a = _mm512_cvtepi32_ps(_mm512_sub_epi32(chain_sum(acc[m]), _mm512_set1_epi32(8 * x.qsum[i])));
       out[m] = _mm512_fmadd_ps(a, _mm512_mul_ps(S, _mm512_set1_ps(x.d[i])), out[m]);
       out[m] = _mm512_fmadd_ps(Z, _mm512_set1_ps(x.xsum[i]), out[m]);
     }
   }
-  const __mmask16 mask = N - n0 >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (N - n0)) - 1);
-  const __m512 b = bias ? _mm512_maskz_loadu_ps(mask, bias + n0) : _mm512_setzero_ps();
-  for (int m = 0; m < MB; ++m) store16(y, bf16, (m0 + m) * N + n0, _mm512_add_ps(out[m], b), mask);
+  store_tile(out, nullptr, bias, y, bf16, m0, N, n0);
 }
 
 template <int MB>
@@ -92,8 +112,7 @@ void int8_tile(const QuantizedRows& x, int64_t m0, const uint8_t* w, const float
   for (int m = 0; m < MB; ++m) out[m] = _mm512_setzero_ps();
   for (int64_t b = 0; b < B; ++b) {
     __m512i acc[MB][NA];
-    for (int m = 0; m < MB; ++m)
-      for (int j = 0; j < NA; ++j) acc[m][j] = _mm512_setzero_si512();
+    zero(acc);
     const uint8_t* wb = w + b * 8 * 64;
     const int8_t* xp = x.q + m0 * x.K + b * 32;
 #pragma GCC unroll 8
@@ -103,17 +122,12 @@ void int8_tile(const QuantizedRows& x, int64_t m0, const uint8_t* w, const float
         acc[m][c % NA] = _mm512_dpbusd_epi32(acc[m][c % NA], v, bcast4(xp + m * x.K + c * 4));
     }
     for (int m = 0; m < MB; ++m) {
-      __m512i sum = acc[m][0];
-      for (int j = 1; j < NA; ++j) sum = _mm512_add_epi32(sum, acc[m][j]);
       const int64_t i = (m0 + m) * B + b;
-      const __m512 a = _mm512_cvtepi32_ps(_mm512_sub_epi32(sum, _mm512_set1_epi32(128 * x.qsum[i])));
+      const __m512 a = _mm512_cvtepi32_ps(_mm512_sub_epi32(chain_sum(acc[m]), _mm512_set1_epi32(128 * x.qsum[i])));
       out[m] = _mm512_fmadd_ps(a, _mm512_set1_ps(x.d[i]), out[m]);
     }
   }
-  const __mmask16 mask = N - n0 >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (N - n0)) - 1);
-  const __m512 s = _mm512_loadu_ps(scales + n0);  // scales are padded to whole tiles
-  const __m512 b = bias ? _mm512_maskz_loadu_ps(mask, bias + n0) : _mm512_setzero_ps();
-  for (int m = 0; m < MB; ++m) store16(y, bf16, (m0 + m) * N + n0, _mm512_fmadd_ps(out[m], s, b), mask);
+  store_tile(out, scales, bias, y, bf16, m0, N, n0);
 }
 
 constexpr int MAX_MB = 6;  // activation rows per pass over a tile: the accumulators must stay in registers

@@ -13,13 +13,20 @@ inline __m512 load(const uint16_t* p) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(u, 16));
 }
 
-inline void store(float* p, __m512 v) { _mm512_storeu_ps(p, v); }
-inline void store(uint16_t* p, __m512 v) {  // round to nearest even; no AVX512-BF16 needed
+// 16 floats -> 16 bfloat16, round to nearest even (no AVX512-BF16 needed)
+inline __m256i to_bf16(__m512 v) {
   __m512i u = _mm512_castps_si512(v);
   const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
   u = _mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF)));
-  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(_mm512_srli_epi32(u, 16)));
+  return _mm512_cvtepi32_epi16(_mm512_srli_epi32(u, 16));
 }
+
+inline void store(float* p, __m512 v) { _mm512_storeu_ps(p, v); }
+inline void store(uint16_t* p, __m512 v) { _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), to_bf16(v)); }
+
+// the first lanes of `mask` only (the last, partial tile of a row)
+inline void store(float* p, __m512 v, __mmask16 mask) { _mm512_mask_storeu_ps(p, mask, v); }
+inline void store(uint16_t* p, __m512 v, __mmask16 mask) { _mm256_mask_storeu_epi16(p, mask, to_bf16(v)); }
 
 // e^x: 2^(x log2 e), the fraction by a degree-6 polynomial (relative error ~1e-7), the integer part by scalef
 inline __m512 exp(__m512 x) {
