@@ -97,7 +97,7 @@ class EngineConfig:
     group_size: int = 32  # int4 group size
     # quantized linears (AVX-512 VNNI, int8 activations per block) and paged decode attention on our own CPU
     # kernels where they build and run, else torch's; "torch" keeps torch's everywhere (the ablation's before)
-    kernels: str = "torch"  # native is opt-in until compile and tensor-parallel paths agree with it (tested)
+    kernels: str = "native"
     # the paged KV cache and the continuous-batching scheduler
     block_size: int = 16  # tokens per KV block
     num_blocks: int | None = None  # None: sized from kv_cache_memory

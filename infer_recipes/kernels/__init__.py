@@ -88,3 +88,43 @@ def reason() -> str | None:
     """Why the native kernels do not run here (None when they do)."""
     native()
     return _why[0] if _why else None
+
+
+# ---- the linears as torch operators, for torch.compile -------------------------------------------------------------
+# Dynamo cannot trace into a pybind function; as custom operators with a shape rule the linears sit in a compiled
+# graph as opaque calls. Eager calls go straight to the extension: the dispatcher's few microseconds per call,
+# over hundreds of linears a decode step, are what these kernels exist to save.
+@torch.library.custom_op("infer_recipes::int4_linear", mutates_args=())
+def _int4_op(x: torch.Tensor, packed: torch.Tensor, scales_zeros: torch.Tensor, group: int, n: int,
+             bias: torch.Tensor | None) -> torch.Tensor:
+    return native().int4_linear(x, packed, scales_zeros, group, n, bias)
+
+
+@torch.library.custom_op("infer_recipes::int8_linear", mutates_args=())
+def _int8_op(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, n: int,
+             bias: torch.Tensor | None) -> torch.Tensor:
+    return native().int8_linear(x, packed, scales, n, bias)
+
+
+@_int4_op.register_fake
+def _(x, packed, scales_zeros, group, n, bias):
+    return x.new_empty(x.shape[0], n)
+
+
+@_int8_op.register_fake
+def _(x, packed, scales, n, bias):
+    return x.new_empty(x.shape[0], n)
+
+
+def int4_linear(x, packed, scales_zeros, group: int, n: int, bias=None) -> torch.Tensor:
+    """y = x W^T (+ bias) for an int4 W in the native layout (`layout.pack_int4`); x is [M, K]."""
+    if torch.compiler.is_compiling():
+        return _int4_op(x, packed, scales_zeros, group, n, bias)
+    return native().int4_linear(x, packed, scales_zeros, group, n, bias)
+
+
+def int8_linear(x, packed, scales, n: int, bias=None) -> torch.Tensor:
+    """y = x W^T (+ bias) for an int8 W in the native layout (`layout.pack_int8`); x is [M, K]."""
+    if torch.compiler.is_compiling():
+        return _int8_op(x, packed, scales, n, bias)
+    return native().int8_linear(x, packed, scales, n, bias)

@@ -66,7 +66,7 @@ class Int4Linear(QuantizedLinear):
 
     def _matmul(self, x: torch.Tensor) -> torch.Tensor:
         if self.native:
-            return kernels.native().int4_linear(self._native_input(x), self.packed, self.scales_zeros,
-                                                self.group_size, self.out_features, self.bias32)
+            return kernels.int4_linear(self._native_input(x), self.packed, self.scales_zeros,
+                                       self.group_size, self.out_features, self.bias32)
         return torch.ops.aten._weight_int4pack_mm_for_cpu(x.to(ACT_DTYPE), self.packed, self.group_size,
                                                          self.scales_zeros)

@@ -75,8 +75,8 @@ class Int8Linear(QuantizedLinear):
 
     def _matmul(self, x: torch.Tensor) -> torch.Tensor:
         if self.native:
-            return kernels.native().int8_linear(self._native_input(x), self.packed, self.scales, self.out_features,
-                                                self.bias32)
+            return kernels.int8_linear(self._native_input(x), self.packed, self.scales, self.out_features,
+                                       self.bias32)
         return torch.ops.aten._weight_int8pack_mm(x.to(ACT_DTYPE), self.qweight, self.scales)
 
 

@@ -139,8 +139,8 @@ SMOL_PROMPTS = ["The capital of France is", "def add(a, b):"]
 def _smollm2_tp3(path: str) -> dict:
     # 9 heads and 3 KV heads divide by 3, not by 2: TP=3 is SmolLM2's tensor-parallel layout (one KV head a rank)
     return {"fp32": _outputs(LLM(path, device="cpu", progress=False, tensor_parallel_size=3), SMOL_PROMPTS),
-            "gguf": _outputs(LLM(path, device="cpu", progress=False, tensor_parallel_size=3, quantization="gguf"),
-                             SMOL_PROMPTS)}
+            **{f"gguf-{k}": _outputs(LLM(path, device="cpu", progress=False, tensor_parallel_size=3,
+                                         quantization="gguf", kernels=k), SMOL_PROMPTS) for k in ("torch", "native")}}
 
 
 def test_smollm2_tensor_parallel_on_three_ranks(tmp_path):
@@ -149,10 +149,19 @@ def test_smollm2_tensor_parallel_on_three_ranks(tmp_path):
     _assert_same(got["fp32"], _outputs(LLM(path, device="cpu", progress=False), SMOL_PROMPTS))
     # GGUF Q4_1 blocks sliced per rank (rows, or whole 32-wide blocks of the row-parallel layers): the same
     # blocks as on one device; only the all-reduced partial sums round differently in the kernel's bf16
-    want = _outputs(LLM(path, device="cpu", progress=False, quantization="gguf"), SMOL_PROMPTS)
-    for g, w in zip(got["gguf"]["logits"], want["logits"]):
+    want = _outputs(LLM(path, device="cpu", progress=False, quantization="gguf", kernels="torch"), SMOL_PROMPTS)
+    for g, w in zip(got["gguf-torch"]["logits"], want["logits"]):
         assert (g - w).abs().max().item() < 0.03 * w.abs().max().item()
-    assert got["gguf"]["tokens"][0][:4] == want["tokens"][0][:4]
+    assert got["gguf-torch"]["tokens"][0][:4] == want["tokens"][0][:4]
+    # our kernels quantize activations to int8 per block, so those rounding differences can flip an int8 step in
+    # a later layer (measured: up to ~4 % of the largest logit, as far as our kernels are from torch's): the
+    # token each position picks is one the single-device model scores within that distance of its own pick (a
+    # near tie), and the first tokens agree
+    want = _outputs(LLM(path, device="cpu", progress=False, quantization="gguf", kernels="native"), SMOL_PROMPTS)
+    for g, w in zip(got["gguf-native"]["logits"], want["logits"]):
+        picked = w.gather(-1, g.argmax(-1, keepdim=True)).squeeze(-1)
+        assert (w.amax(-1) - picked).max().item() < 0.05 * w.abs().max().item()
+    assert got["gguf-native"]["tokens"][0][:4] == want["tokens"][0][:4]
 
 
 def _four_ranks() -> dict:
