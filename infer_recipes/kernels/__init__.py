@@ -1,10 +1,12 @@
 """Our own CPU kernels, in C++ (`csrc/`): quantized linears for the few rows of a decode step, with activations
-quantized to int8 per block on the fly and AVX-512 VNNI dot products, the way llama.cpp reaches the memory roof.
+quantized to int8 per block on the fly and integer dot products (AVX-512 VNNI, or AVX2's maddubs), the way
+llama.cpp reaches the memory roof; paged decode attention and the small fused operations of a decoder layer.
+Each kernel exists once per instruction set, and the extension runs the best one this CPU has (`isa()`).
 
 The extension is built just in time, at first use, against the installed torch (`torch.utils.cpp_extension`,
 gcc and ninja), and cached under `$INFER_RECIPES_CACHE/kernels/` by a key naming the sources, the torch version
 and the flags, so every later process only loads it. `native()` returns the module, or None when it cannot run
-here (a CPU without AVX-512 VNNI, a failed build); `reason()` then says why in one line, and the callers keep
+here (a CPU without AVX2, a failed build); `reason()` then says why in one line, and the callers keep
 torch's kernels. The engine's `kernels` switch (native | torch) decides whether the callers ask at all.
 """
 from __future__ import annotations
@@ -21,8 +23,9 @@ import torch
 
 from ..config import cache_dir
 
-SOURCES = ("ops.cpp", "qgemv_avx512.cpp", "attention_avx512.cpp", "elementwise_avx512.cpp")
-HEADERS = ("qgemv.h", "attention.h", "elementwise.h", "vec.h")
+SOURCES = ("ops.cpp", "qgemv_avx512.cpp", "attention_avx512.cpp", "elementwise_avx512.cpp", "qgemv_avx2.cpp",
+           "attention_avx2.cpp", "elementwise_avx2.cpp")
+HEADERS = ("qgemv.h", "attention.h", "elementwise.h", "vec.h", "vec8.h")
 CFLAGS = ("-O3", "-std=c++17", "-fopenmp")  # OpenMP: ATen's parallel_for is a header template, serial without it
 _why: list[str] = []
 
@@ -69,13 +72,19 @@ def native():
         _why.append(f"the native kernels did not build ({first[:200]}); torch's kernels run instead")
         return None
     if not module.cpu_ok():
-        _why.append("this CPU lacks AVX-512 VNNI, which the native kernels need; torch's kernels run instead")
+        _why.append("this CPU lacks AVX2 with FMA and F16C, which the native kernels need; torch's kernels run "
+                    "instead")
         return None
     return module
 
 
 def available() -> bool:
     return native() is not None
+
+
+def isa() -> str | None:
+    """The instruction set the kernels run on here: "avx512-vnni" or "avx2" (None when they do not run)."""
+    return native().isa() if available() else None
 
 
 def wanted(switch: str, device: torch.device) -> bool:

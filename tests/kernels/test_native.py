@@ -14,6 +14,18 @@ from infer_recipes.quantization.int8 import Int8Linear
 from tests.conftest import data_path, qwen_gguf, smollm2_gguf
 
 needs_native = pytest.mark.skipif(not kernels.available(), reason=f"{kernels.reason()}")
+ISAS = kernels.native().isas() if kernels.available() else []
+
+
+@pytest.fixture(params=ISAS or [None])
+def isa(request):
+    """Each instruction set this CPU runs kernels for (an AVX-512 machine tests its AVX2 kernels too)."""
+    if request.param is None:
+        pytest.skip(kernels.reason())
+    kernels.native().use_isa(request.param)
+    assert kernels.isa() == request.param
+    yield request.param
+    kernels.native().use_isa(ISAS[0])
 
 
 def _quantized_activations(x: torch.Tensor, block: int):
@@ -39,7 +51,7 @@ SHAPES = [(37, 64), (100, 256), (16, 384), (33, 576), (129, 1536)]
 
 @needs_native
 @pytest.mark.parametrize("N,K,group", [(n, k, g) for n, k in SHAPES for g in (32, 64, 128) if k % g == 0])
-def test_int4_kernel_matches_its_math(N, K, group):
+def test_int4_kernel_matches_its_math(N, K, group, isa):
     """Odd row counts (a padded last tile), every group size, M = 1..16 (every register-blocking remainder),
     float32 and bfloat16 activations, with a bias."""
     g = torch.Generator().manual_seed(N * K + group)
@@ -64,7 +76,7 @@ def test_int4_kernel_matches_its_math(N, K, group):
 
 @needs_native
 @pytest.mark.parametrize("N,K", SHAPES)
-def test_int8_kernel_matches_its_math(N, K):
+def test_int8_kernel_matches_its_math(N, K, isa):
     g = torch.Generator().manual_seed(N + K)
     q = torch.randint(-127, 128, (N, K), dtype=torch.int8, generator=g)
     s = torch.rand(N, generator=g) * 0.01 + 1e-4
@@ -82,7 +94,7 @@ def test_int8_kernel_matches_its_math(N, K):
 
 @needs_native
 @pytest.mark.parametrize("cls", ["int4", "int8"])
-def test_native_linear_stands_for_the_same_weight_as_torch(cls):
+def test_native_linear_stands_for_the_same_weight_as_torch(cls, isa):
     """A module on our kernel dequantizes to the weight torch's form holds (up to their scales' float16 against
     bfloat16 rounding) and its output is within the int8-activation error of the float product."""
     g = torch.Generator().manual_seed(7)
@@ -157,7 +169,7 @@ def test_torch_kernels_when_asked():
 @needs_native
 @pytest.mark.parametrize("H,Hkv,D", [(9, 3, 64), (14, 2, 64), (12, 2, 128), (4, 4, 32), (16, 1, 80)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_decode_attention_reads_paged_blocks_in_place(H, Hkv, D, dtype):
+def test_decode_attention_reads_paged_blocks_in_place(H, Hkv, D, dtype, isa):
     """Against the torch path on the same pool: block tables in any order with holes between them, lengths
     that end mid-block (and one of a single key), GQA ratios 1 to 16."""
     from infer_recipes.layers.attention import _blockwise_decode
@@ -180,7 +192,7 @@ def test_decode_attention_reads_paged_blocks_in_place(H, Hkv, D, dtype):
 
 @needs_native
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_norm_rotary_and_silu_kernels_match_the_torch_layers(dtype):
+def test_norm_rotary_and_silu_kernels_match_the_torch_layers(dtype, isa):
     """Each small kernel against the layer it replaces, in the activation dtype: RMSNorm with and without the
     residual add, rotary on a fused qkv output with the K/V pool write, silu-and-mul."""
     from infer_recipes.layers.activation import silu_and_mul
@@ -222,3 +234,14 @@ def test_norm_rotary_and_silu_kernels_match_the_torch_layers(dtype):
 
     gate_up = torch.randn(3, 2, 2 * 1536, generator=g).to(dtype)
     assert torch.allclose(kernels.native().silu_mul(gate_up), silu_and_mul(gate_up), **tol)
+
+
+@needs_native
+def test_the_kernels_run_the_best_instruction_set_the_cpu_has():
+    assert "avx2" in ISAS and kernels.isa() == ISAS[0]
+    with pytest.raises(RuntimeError, match="unknown instruction set sse2"):
+        kernels.native().use_isa("sse2")
+    if "avx512-vnni" not in ISAS:
+        with pytest.raises(RuntimeError, match="does not run avx512-vnni"):
+            kernels.native().use_isa("avx512-vnni")
+    assert kernels.isa() == ISAS[0]

@@ -1,4 +1,4 @@
-// Paged decode attention (attention_avx512.cpp): raw pointers, no torch.
+// Paged decode attention (attention_avx512.cpp, attention_avx2.cpp): raw pointers, no torch.
 #pragma once
 #include <cstdint>
 
@@ -16,7 +16,8 @@ struct AttentionArgs {
   bool bf16;  // q, caches and out are bfloat16 (else float32)
 };
 
-// tasks are (sequence, K/V head) pairs, sequence-major
-void decode_attention(const AttentionArgs& a, int64_t task0, int64_t task1);
+// tasks are (sequence, K/V head) pairs, sequence-major; one function per instruction set
+using DecodeAttention = void (*)(const AttentionArgs& a, int64_t task0, int64_t task1);
+extern const DecodeAttention decode_attention_avx512, decode_attention_avx2;
 
 }  // namespace ir

@@ -84,7 +84,6 @@ void one(const AttentionArgs& a, int64_t b, int64_t h) {
   }
 }
 
-}  // namespace
 
 void decode_attention(const AttentionArgs& a, int64_t task0, int64_t task1) {
   for (int64_t t = task0; t < task1; ++t) {
@@ -94,5 +93,9 @@ void decode_attention(const AttentionArgs& a, int64_t task0, int64_t task1) {
       one<float>(a, t / a.Hkv, t % a.Hkv);
   }
 }
+
+}  // namespace
+
+const DecodeAttention decode_attention_avx512 = decode_attention;
 
 }  // namespace ir

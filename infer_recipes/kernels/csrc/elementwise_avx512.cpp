@@ -77,7 +77,6 @@ void silu_mul_t(const T* gu, int64_t I, T* y, int64_t r0, int64_t r1) {
   }
 }
 
-}  // namespace
 
 void rms_norm(const void* x, const void* residual, const float* weight, float eps, int64_t H, bool bf16, void* y,
               void* sum, int64_t r0, int64_t r1) {
@@ -107,5 +106,9 @@ void silu_mul(const void* gate_up, int64_t I, bool bf16, void* y, int64_t r0, in
   else
     silu_mul_t(static_cast<const float*>(gate_up), I, static_cast<float*>(y), r0, r1);
 }
+
+}  // namespace
+
+const Elementwise elementwise_avx512 = {rms_norm, rope_cache, silu_mul};
 
 }  // namespace ir

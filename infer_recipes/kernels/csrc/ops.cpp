@@ -1,6 +1,7 @@
 // The torch side of the kernels: argument checks, the run-time CPU check, threads through ATen's parallel_for.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
+#include <ATen/record_function.h>
 
 #include "attention.h"
 #include "elementwise.h"
@@ -8,11 +9,50 @@
 
 namespace {
 
-bool cpu_ok() {
-  __builtin_cpu_init();
-  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
-         __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("f16c") && __builtin_cpu_supports("fma");
+// The instruction sets with kernels, best first, and the one in use: the best this CPU runs, unless use_isa()
+// picked a lower one (tests run every set the CPU has).
+enum class Isa { none, avx2, avx512 };
+
+Isa best_isa() {
+  static const Isa isa = [] {  // read once
+    __builtin_cpu_init();
+    const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+                      __builtin_cpu_supports("f16c");
+    const bool avx512 = avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                        __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
+                        __builtin_cpu_supports("avx512vnni");
+    return avx512 ? Isa::avx512 : avx2 ? Isa::avx2 : Isa::none;
+  }();
+  return isa;
+}
+
+Isa current = best_isa();
+
+const char* isa_name(Isa isa) { return isa == Isa::avx512 ? "avx512-vnni" : isa == Isa::avx2 ? "avx2" : "none"; }
+
+std::vector<std::string> isas() {  // those this CPU runs, best first
+  std::vector<std::string> out;
+  for (Isa isa : {Isa::avx512, Isa::avx2})
+    if (best_isa() >= isa) out.emplace_back(isa_name(isa));
+  return out;
+}
+
+void use_isa(const std::string& name) {
+  for (Isa isa : {Isa::avx512, Isa::avx2})
+    if (name == isa_name(isa)) {
+      TORCH_CHECK(best_isa() >= isa, "this CPU does not run ", name);
+      current = isa;
+      return;
+    }
+  TORCH_CHECK(false, "unknown instruction set ", name, " (avx512-vnni or avx2)");
+}
+
+bool cpu_ok() { return current != Isa::none; }
+#define CHECK_CPU() TORCH_CHECK(cpu_ok(), "this CPU lacks AVX2 with FMA and F16C, which the native kernels need")
+
+const ir::Qgemv& qgemv() { return current == Isa::avx512 ? ir::qgemv_avx512 : ir::qgemv_avx2; }
+const ir::Elementwise& elementwise() {
+  return current == Isa::avx512 ? ir::elementwise_avx512 : ir::elementwise_avx2;
 }
 
 struct Activations {
@@ -38,7 +78,7 @@ Activations quantize(const torch::Tensor& x, int64_t block) {
   auto* xs = a.xsum.data_ptr<float>();
   // a few rows are quicker on one thread than the hand-off to several
   at::parallel_for(0, M, M * K >= (1 << 16) ? 1 : M, [&](int64_t m0, int64_t m1) {
-    ir::quantize_rows(xp, bf16, K, block, m0, m1, q, d, qs, xs);
+    qgemv().quantize_rows(xp, bf16, K, block, m0, m1, q, d, qs, xs);
   });
   a.rows = {q, d, qs, xs, M, K, block};
   return a;
@@ -51,7 +91,8 @@ int64_t grain(int64_t M, int64_t K) {
 
 torch::Tensor int4_linear(const torch::Tensor& x, const torch::Tensor& packed, const torch::Tensor& sz,
                           int64_t group, int64_t N, const c10::optional<torch::Tensor>& bias) {
-  TORCH_CHECK(cpu_ok(), "this CPU lacks AVX-512 VNNI");
+  RECORD_FUNCTION("infer_recipes::int4_linear", c10::ArrayRef<const c10::IValue>{});  // named in torch.profiler
+  CHECK_CPU();
   TORCH_CHECK(group == 32 || group == 64 || group == 128, "group must be 32, 64 or 128");
   TORCH_CHECK(packed.scalar_type() == torch::kUInt8 && packed.is_contiguous(), "packed must be contiguous uint8");
   TORCH_CHECK(sz.scalar_type() == torch::kHalf && sz.is_contiguous(), "sz must be contiguous float16");
@@ -71,14 +112,15 @@ torch::Tensor int4_linear(const torch::Tensor& x, const torch::Tensor& packed, c
   const auto* s = reinterpret_cast<const uint16_t*>(sz.data_ptr<at::Half>());
   void* yp = y.data_ptr();
   at::parallel_for(0, T, grain(x.size(0), K), [&](int64_t t0, int64_t t1) {
-    ir::int4_tiles(a.rows, w, s, group, N, b, yp, bf16, t0, t1);
+    qgemv().int4_tiles(a.rows, w, s, group, N, b, yp, bf16, t0, t1);
   });
   return y;
 }
 
 torch::Tensor int8_linear(const torch::Tensor& x, const torch::Tensor& packed, const torch::Tensor& scales,
                           int64_t N, const c10::optional<torch::Tensor>& bias) {
-  TORCH_CHECK(cpu_ok(), "this CPU lacks AVX-512 VNNI");
+  RECORD_FUNCTION("infer_recipes::int8_linear", c10::ArrayRef<const c10::IValue>{});  // named in torch.profiler
+  CHECK_CPU();
   TORCH_CHECK(packed.scalar_type() == torch::kUInt8 && packed.is_contiguous(), "packed must be contiguous uint8");
   const int64_t K = x.size(1), T = (N + 15) / 16;
   TORCH_CHECK(packed.numel() == T * 16 * K, "packed holds ", packed.numel(), " bytes, not ", T * 16 * K);
@@ -97,14 +139,15 @@ torch::Tensor int8_linear(const torch::Tensor& x, const torch::Tensor& packed, c
   const auto* s = scales.data_ptr<float>();
   void* yp = y.data_ptr();
   at::parallel_for(0, T, grain(x.size(0), K), [&](int64_t t0, int64_t t1) {
-    ir::int8_tiles(a.rows, w, s, N, b, yp, bf16, t0, t1);
+    qgemv().int8_tiles(a.rows, w, s, N, b, yp, bf16, t0, t1);
   });
   return y;
 }
 
 void decode_attention(const torch::Tensor& q, const torch::Tensor& k_cache, const torch::Tensor& v_cache,
                       const torch::Tensor& blocks, const torch::Tensor& lens, double scale, torch::Tensor& out) {
-  TORCH_CHECK(cpu_ok(), "this CPU lacks AVX-512 VNNI");
+  RECORD_FUNCTION("infer_recipes::decode_attention", c10::ArrayRef<const c10::IValue>{});  // named in torch.profiler
+  CHECK_CPU();
   TORCH_CHECK(q.dim() == 3 && k_cache.dim() == 4, "q must be [B, H, D] and the caches [blocks, Hkv, bs, D]");
   const auto dtype = q.scalar_type();
   TORCH_CHECK(dtype == torch::kFloat || dtype == torch::kBFloat16, "attention runs in float32 or bfloat16");
@@ -125,8 +168,9 @@ void decode_attention(const torch::Tensor& q, const torch::Tensor& k_cache, cons
                       static_cast<float>(scale), dtype == torch::kBFloat16};
   const int64_t max_len = lens.max().item<int64_t>();
   TORCH_CHECK(max_len <= a.blocks_per_row * a.block_size, "a length exceeds its block table");
+  const ir::DecodeAttention fn = current == Isa::avx512 ? ir::decode_attention_avx512 : ir::decode_attention_avx2;
   at::parallel_for(0, B * Hkv, max_len * D >= 4096 ? 1 : B * Hkv, [&](int64_t t0, int64_t t1) {
-    ir::decode_attention(a, t0, t1);
+    fn(a, t0, t1);
   });
 }
 
@@ -138,7 +182,8 @@ bool is_bf16(const torch::Tensor& t) {
 // (norm(x + residual) * weight, x + residual); without a residual, (norm(x) * weight, x)
 std::vector<torch::Tensor> rms_norm(const torch::Tensor& x, const c10::optional<torch::Tensor>& residual,
                                     const torch::Tensor& weight, double eps) {
-  TORCH_CHECK(cpu_ok(), "this CPU lacks AVX-512 VNNI");
+  RECORD_FUNCTION("infer_recipes::rms_norm", c10::ArrayRef<const c10::IValue>{});  // named in torch.profiler
+  CHECK_CPU();
   const bool bf16 = is_bf16(x);
   const int64_t H = x.size(-1), R = x.numel() / H;
   TORCH_CHECK(x.is_contiguous() && H % 16 == 0, "x must be contiguous, its last dimension a multiple of 16");
@@ -157,7 +202,7 @@ std::vector<torch::Tensor> rms_norm(const torch::Tensor& x, const c10::optional<
   const float* w = weight.data_ptr<float>();
   at::parallel_for(0, R, R * H >= (1 << 16) ? 1 : R, [&](int64_t r0, int64_t r1) {
     // without a residual the sum is x itself: reading and writing it back unchanged is harmless
-    ir::rms_norm(xp, res, w, static_cast<float>(eps), H, bf16, yp, sp, r0, r1);
+    elementwise().rms_norm(xp, res, w, static_cast<float>(eps), H, bf16, yp, sp, r0, r1);
   });
   return {y, sum};
 }
@@ -165,7 +210,8 @@ std::vector<torch::Tensor> rms_norm(const torch::Tensor& x, const c10::optional<
 // rotates the q and k heads of a fused qkv output in place and writes k, v to their pool slots
 void rope_cache(torch::Tensor& qkv, const torch::Tensor& cos, const torch::Tensor& sin, int64_t H, int64_t Hkv,
                 torch::Tensor& k_cache, torch::Tensor& v_cache, const torch::Tensor& slots) {
-  TORCH_CHECK(cpu_ok(), "this CPU lacks AVX-512 VNNI");
+  RECORD_FUNCTION("infer_recipes::rope_cache", c10::ArrayRef<const c10::IValue>{});  // named in torch.profiler
+  CHECK_CPU();
   const bool bf16 = is_bf16(qkv);
   TORCH_CHECK(qkv.dim() == 2 && qkv.stride(1) == 1, "qkv must be [N, (H + 2 Hkv) D] with contiguous rows");
   const int64_t N = qkv.size(0), D = k_cache.size(3);
@@ -179,21 +225,20 @@ void rope_cache(torch::Tensor& qkv, const torch::Tensor& cos, const torch::Tenso
   TORCH_CHECK(slots.scalar_type() == torch::kLong && slots.is_contiguous() && slots.numel() == N,
               "one int64 slot per token");
   const int64_t capacity = k_cache.size(0) * k_cache.size(2);
-  if (N) {
-    auto range = slots.aminmax();
-    TORCH_CHECK(std::get<0>(range).item<int64_t>() >= 0 && std::get<1>(range).item<int64_t>() < capacity,
-                "a slot lies outside the pool");
-  }
+  const int64_t* sl = slots.data_ptr<int64_t>();
+  for (int64_t t = 0; t < N; ++t)  // a plain loop: two tensor ops and their dispatch cost more than N compares
+    TORCH_CHECK(sl[t] >= 0 && sl[t] < capacity, "slot ", sl[t], " lies outside the pool of ", capacity);
   void* p = qkv.data_ptr();
   const int64_t stride = qkv.stride(0);
   at::parallel_for(0, N, N >= 64 ? 1 : N, [&](int64_t t0, int64_t t1) {
-    ir::rope_cache(p, stride, cos.data_ptr(), sin.data_ptr(), H, Hkv, D, k_cache.data_ptr(), v_cache.data_ptr(),
+    elementwise().rope_cache(p, stride, cos.data_ptr(), sin.data_ptr(), H, Hkv, D, k_cache.data_ptr(), v_cache.data_ptr(),
                    slots.data_ptr<int64_t>(), k_cache.size(2), bf16, t0, t1);
   });
 }
 
 torch::Tensor silu_mul(const torch::Tensor& gate_up) {
-  TORCH_CHECK(cpu_ok(), "this CPU lacks AVX-512 VNNI");
+  RECORD_FUNCTION("infer_recipes::silu_mul", c10::ArrayRef<const c10::IValue>{});  // named in torch.profiler
+  CHECK_CPU();
   const bool bf16 = is_bf16(gate_up);
   const int64_t I = gate_up.size(-1) / 2, R = gate_up.numel() / (2 * I);
   TORCH_CHECK(gate_up.is_contiguous() && I % 16 == 0, "gate_up must be contiguous, half its width a multiple of 16");
@@ -203,7 +248,7 @@ torch::Tensor silu_mul(const torch::Tensor& gate_up) {
   const void* gp = gate_up.data_ptr();
   void* yp = y.data_ptr();
   at::parallel_for(0, R, R * I >= (1 << 16) ? 1 : R, [&](int64_t r0, int64_t r1) {
-    ir::silu_mul(gp, I, bf16, yp, r0, r1);
+    elementwise().silu_mul(gp, I, bf16, yp, r0, r1);
   });
   return y;
 }
@@ -211,7 +256,10 @@ torch::Tensor silu_mul(const torch::Tensor& gate_up) {
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("cpu_ok", &cpu_ok, "whether this CPU runs the kernels (AVX-512 with VNNI)");
+  m.def("cpu_ok", &cpu_ok, "whether this CPU runs the kernels (AVX2 with FMA and F16C at least)");
+  m.def("isa", [] { return std::string(isa_name(current)); }, "the instruction set the kernels use now");
+  m.def("isas", &isas, "the instruction sets this CPU runs kernels for, best first");
+  m.def("use_isa", &use_isa, "run the kernels of this instruction set (one this CPU has)");
   m.def("int4_linear", &int4_linear, "y = x W^T (+ bias), W int4 group-wise in the native layout");
   m.def("int8_linear", &int8_linear, "y = x W^T (+ bias), W int8 per row in the native layout");
   m.def("decode_attention", &decode_attention, "one query per sequence against its paged K/V, written into out");

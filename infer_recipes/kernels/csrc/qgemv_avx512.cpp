@@ -146,7 +146,6 @@ void by_rows(int64_t M, F&& f) {
   }
 }
 
-}  // namespace
 
 void quantize_rows(const void* x, bool bf16, int64_t K, int64_t block, int64_t m0, int64_t m1, int8_t* q,
                    float* d, int32_t* qsum, float* xsum) {
@@ -206,5 +205,9 @@ void int8_tiles(const QuantizedRows& x, const uint8_t* packed, const float* scal
     });
   }
 }
+
+}  // namespace
+
+const Qgemv qgemv_avx512 = {quantize_rows, int4_tiles, int8_tiles};
 
 }  // namespace ir
