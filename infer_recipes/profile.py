@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 from torch.profiler import ProfilerActivity, profile
 
+from . import kernels
 from .bench import roofline
 from .bench.engines import EngineSpec, OurEngine
 from .bench.prompts import load_prompt_set
@@ -27,14 +28,16 @@ def _steps_until(engine, done) -> int:
     return n
 
 
-def _top_ops(prof, device: torch.device, top: int) -> tuple[list[dict], float]:
+def _top_ops(prof, device: torch.device, top: int) -> tuple[list[dict], float, int]:
+    """The `top` operators by self time, the total self time (ms) and the operator calls (nested ones included:
+    aten::linear and the aten::addmm under it count two; the number a step pays dispatch for)."""
     accel = device.type in ("cuda", "npu")
     events = [e for e in prof.key_averages() if not e.key.startswith("ProfilerStep")]
     attr = "self_device_time_total" if accel else "self_cpu_time_total"
     total = sum(getattr(e, attr) for e in events) or 1.0
     rows = sorted(events, key=lambda e: getattr(e, attr), reverse=True)[:top]
     return [{"op": e.key, "calls": e.count, "self_ms": getattr(e, attr) / 1e3,
-             "share": getattr(e, attr) / total} for e in rows], total / 1e3
+             "share": getattr(e, attr) / total} for e in rows], total / 1e3, sum(e.count for e in events)
 
 
 @torch.inference_mode()
@@ -104,12 +107,15 @@ def run(model: str, options: dict, phase: str, batch: int, input_len: int, steps
         flops = batch * roofline.matmul_flops_per_token(cfg, context)
         unit = f"decode step of batch {batch} at context ~{context:.0f}"
     seconds = statistics.median(times)
-    ops, total_ms = _top_ops(prof, device, top)
+    ops, total_ms, calls = _top_ops(prof, device, top)
     opts = llm.engine_config
     result = {"model": llm.source.name, "phase": phase, "batch": batch, "input_len": input_len, "steps": steps,
               "device": device.type, "dtype": eng.dtype, "quantization": opts.quantization, "fusion": opts.fusion,
-              "compile": opts.compile, "kv_cache": opts.kv_cache, "unit": unit, "seconds_per_unit": seconds,
+              "compile": opts.compile, "kv_cache": opts.kv_cache,
+              "kernels": "native" if kernels.wanted(opts.kernels, device) else "torch", "unit": unit,
+              "seconds_per_unit": seconds,
               "times": times, "profiled_times": profiled, "profiled_self_ms": total_ms, "top_ops": ops,
+              "operator_calls_per_unit": calls / len(profiled),
               "machine": machine, "verdict": None,
               "trace": None}
     if machine:
@@ -146,14 +152,16 @@ def verdict_line(result: dict) -> str:
 def format_result(result: dict) -> str:
     head = (f"{result['model']} {result['phase']}, batch {result['batch']}, input {result['input_len']}, "
             f"{result['device']} {result['dtype']}, quantization {result['quantization'] or 'none'}, "
-            f"fusion {'on' if result['fusion'] else 'off'}, compile {'on' if result['compile'] else 'off'}: "
+            f"fusion {'on' if result['fusion'] else 'off'}, compile {'on' if result['compile'] else 'off'}, "
+            f"{result['kernels']} kernels: "
             f"{result['seconds_per_unit'] * 1e3:.1f} ms per {result['unit']} (median of {len(result['times'])}; "
             f"{statistics.median(result['profiled_times']) * 1e3:.1f} ms under the profiler)")
     units = f"{len(result['times'])} {'steps' if result['phase'] == 'decode' else 'prefills'}"
     lines = [head, "", f"| operator | calls | self ms ({units}) | share |", "| --- | ---: | ---: | ---: |"]
     lines += [f"| `{o['op']}` | {o['calls']} | {o['self_ms']:.2f} | {100 * o['share']:.1f} % |"
               for o in result["top_ops"]]
-    lines += ["", verdict_line(result)]
+    lines += ["", f"{result['operator_calls_per_unit']:.0f} operator calls per {result['unit'].split(' of ')[0]} "
+                  "(nested calls included)", verdict_line(result)]
     if result["trace"]:
         lines.append(f"Chrome trace: {result['trace']}")
     return "\n".join(lines)

@@ -47,6 +47,24 @@ def _bandwidth(device: torch.device, nbytes: int, repeats: int, sync: Callable[[
     return nbytes / _best_time(x.sum, sync, repeats), 2 * nbytes / _best_time(lambda: y.copy_(x), sync, repeats)
 
 
+def _matmul_size(make, largest: int, sync, budget_s: float = 0.05) -> int:
+    """The matrix size to time a matmul kind at: `largest`, unless one call would take more than `budget_s`.
+    Where a kind has no fast kernel (bfloat16 or int8 on a CPU without AVX-512: 2048^3 in bfloat16 takes two
+    minutes on an AVX2 EPYC) the size doubles from 256 only while the next call stays within budget."""
+    k = 256
+    while k < largest:
+        fn = make(k)
+        fn()  # warm-up
+        sync()
+        t = time.perf_counter()
+        fn()
+        sync()
+        if (time.perf_counter() - t) * 8 > budget_s:  # the next size costs ~8x
+            break
+        k *= 2
+    return k
+
+
 def measure_machine(device: torch.device, quick: bool = False) -> dict:
     """Memory bandwidth (read: a sum over a buffer far larger than the caches; copy: read + write) and matmul
     FLOP/s for float32, bfloat16 (float16 where bf16 is absent) and int8 (`torch._int_mm`, where supported)."""
@@ -57,17 +75,20 @@ def measure_machine(device: torch.device, quick: bool = False) -> dict:
     read, copy = _bandwidth(device, mb * 2**20, repeats, sync)
     n = (1024 if quick else 2048) * (4 if accel else 1)
     result = {"device": device.type, "device_name": device_name(device), "threads": torch.get_num_threads(),
-              "bandwidth_read_gbs": read / 1e9, "bandwidth_copy_gbs": copy / 1e9, "matmul_size": n, "gflops": {}}
+              "bandwidth_read_gbs": read / 1e9, "bandwidth_copy_gbs": copy / 1e9, "matmul_size": {}, "gflops": {}}
     low = torch.float16 if device.type == "cuda" and not torch.cuda.is_bf16_supported() else torch.bfloat16
-    for name, dtype in (("float32", torch.float32), (str(low).removeprefix("torch."), low)):
-        a = torch.randn(n, n, device=device).to(dtype)
-        result["gflops"][name] = 2 * n**3 / _best_time(lambda: a @ a, sync, repeats) / 1e9
-    try:
-        a8 = torch.randint(-128, 127, (n, n), dtype=torch.int8, device=device)
-        result["gflops"]["int8"] = 2 * n**3 / _best_time(lambda: torch._int_mm(a8, a8), sync, repeats) / 1e9
-    except (RuntimeError, NotImplementedError) as e:
-        result["gflops"]["int8"] = None
-        result["int8_unsupported"] = str(e).splitlines()[0][:200]
+    kinds = [(name, lambda k, dt=dtype: (lambda a: lambda: a @ a)(torch.randn(k, k, device=device).to(dt)))
+             for name, dtype in (("float32", torch.float32), (str(low).removeprefix("torch."), low))]
+    kinds.append(("int8", lambda k: (lambda a: lambda: torch._int_mm(a, a))(
+        torch.randint(-128, 127, (k, k), dtype=torch.int8, device=device))))
+    for name, make in kinds:
+        try:
+            k = _matmul_size(make, n, sync)
+            result["gflops"][name] = 2 * k**3 / _best_time(make(k), sync, repeats) / 1e9
+            result["matmul_size"][name] = k
+        except (RuntimeError, NotImplementedError) as e:  # torch._int_mm where it does not run
+            result["gflops"][name] = None
+            result[f"{name}_unsupported"] = str(e).splitlines()[0][:200]
     return result
 
 
@@ -116,6 +137,7 @@ def verdict(machine: dict, seconds: float, bytes_moved: float, flops: float, dty
 
 
 def format_machine(m: dict) -> str:
-    flops = ", ".join(f"{k} {v:.0f}" if v else f"{k} n/a" for k, v in m["gflops"].items())
+    sizes = m.get("matmul_size", {})
+    flops = ", ".join(f"{k} {v:.0f} ({sizes.get(k, '?')}^3)" if v else f"{k} n/a" for k, v in m["gflops"].items())
     return (f"{m['device_name']} ({m['device']}, {m['threads']} threads): memory read {m['bandwidth_read_gbs']:.1f} "
-            f"GB/s, copy {m['bandwidth_copy_gbs']:.1f} GB/s; matmul {m['matmul_size']}^3 GFLOP/s: {flops}")
+            f"GB/s, copy {m['bandwidth_copy_gbs']:.1f} GB/s; matmul GFLOP/s (size^3): {flops}")

@@ -22,9 +22,10 @@ from .prompts import PromptSet
 SCHEMA = "infer-recipes.bench/1"
 BASELINES = ("transformers", "off", "llama.cpp")
 # every switch off: no KV cache (recompute the prefix each step), textbook modules, eager, float32, no quantization
-OFF = {"kv_cache": False, "fusion": False, "compile": False, "quantization": None, "dtype": "float32"}
+OFF = {"kv_cache": False, "fusion": False, "compile": False, "quantization": None, "dtype": "float32",
+       "kernels": "torch"}
 QUANT_STEPS = ("int8", "w8a8", "int4")
-STEPS = ("kv_cache", "fusion", "compile", "bf16", "int8", "w8a8", "int4", "batching")
+STEPS = ("kv_cache", "fusion", "compile", "bf16", "int8", "w8a8", "int4", "kernels", "batching")
 SYNTHETIC_NOTE = ("synthetic models have random weights in the published shapes: their figures are for speed only "
                   "(speed does not depend on weight values; their outputs are meaningless)")
 
@@ -181,6 +182,8 @@ def _with(options: dict, step: str) -> dict:
         o["dtype"] = "bfloat16"
     elif step in ("int8", "w8a8", "int4", "int4-w8a8"):
         o["quantization"] = step
+    elif step == "kernels":
+        o["kernels"] = "native"
     return o
 
 
@@ -190,6 +193,8 @@ def _label(options: dict, batch: int) -> str:
         parts.append({"bfloat16": "bf16", "float16": "fp16"}[options["dtype"]])
     if options.get("quantization"):
         parts.append(options["quantization"])
+    if options.get("kernels") == "native":
+        parts.append("native")
     return ("+".join(parts) or "off") + (f" @b{batch}" if batch > 1 else "")
 
 

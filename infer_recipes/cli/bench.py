@@ -162,7 +162,7 @@ def cmd_bench_ablation(args) -> int:
 
     prompts = _bench_setup(args)
     grid([args.batch], [args.input_len], args.output_len)  # the same checks as the grid commands
-    result = suite.ablation(args.model, args.device or "auto", args.steps, args.batch, args.input_len,
+    result = suite.ablation(args.model, args.device or "auto", args.steps or list(suite.STEPS), args.batch, args.input_len,
                             args.output_len, prompts, args.runs, args.warmup, args.memory, args.roofline, _progress())
     return _bench_finish(args, result, report.markdown(result))
 
@@ -245,9 +245,9 @@ def register(sub) -> None:
     q = bench.add_parser("ablation", help="each optimization alone and cumulatively: which switch bought what")
     q.add_argument("--model", "-m", default=DEFAULT_MODEL, help=MODEL_HELP)
     q.add_argument("--device", default=None, help="auto (cuda, then npu, then cpu), cpu, cuda or npu")
-    q.add_argument("--steps", nargs="+", default=["kv_cache", "fusion", "compile", "bf16", "int8", "w8a8", "int4",
-                                                  "batching"],
-                   help="the switches, in the order the cumulative chain adds them")
+    q.add_argument("--steps", nargs="+", default=None,
+                   help="the switches, in the order the cumulative chain adds them (default: kv_cache fusion compile "
+                        "bf16 int8 w8a8 int4 kernels batching, every one)")
     q.add_argument("--batch", type=int, default=8, help="sequences for the batching step (others run batch 1)")
     q.add_argument("--input-len", type=int, default=128)
     q.add_argument("--output-len", type=int, default=32)

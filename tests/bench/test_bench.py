@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 
+from infer_recipes import kernels
 from infer_recipes.bench import roofline
 from infer_recipes.bench.energy import EnergyMeter
 from infer_recipes.bench.prompts import load_prompt_set
@@ -145,17 +146,21 @@ def test_transformers_baseline_runs_the_same_synthetic_weights(prompts_file):
 
 def test_bench_ablation_alone_and_cumulative(prompts_file, capsys):
     result = _bench(["ablation", "--model", TINY, "--device", "cpu", "--steps", "kv_cache", "fusion", "int8", "int4",
-                     "batching", "--batch", "3", "--input-len", "10", "--output-len", "4", "--runs", "1",
+                     "kernels", "batching", "--batch", "3", "--input-len", "10", "--output-len", "4", "--runs", "1",
                      "--no-memory", "--no-roofline", "--prompts", prompts_file], capsys)
     ab = result["ablation"]
-    assert [e["step"] for e in ab["alone"]] == ["kv_cache", "fusion", "int8", "int4", "batching"]
-    assert [e["config"] for e in ab["alone"]] == ["kv_cache", "fusion", "int8", "int4", "off @b3"]
+    assert [e["step"] for e in ab["alone"]] == ["kv_cache", "fusion", "int8", "int4", "kernels", "batching"]
+    assert [e["config"] for e in ab["alone"]] == ["kv_cache", "fusion", "int8", "int4", "native", "off @b3"]
     assert [e["config"] for e in ab["cumulative"]] == [
-        "kv_cache", "kv_cache+fusion", "kv_cache+fusion+int8", "kv_cache+fusion+int4", "kv_cache+fusion+int4 @b3"]
+        "kv_cache", "kv_cache+fusion", "kv_cache+fusion+int8", "kv_cache+fusion+int4", "kv_cache+fusion+int4+native",
+        "kv_cache+fusion+int4+native @b3"]
     rows = {r["engine"]: r for r in result["rows"]}
-    assert len(rows) == 1 + 5 + 4  # off, five alone, the chain's four new ones (kv_cache is shared)
+    assert len(rows) == 1 + 6 + 5  # off, six alone, the chain's five new ones (kv_cache is shared)
     opts = {e["label"]: e["options"] for e in result["engines"]}
     assert opts["kv_cache+fusion+int4"]["quantization"] == "int4" and opts["int8"]["kv_cache"] is False
+    # off is torch's kernels (the default is native): the kernels step is the only one that turns ours on
+    assert opts["off"]["kernels"] == "torch" and opts["kv_cache+fusion+int4"]["kernels"] == "torch"
+    assert opts["native"]["kernels"] == opts["kv_cache+fusion+int4+native @b3"]["kernels"] == "native"
     off = rows[ab["off"]]["output_tokens_per_s"]
     for e in ab["alone"] + ab["cumulative"]:
         r = rows[e["config"]]
@@ -165,6 +170,7 @@ def test_bench_ablation_alone_and_cumulative(prompts_file, capsys):
     # int4 is compared with the last configuration without a scheme, not with int8 beside it
     assert chain[3]["vs_previous"] == pytest.approx(chain[3]["tokens_per_s"] / chain[1]["tokens_per_s"])
     assert chain[4]["vs_previous"] == pytest.approx(chain[4]["tokens_per_s"] / chain[3]["tokens_per_s"])
+    assert chain[5]["vs_previous"] == pytest.approx(chain[5]["tokens_per_s"] / chain[4]["tokens_per_s"])
 
 
 @pytest.mark.parametrize("args,message", [
@@ -313,3 +319,21 @@ def test_profile_top_ops_trace_and_verdict(tmp_path, prompts_file, phase, capsys
     trace = json.loads((out / "trace.json").read_text())
     assert trace["traceEvents"]
     assert json.loads((out / "profile.json").read_text())["top_ops"] == ops
+
+
+@pytest.mark.skipif(not kernels.available(), reason="the native kernels do not run here")
+def test_profile_names_our_kernels_and_counts_fewer_calls(prompts_file, capsys):
+    """The kernels are recorded under their own names (a profile that hid them would blame the aten ops around
+    them), and the native decode step dispatches fewer operators than torch's."""
+    results = {}
+    for switch in ("torch", "native"):
+        assert main(["profile", "--model", TINY, "--device", "cpu", "--phase", "decode", "--batch-size", "2",
+                     "--input-len", "24", "--steps", "3", "--prompts", prompts_file, "--top", "200",
+                     "--quantization", "int8", "--kernels", switch, "--no-roofline", "--json"]) == 0
+        results[switch] = json.loads(capsys.readouterr().out)
+    ours = {o["op"] for o in results["native"]["top_ops"] if o["op"].startswith("infer_recipes::")}
+    # the tiny model's head_dim (16) is below what rotary and attention take: its linears, norms and MLP run ours
+    assert {"infer_recipes::int8_linear", "infer_recipes::rms_norm", "infer_recipes::silu_mul"} <= ours
+    assert not any(o["op"].startswith("infer_recipes::") for o in results["torch"]["top_ops"])
+    assert results["native"]["kernels"] == "native" and results["torch"]["kernels"] == "torch"
+    assert 0 < results["native"]["operator_calls_per_unit"] < results["torch"]["operator_calls_per_unit"]
