@@ -2,9 +2,12 @@
 through `torch._int_mm`."""
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
+from .. import kernels
 from .base import QuantizedLinear
 from .int8 import Int8Linear
 
@@ -38,20 +41,23 @@ class PhaseLinear(QuantizedLinear):
     `large` (w8a8: int8 x int8 GEMM with VNNI). Costs both forms' memory; buys the fast kernel for each phase."""
 
     # measured on the SmolLM2 and Qwen2.5-1.5B shapes, 2 threads: torch's int4 kernel wins at 1-4 rows, w8a8
-    # from 8; our native int4 kernel up to 16 (benchmarks/kernels.py)
+    # from 8; our native int4 kernel up to 16 (benchmarks/kernels.py). Without VNNI (our AVX2 kernels) torch's
+    # int8 GEMM has no fast path either (~3 GFLOP/s on an AVX2 EPYC: a 512-token SmolLM2 prefill took 53 s,
+    # against 2.0 s on our int4 kernel), so there the int4 form takes every call.
     ROWS, NATIVE_ROWS = 4, 16
 
     def __init__(self, small: QuantizedLinear, large: QuantizedLinear):
         super().__init__(small.in_features, small.out_features, None)
         self.small, self.large = small, large
         self.bias = small.bias
+        native = getattr(small, "native", False)
+        self.limit = (self.NATIVE_ROWS if kernels.isa() == "avx512-vnni" else math.inf) if native else self.ROWS
 
     def dequantize(self, dtype=torch.float32) -> torch.Tensor:
         return self.small.dequantize(dtype)
 
     def form(self, rows: int) -> QuantizedLinear:
-        limit = self.NATIVE_ROWS if getattr(self.small, "native", False) else self.ROWS
-        return self.small if rows <= limit else self.large
+        return self.small if rows <= self.limit else self.large
 
     def idle_parts(self, rows: int) -> list[nn.Module]:
         """The form a call of `rows` rows leaves unread (what a memory roofline must not count)."""
