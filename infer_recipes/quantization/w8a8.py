@@ -65,3 +65,8 @@ class PhaseLinear(QuantizedLinear):
 
     def _matmul(self, x: torch.Tensor) -> torch.Tensor:
         return self.form(x.shape[0])._matmul(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # each form adds its bias its own way: the native int4 kernel inside its matmul, the others after it
+        # (adding it here as well counted Qwen's q/k/v biases twice on the native form)
+        return self.form(x.numel() // self.in_features).forward(x)

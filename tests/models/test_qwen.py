@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from infer_recipes import LLM, SamplingParams
+from infer_recipes import LLM, SamplingParams, kernels
 from tests.conftest import qwen_gguf
 
 PROMPTS = ["def quicksort(arr):\n    \"\"\"Sort a list.", "The capital of France is",
@@ -75,8 +75,9 @@ def test_every_scheme_runs_the_qwen05(qwen05, scheme):
     agreement = (llm.logits(ids).float().argmax(-1) == ref).float().mean().item()
     # measured over 512 tokens of wiki.valid.tokens (README): gguf 0.990, int8 0.980, bf16 0.982, w8a8 0.965,
     # int4 0.844 (group-32 min-max from the dequantized file: the 0.5B suffers), int4-w8a8 0.965 (a long prompt
-    # runs the w8a8 form)
-    floor = {"int4": 0.75, "w8a8": 0.85}.get(scheme, 0.9)
+    # runs the w8a8 form; on our AVX2 kernels the int4 form takes every call, so it is int4's)
+    int4_form = scheme == "int4" or (scheme == "int4-w8a8" and kernels.isa() == "avx2")
+    floor = 0.75 if int4_form else {"w8a8": 0.85}.get(scheme, 0.9)
     assert agreement >= floor, agreement
     if scheme == "gguf":
         assert llm.weight_bytes() < 0.5 * qwen05.weight_bytes()
