@@ -287,7 +287,10 @@ def test_sigterm_answers_503_while_draining_then_exits():
             lines = r.iter_lines()
             next(line for line in lines if line.startswith("data: "))
             proc.send_signal(15)
-            time.sleep(0.2)
+            # the handler runs when the server's main thread next gets the CPU: wait for its state, not for a time
+            deadline = time.monotonic() + 30
+            while httpx.get(f"{url}/health", timeout=5).status_code != 503 and time.monotonic() < deadline:
+                time.sleep(0.05)
             refused = httpx.post(f"{url}/v1/completions", json={"model": "tiny", "prompt": "x"}, timeout=5)
             assert refused.status_code == 503 and refused.json()["error"]["code"] == "shutting_down"
             assert httpx.get(f"{url}/health", timeout=5).json()["status"] == "draining"
