@@ -12,6 +12,9 @@ from pathlib import Path
 from .errors import InferRecipesError
 
 DTYPES = ("float32", "bfloat16", "float16")
+# what the paged KV cache stores: "auto" is the activation dtype; "int8" one byte per element plus a float32 scale
+# per token and KV head (symmetric, absmax / 127), dequantized as attention reads it
+KV_CACHE_DTYPES = ("auto", "float32", "bfloat16", "float16", "int8")
 DEVICES = ("auto", "cpu", "cuda", "npu")
 KERNELS = ("native", "torch")
 QUANTIZATIONS = (None, "int8", "int8-minmax", "w8a8", "int4", "int4-w8a8", "gguf")
@@ -103,6 +106,7 @@ class EngineConfig:
     num_blocks: int | None = None  # None: sized from kv_cache_memory
     kv_cache_memory: float | None = None  # fraction of device memory for the KV pool (None: 0.25, capped at
     #   what max_batch_size sequences of max_model_len tokens need)
+    kv_cache_dtype: str = "auto"  # one of KV_CACHE_DTYPES
     max_num_batched_tokens: int = 512  # tokens per step: the chunked-prefill budget
     max_waiting: int = 1024  # queued requests at most; more are refused (the server answers 429)
     # automatic prefix caching: full KV blocks are named by their tokens and reused by later sequences with the
@@ -158,6 +162,10 @@ class EngineConfig:
         if self.kv_cache_memory is not None:
             _require(isinstance(self.kv_cache_memory, (int, float)) and 0 < self.kv_cache_memory <= 1,
                      "kv_cache_memory", f"must be a fraction in (0, 1], got {self.kv_cache_memory!r}")
+        _require(self.kv_cache_dtype in KV_CACHE_DTYPES, "kv_cache_dtype",
+                 f"unknown KV cache dtype {self.kv_cache_dtype!r}; choose one of {', '.join(KV_CACHE_DTYPES)}")
+        _require(self.kv_cache or self.kv_cache_dtype == "auto", "kv_cache_dtype",
+                 "needs the KV cache (kv_cache: true)")
         if self.speculative_model is not None:
             _require(isinstance(self.speculative_model, str) and self.speculative_model.strip() != "",
                      "speculative_model", f"must be 'ngram' or a model path or alias, got {self.speculative_model!r}")

@@ -23,15 +23,18 @@ import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import torch
+
 from .config import ModelConfig
 from .errors import InferRecipesError
 from .quantization.api import BYTES_PER_WEIGHT
 from .runner.kv_cache import kv_bytes_per_token as runner_kv_bytes
+from .runner.kv_cache import kv_element_size
 
 # bytes per weight: the float formats, and the quantized schemes the planner offers (quantization owns their sizes)
 WEIGHT_BYTES = {"float32": 4.0, "bfloat16": 2.0, "float16": 2.0,
                 **{k: BYTES_PER_WEIGHT[k] for k in ("int8", "w8a8", "int4")}}
-KV_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+KV_DTYPES = ("float32", "bfloat16", "float16", "int8")  # what the KV cache may store (int8 with its scales)
 
 
 @dataclass(frozen=True)
@@ -97,7 +100,8 @@ def _kv_heads_per_rank(c: ModelConfig, tp: int) -> float:
 
 def kv_bytes_per_token(c: ModelConfig, kv_dtype: str, tp: int = 1, pp: int = 1) -> float:
     """Of the most loaded device: its stage's layers and its KV heads."""
-    return runner_kv_bytes(c, KV_BYTES[kv_dtype], _kv_heads_per_rank(c, tp), math.ceil(c.num_layers / pp))
+    element = kv_element_size(getattr(torch, kv_dtype), c.head_dim)
+    return runner_kv_bytes(c, element, _kv_heads_per_rank(c, tp), math.ceil(c.num_layers / pp))
 
 
 def _allreduce_s(nbytes: float, tp: int, hw: Hardware) -> float:
@@ -148,8 +152,8 @@ def plan(c: ModelConfig, hw: Hardware, scheme: str = "bfloat16", kv_dtype: str =
         raise InferRecipesError(f"--efficiency must be in (0, 1], got {hw.efficiency}")
     if batch < 1 or context < 1:
         raise InferRecipesError("--batch and --context must be positive")
-    if kv_dtype not in KV_BYTES:
-        raise InferRecipesError(f"unknown KV dtype {kv_dtype!r}: choose one of {', '.join(KV_BYTES)}")
+    if kv_dtype not in KV_DTYPES:
+        raise InferRecipesError(f"unknown KV dtype {kv_dtype!r}: choose one of {', '.join(KV_DTYPES)}")
     out = []
     for tp in _divisors(hw.devices):
         for pp in _divisors(hw.devices // tp):

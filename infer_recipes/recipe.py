@@ -16,7 +16,8 @@ from pathlib import Path
 
 import yaml
 
-from .config import DEVICES, DTYPES, GROUP_SIZES, KERNELS, QUANTIZATIONS, ConfigError, EngineConfig, SamplingParams
+from .config import (DEVICES, DTYPES, GROUP_SIZES, KERNELS, KV_CACHE_DTYPES, QUANTIZATIONS, ConfigError, EngineConfig,
+                     SamplingParams)
 from .errors import InferRecipesError
 
 RECIPES_DIR = Path(__file__).with_name("recipes")
@@ -67,6 +68,7 @@ SCHEMA: dict[str, dict[str, tuple]] = {
     },
     "optimization": {
         "kv_cache": ((bool,), (True, False), ""),
+        "kv_cache_dtype": ((str,), KV_CACHE_DTYPES, "what the KV cache stores (auto: the activation dtype)"),
         "prefix_caching": ((bool, type(None)), (True, False), "reuse cached KV blocks of shared prefixes (null: "
                            "on where exact)"),
         "fusion": ((bool,), (True, False), ""),

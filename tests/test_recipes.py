@@ -9,7 +9,8 @@ from infer_recipes import LLM, InferRecipesError, LLMInferenceOptimizer, Samplin
 from infer_recipes.cli import main
 from infer_recipes.recipe import SCHEMA, RecipeError, parse_recipe, shipped
 
-EXPECTED = {f"smollm2-135m-instruct/{n}" for n in ("baseline", "int8", "w8a8", "int4", "fastest", "pp2")} | \
+EXPECTED = {f"smollm2-135m-instruct/{n}" for n in ("baseline", "int8", "w8a8", "int4", "fastest", "pp2",
+                                                   "int8-kv")} | \
     {f"llama-3.2-{s}/{n}" for s in ("1b", "3b") for n in ("baseline", "optimized")} | {"llama-3.2-3b/tp2"} | \
     {f"qwen2.5-coder-{s}-instruct/{n}" for s in ("0.5b", "1.5b") for n in ("baseline", "gguf", "int8", "int4", "fastest")}
 
@@ -46,6 +47,7 @@ def test_every_shipped_recipe_loads_with_all_sections():
     ("model:\n  name: m\nscheduler:\n  max_batch_size: 0\n", 4, ["max_batch_size", "positive"]),
     ("model:\n  name: m\noptimization:\n  group_size: 48\n", 4, ["group_size", "32, 64, 128"]),
     ("model:\n  name: m\noptimization:\n  kv_cache: maybe\n", 4, ["kv_cache", "true, false"]),
+    ("model:\n  name: m\noptimization:\n  kv_cache_dtype: fp8\n", 4, ["optimization.kv_cache_dtype", "fp8", "int8"]),
     ("model:\n  name: m\nparallel:\n  tensor_parallel_size: 0\n", 4, ["parallel.tensor_parallel_size", "positive"]),
     ("model:\n  name: m\nextras:\n  a: 1\n", 3, ["unknown section 'extras'"]),
     ("model:\n  name: m\nmodel:\n  name: n\n", 3, ["appears twice"]),

@@ -153,7 +153,7 @@ class OurEngine(Engine):
         return _decode_bytes(m, m.model.embed_tokens, m.lm_head, batch)
 
     def kv_bytes_per_token(self) -> int:
-        return _kv_bytes(self.config, self.llm.dtype.itemsize)
+        return int(self.llm.kv_bytes_per_token())
 
 
 class TransformersEngine(Engine):

@@ -314,7 +314,7 @@ def register(sub) -> None:
     p.add_argument("--link-latency-us", type=float, default=10.0, help="per message (default 10 us)")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="bfloat16")
     p.add_argument("--quantization", choices=["int8", "w8a8", "int4"], default=None)
-    p.add_argument("--kv-dtype", choices=["float32", "bfloat16", "float16"], default="bfloat16")
+    p.add_argument("--kv-dtype", choices=["float32", "bfloat16", "float16", "int8"], default="bfloat16")
     p.add_argument("--batch", type=int, default=1, help="sequences decoded together for the estimate")
     p.add_argument("--context", type=int, default=4096, help="tokens per sequence for the batch and estimate")
     p.add_argument("--efficiency", type=float, default=None,

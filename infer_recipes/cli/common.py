@@ -7,7 +7,7 @@ import json
 import os
 import sys
 
-from ..config import DTYPES, GROUP_SIZES, KERNELS, QUANTIZATIONS
+from ..config import DTYPES, GROUP_SIZES, KERNELS, KV_CACHE_DTYPES, QUANTIZATIONS
 from ..loading.source import DEFAULT_MODEL
 
 MODEL_HELP = ("a Hugging Face directory (config.json + *.safetensors), a .gguf file, an alias of a model that "
@@ -36,6 +36,9 @@ def _add_switch_args(p: argparse.ArgumentParser) -> None:
                         "int4-w8a8)")
     g.add_argument("--kv-cache", action=argparse.BooleanOptionalAction, default=None,
                    help="keep keys/values between steps (off recomputes the whole prefix each step)")
+    g.add_argument("--kv-cache-dtype", default=None, choices=KV_CACHE_DTYPES,
+                   help="what the KV cache stores: auto (the activation dtype) or int8 (a scale per token and KV "
+                        "head: half bfloat16's bytes, a quarter of float32's)")
     g.add_argument("--fusion", action=argparse.BooleanOptionalAction, default=None,
                    help="merged QKV / gate-up GEMMs, add+RMSNorm, fused attention (off: the textbook module)")
     g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
@@ -48,8 +51,8 @@ def _add_switch_args(p: argparse.ArgumentParser) -> None:
                    help="module-name pattern kept in float, e.g. lm_head or 'model.layers.0.*' (repeatable)")
     g.add_argument("--group-size", type=int, default=None, choices=GROUP_SIZES, help="int4 group size")
     g.add_argument("--kernels", default=None, choices=KERNELS,
-                   help="quantized linears and decode attention on our own CPU kernels (native, where they build "
-                        "and run) or torch's (the default)")
+                   help="quantized linears and decode attention on our own CPU kernels (native, the default, where "
+                        "they build and run) or torch's")
     g.add_argument("--speculative-model", default=None,
                    help="speculative decoding: 'ngram' (prompt lookup) or a smaller model with the same tokenizer "
                         "(path or alias); greedy outputs are unchanged")
@@ -66,9 +69,10 @@ def _add_switch_args(p: argparse.ArgumentParser) -> None:
                    help="ranks holding contiguous layer stages (default 1)")
 
 
-_FLAGS = ("device", "dtype", "max_model_len", "max_batch_size", "kv_cache", "prefix_caching", "fusion", "compile",
-          "quantization", "quantization_skip", "group_size", "kernels", "speculative_model", "num_speculative_tokens",
-          "speculative_quantization", "speculative_max_rows", "tensor_parallel_size", "pipeline_parallel_size")
+_FLAGS = ("device", "dtype", "max_model_len", "max_batch_size", "kv_cache", "kv_cache_dtype", "prefix_caching",
+          "fusion", "compile", "quantization", "quantization_skip", "group_size", "kernels", "speculative_model",
+          "num_speculative_tokens", "speculative_quantization", "speculative_max_rows", "tensor_parallel_size",
+          "pipeline_parallel_size")
 
 
 def _model_and_options(args) -> tuple[str, dict]:

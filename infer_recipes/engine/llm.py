@@ -148,6 +148,10 @@ class LLM:
         committed on use)."""
         return sum(r.kv_cache_bytes() for r in (self.runner, self.draft_runner) if r is not None)
 
+    def kv_bytes_per_token(self) -> float:
+        """Bytes one token's keys and values take in this model's KV pool (its kv_cache_dtype, scales included)."""
+        return self.runner.kv_bytes_per_token()
+
     # ---- generation, on the continuous-batching engine ---------------------------------------------------------
     def generate(self, prompts: Prompt | Sequence[Prompt], sampling_params: SamplingParams | Sequence[SamplingParams]
                  | None = None, use_tqdm: bool = False) -> list[RequestOutput]:

@@ -82,10 +82,12 @@ class PagedMetadata:
     slot_mapping: torch.Tensor | None
     layout: torch.Tensor
     block_size: int
+    int8_kv: bool = False  # without a cache (scoring a whole text): attend to the keys and values an int8 pool holds
 
     @staticmethod
     def build(decodes: list[tuple[list[int], int]], prefills: list[tuple[int, int, int, list[int]]],
-              slot_mapping: torch.Tensor | None, block_size: int, device: torch.device) -> "PagedMetadata":
+              slot_mapping: torch.Tensor | None, block_size: int, device: torch.device,
+              int8_kv: bool = False) -> "PagedMetadata":
         """decodes: (block table, context length) per decode row; prefills: (query start, query length, context
         length, block table)."""
         nd = max((len(t) for t, _ in decodes), default=0)
@@ -98,7 +100,7 @@ class PagedMetadata:
             layout += [start, q_len, ctx]
         for *_, table in prefills:
             layout += table + [0] * (npf - len(table))
-        return PagedMetadata(slot_mapping, torch.tensor(layout, dtype=torch.long, device=device), block_size)
+        return PagedMetadata(slot_mapping, torch.tensor(layout, dtype=torch.long, device=device), block_size, int8_kv)
 
     @cached_property
     def parts(self) -> "_Layout":
@@ -132,10 +134,26 @@ class _Layout:
         return _Layout(nd, decode_blocks, ctx, mask, prefills, prefill_blocks)
 
 
-def _gather(cache: torch.Tensor, blocks: torch.Tensor, rows: int) -> torch.Tensor:
-    """cache [num_blocks, H_kv, block_size, D], blocks [rows * n] -> [rows, H_kv, n * block_size, D] (a copy)."""
+# ---- an int8 pool: symmetric per token and KV head, the scale beside the block ------------------------------------
+
+def quantize_kv(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [..., D] -> (int8 [..., D], float32 scales [...]): each row over its absolute maximum / 127."""
+    xf = x.float()
+    scale = xf.abs().amax(-1).clamp_min(1e-12) / 127
+    return torch.round(xf / scale.unsqueeze(-1)).clamp_(-127, 127).to(torch.int8), scale
+
+
+def dequantize_kv(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The inverse of `quantize_kv` up to rounding, in `dtype`: every reader of an int8 pool goes through it."""
+    return (q.float() * scale.unsqueeze(-1)).to(dtype)
+
+
+def _gather(cache: torch.Tensor, blocks: torch.Tensor, rows: int, scales: torch.Tensor | None = None,
+            dtype: torch.dtype | None = None) -> torch.Tensor:
+    """cache [num_blocks, H_kv, block_size, D], blocks [rows * n] -> [rows, H_kv, n * block_size, D] (a copy, in
+    `dtype` when the pool is int8)."""
     _, hkv, bs, d = cache.shape
-    g = _select_blocks(cache, blocks).view(rows, -1, hkv, bs, d)
+    g = _read_blocks(cache, scales, blocks, dtype).view(rows, -1, hkv, bs, d)
     return g.transpose(1, 2).reshape(rows, hkv, -1, d)
 
 
@@ -144,18 +162,27 @@ def _select_blocks(cache: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
     return cache.view(cache.shape[0], -1).index_select(0, blocks).view(-1, *cache.shape[1:])
 
 
+def _read_blocks(cache: torch.Tensor, scales: torch.Tensor | None, blocks: torch.Tensor,
+                 dtype: torch.dtype | None) -> torch.Tensor:
+    """cache[blocks], dequantized to `dtype` when the pool is int8 (`scales` given)."""
+    picked = _select_blocks(cache, blocks)
+    return picked if scales is None else dequantize_kv(picked, _select_blocks(scales, blocks), dtype)
+
+
 def _blockwise_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, blocks: torch.Tensor,
-                      mask: torch.Tensor, scale: float) -> torch.Tensor:
+                      mask: torch.Tensor, scale: float, k_scale: torch.Tensor | None = None,
+                      v_scale: torch.Tensor | None = None) -> torch.Tensor:
     """One query per row against its blocks, without assembling contiguous K/V: q [B, H, D] -> [B, H, D].
 
     Gathered blocks [B, n, H_kv, bs, D] are already a batch of [bs, D] matrices, so QK^T and PV run as batched
     GEMMs per block straight on them (only the small score tensor is reshaped for the softmax over all n * bs
-    keys); the query heads sharing a K/V head are stacked, so GQA needs no repeated K/V either."""
+    keys); the query heads sharing a K/V head are stacked, so GQA needs no repeated K/V either. An int8 pool's
+    blocks are dequantized as they are gathered."""
     B, H, D = q.shape
     _, hkv, bs, _ = k_cache.shape
     g = H // hkv
-    kb = _select_blocks(k_cache, blocks).view(B, -1, hkv, bs, D)
-    vb = _select_blocks(v_cache, blocks).view(B, -1, hkv, bs, D)
+    kb = _read_blocks(k_cache, k_scale, blocks, q.dtype).view(B, -1, hkv, bs, D)
+    vb = _read_blocks(v_cache, v_scale, blocks, q.dtype).view(B, -1, hkv, bs, D)
     n = kb.shape[1]
     scores = torch.matmul(q.view(B, 1, hkv, g, D), kb.transpose(-1, -2))  # [B, n, H_kv, G, bs]
     scores = scores.permute(0, 2, 3, 1, 4).reshape(B, hkv, g, n * bs) * scale
@@ -167,7 +194,8 @@ def _blockwise_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
 
 def paged_attention_impl(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor | None,
                          v_cache: torch.Tensor | None, slot_mapping: torch.Tensor | None, layout: "_Layout",
-                         scale: float, fused: bool, native: bool = False) -> torch.Tensor:
+                         scale: float, fused: bool, native: bool = False, k_scale: torch.Tensor | None = None,
+                         v_scale: torch.Tensor | None = None) -> torch.Tensor:
     """q [N, H, D], k, v [N, H_kv, D] (this step's tokens) -> [N, H, D]; writes k, v into the pool first.
 
     The pool is [num_blocks, H_kv, block_size, D] per layer. Decodes are batched: with `native`, our kernel reads
@@ -176,24 +204,37 @@ def paged_attention_impl(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_ca
     unfused (the textbook baseline), by gathering contiguous K/V and `eager_attention`.
     Each prefill chunk attends causally (bottom-right aligned) over its context: straight from this step's k, v
     when it is the whole context (a first chunk, or no cache), else gathered from its blocks.
+
+    An int8 pool (`k_scale`, `v_scale` given: see `quantize_kv`) stores each token quantized, and every attention
+    reads what the pool holds, this step's own tokens included: a prompt attends to the same numbers whether it
+    was prefilled at once, in chunks, or from cached prefix blocks.
     """
     attend = fused_attention if fused else eager_attention
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)  # contiguous: the native kernel writes rows of it
+    int8 = k_scale is not None
     if k_cache is not None and not native:
         bs = k_cache.shape[2]
         block, offset = slot_mapping // bs, slot_mapping % bs
-        k_cache[block, :, offset] = k
-        v_cache[block, :, offset] = v
+        if int8:
+            (kq, ks), (vq, vs) = quantize_kv(k), quantize_kv(v)
+            k_cache[block, :, offset], k_scale[block, :, offset] = kq, ks
+            v_cache[block, :, offset], v_scale[block, :, offset] = vq, vs
+        else:
+            k_cache[block, :, offset] = k
+            v_cache[block, :, offset] = v
+    if int8 and any(ctx == q_len for _, q_len, ctx in layout.prefills):  # they attend to what the pool holds
+        k, v = dequantize_kv(*quantize_kv(k), q.dtype), dequantize_kv(*quantize_kv(v), q.dtype)
     nd = layout.num_decodes
     if nd:
         if native and k_cache is not None:
             kernels.native().decode_attention(q[:nd], k_cache, v_cache, layout.decode_blocks, layout.decode_lens,
-                                              scale, out[:nd])
+                                              scale, out[:nd], k_scale, v_scale)
         elif fused:
-            out[:nd] = _blockwise_decode(q[:nd], k_cache, v_cache, layout.decode_blocks, layout.decode_mask, scale)
+            out[:nd] = _blockwise_decode(q[:nd], k_cache, v_cache, layout.decode_blocks, layout.decode_mask, scale,
+                                         k_scale, v_scale)
         else:
-            kd = _gather(k_cache, layout.decode_blocks, nd)
-            vd = _gather(v_cache, layout.decode_blocks, nd)
+            kd = _gather(k_cache, layout.decode_blocks, nd, k_scale, q.dtype)
+            vd = _gather(v_cache, layout.decode_blocks, nd, v_scale, q.dtype)
             out[:nd] = attend(q[:nd].unsqueeze(2), kd, vd, layout.decode_mask, scale).squeeze(2)
     for i, (start, q_len, ctx) in enumerate(layout.prefills):
         qi = q[start:start + q_len].transpose(0, 1).unsqueeze(0)  # [1, H, T, D]
@@ -202,8 +243,8 @@ def paged_attention_impl(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_ca
             vi = v[start:start + q_len].transpose(0, 1).unsqueeze(0)
         else:
             blocks = layout.prefill_blocks[i]
-            ki = _gather(k_cache, blocks, 1)[:, :, :ctx]
-            vi = _gather(v_cache, blocks, 1)[:, :, :ctx]
+            ki = _gather(k_cache, blocks, 1, k_scale, q.dtype)[:, :, :ctx]
+            vi = _gather(v_cache, blocks, 1, v_scale, q.dtype)[:, :, :ctx]
         out[start:start + q_len] = attend(qi, ki, vi, None, scale)[0].transpose(0, 1)
     return out
 
@@ -221,6 +262,21 @@ def _(q, k, v, k_cache, v_cache, slot_mapping, layout, block_size, scale, fused,
     return torch.empty_like(q)
 
 
+@torch.library.custom_op("infer_recipes::paged_attention_int8", mutates_args=("k_cache", "v_cache", "k_scale",
+                                                                               "v_scale"))
+def _paged_attention_int8_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
+                             v_cache: torch.Tensor, k_scale: torch.Tensor, v_scale: torch.Tensor,
+                             slot_mapping: torch.Tensor, layout: torch.Tensor, block_size: int, scale: float,
+                             fused: bool) -> torch.Tensor:
+    return paged_attention_impl(q, k, v, k_cache, v_cache, slot_mapping, _Layout.unpack(layout, block_size), scale,
+                                fused, False, k_scale, v_scale)
+
+
+@_paged_attention_int8_op.register_fake
+def _(q, k, v, k_cache, v_cache, k_scale, v_scale, slot_mapping, layout, block_size, scale, fused):
+    return torch.empty_like(q)
+
+
 @torch.library.custom_op("infer_recipes::uncached_attention", mutates_args=())
 def _uncached_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: torch.Tensor, block_size: int,
                          scale: float, fused: bool) -> torch.Tensor:
@@ -233,18 +289,25 @@ def _(q, k, v, layout, block_size, scale, fused):
     return torch.empty_like(q)
 
 
-def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                    kv: tuple[torch.Tensor, torch.Tensor] | None, meta: PagedMetadata, scale: float,
-                    fused: bool, native: bool = False) -> torch.Tensor:
-    """Attention for a continuous-batching step (see `paged_attention_impl`).
+def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv: tuple[torch.Tensor, ...] | None,
+                    meta: PagedMetadata, scale: float, fused: bool, native: bool = False) -> torch.Tensor:
+    """Attention for a continuous-batching step (see `paged_attention_impl`). kv: this layer's (keys, values)
+    pool, or (keys, values, key scales, value scales) for an int8 pool.
 
     Inside a compiled graph it is one opaque custom op (as vLLM splits attention out of its graphs): the graph
     then depends only on the number of tokens, never on how they split into sequences. Eagerly the layout is
     unpacked once per step and shared by all layers."""
-    k_cache, v_cache = kv if kv is not None else (None, None)
+    k_cache, v_cache, *scales = kv if kv is not None else (None, None)
+    k_scale, v_scale = scales if scales else (None, None)
+    if kv is None and meta.int8_kv:  # what a model with an int8 pool computes, scored without the pool
+        k, v = dequantize_kv(*quantize_kv(k), q.dtype), dequantize_kv(*quantize_kv(v), q.dtype)
     if torch.compiler.is_compiling():
         if k_cache is None:
             return _uncached_attention_op(q, k, v, meta.layout, meta.block_size, scale, fused)
+        if k_scale is not None:
+            return _paged_attention_int8_op(q, k, v, k_cache, v_cache, k_scale, v_scale, meta.slot_mapping,
+                                            meta.layout, meta.block_size, scale, fused)
         return _paged_attention_op(q, k, v, k_cache, v_cache, meta.slot_mapping, meta.layout, meta.block_size,
                                    scale, fused, native)
-    return paged_attention_impl(q, k, v, k_cache, v_cache, meta.slot_mapping, meta.parts, scale, fused, native)
+    return paged_attention_impl(q, k, v, k_cache, v_cache, meta.slot_mapping, meta.parts, scale, fused, native,
+                                k_scale, v_scale)

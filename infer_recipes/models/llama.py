@@ -42,14 +42,14 @@ class LlamaAttention(nn.Module):
         del self.q_proj, self.k_proj, self.v_proj
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, meta: PagedMetadata,
-                kv: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+                kv: tuple[torch.Tensor, ...] | None) -> torch.Tensor:
         """x [1, N, hidden]: the step's tokens of every sequence end to end; cos, sin [N, 1, D]."""
         N = x.shape[1]
         H, Hkv, D = self.num_heads, self.num_kv_heads, self.head_dim
         if self.native and kv is not None:  # fused, with a KV cache: rotary and the cache write in one call
             qkv = self.qkv_proj(x).view(N, (H + 2 * Hkv) * D)
-            kernels.native().rope_cache(qkv, cos.reshape(N, D), sin.reshape(N, D), H, Hkv, kv[0], kv[1],
-                                        meta.slot_mapping)
+            kernels.native().rope_cache(qkv, cos.reshape(N, D), sin.reshape(N, D), H, Hkv, *kv[:2],
+                                        meta.slot_mapping, *kv[2:])
             q, k, v = (t.view(N, -1, D) for t in qkv.split([H * D, Hkv * D, Hkv * D], dim=-1))
             out = paged_attention(q, k, v, kv, meta, self.scale, fused=True, native=True)
             return self.shard.all_reduce(self.o_proj(out.view(1, N, H * D)))
@@ -104,7 +104,7 @@ class LlamaDecoderLayer(nn.Module):
         self.fused = True
 
     def forward(self, h: torch.Tensor, residual: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor,
-                meta: PagedMetadata, kv: tuple[torch.Tensor, torch.Tensor] | None):
+                meta: PagedMetadata, kv: tuple[torch.Tensor, ...] | None):
         """One block -> (h, residual); the block's output is h + residual (residual None: h is the output).
 
         Textbook (unfused): x + attn(norm(x)), then + mlp(norm(.)). Fused: each residual add folded into the next
@@ -190,7 +190,7 @@ class LlamaForCausalLM(nn.Module):
         return self.shard.all_reduce(rows * inside.unsqueeze(-1).to(rows.dtype))
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor, meta: PagedMetadata,
-                kv_cache: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
+                kv_cache: list[tuple[torch.Tensor, ...]] | None = None,
                 hidden: torch.Tensor | None = None) -> torch.Tensor:
         """tokens, positions [1, N] (every sequence's tokens of this step end to end) -> final hidden states
         [1, N, hidden]. kv_cache: each of this rank's layers' (keys, values) pool, or None.

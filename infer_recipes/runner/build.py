@@ -32,7 +32,7 @@ from ..quantization.api import (BYTES_PER_WEIGHT, EMBEDDING, check_scheme, gguf_
                                 gguf_sources, quantize_embedding, quantize_gguf, skipped)
 from ..quantization.gguf import kernel_for
 from . import converted
-from .kv_cache import kv_bytes_per_token, kv_pool_blocks
+from .kv_cache import kv_bytes_per_token, kv_element_size, kv_pool_blocks, kv_storage_dtype
 from .model_runner import ModelRunner
 
 
@@ -74,7 +74,8 @@ def kv_blocks(bp: Blueprint) -> int:
 
 def kv_estimate(bp: Blueprint) -> int:
     """Bytes of the KV cache `kv_blocks` will reserve."""
-    return kv_blocks(bp) * kv_bytes_per_token(bp.model_config, bp.dtype.itemsize) * bp.engine_config.block_size
+    element = kv_element_size(kv_storage_dtype(bp.engine_config.kv_cache_dtype, bp.dtype), bp.model_config.head_dim)
+    return int(kv_blocks(bp) * kv_bytes_per_token(bp.model_config, element) * bp.engine_config.block_size)
 
 
 def memory_estimate(bp: Blueprint) -> int:
@@ -111,7 +112,8 @@ def build(bp: Blueprint, num_blocks: int, shard: Shard = Shard(), world: Paralle
     if cfg.kernels == "native" and bp.device.type == "cpu" and kernels.reason() and progress:
         print(kernels.reason(), file=sys.stderr)
     runner = ModelRunner(model, bp.device, bp.dtype, kv_cache=cfg.kv_cache, compile=cfg.compile,
-                         num_blocks=num_blocks, block_size=cfg.block_size, world=world, model_id=model_id)
+                         num_blocks=num_blocks, block_size=cfg.block_size, world=world, model_id=model_id,
+                         kv_dtype=kv_storage_dtype(cfg.kv_cache_dtype, bp.dtype))
     runner.source, runner.model_config, runner.max_model_len = bp.source, bp.model_config, bp.max_model_len
     runner.load_seconds, runner.compile_seconds = model.load_seconds, 0.0
     if cfg.compile:
@@ -128,7 +130,8 @@ def sharing(runner: ModelRunner, cfg: EngineConfig, max_model_len: int) -> Model
     """A runner on `runner`'s model, the same weights (no copy), with a KV cache of its own sized by `cfg` for
     contexts of `max_model_len`: a loaded model drafting for another while it serves its own requests."""
     num_blocks = kv_pool_blocks(runner.model_config, cfg, max_model_len, runner.dtype, runner.device)
-    shared = ModelRunner(runner.model, runner.device, runner.dtype, num_blocks=num_blocks, block_size=cfg.block_size)
+    shared = ModelRunner(runner.model, runner.device, runner.dtype, num_blocks=num_blocks, block_size=cfg.block_size,
+                         kv_dtype=kv_storage_dtype(cfg.kv_cache_dtype, runner.dtype))
     shared.compiled = runner.compiled  # the layers' forwards are the model's: compiled there, compiled here
     shared.source, shared.model_config, shared.max_model_len = runner.source, runner.model_config, runner.max_model_len
     shared.load_seconds = shared.compile_seconds = 0.0

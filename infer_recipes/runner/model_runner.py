@@ -22,7 +22,7 @@ from ..distributed import ParallelContext
 from ..layers.attention import PagedMetadata
 from ..models.llama import LlamaForCausalLM
 from .compiled import CompiledLayers
-from .kv_cache import KVCache
+from .kv_cache import KVCache, kv_bytes_per_token, kv_element_size
 from .pipeline import micro_batches, run_stage, stages
 from .sampling import Sampled, SampleRequest, sample_each, verify
 
@@ -44,14 +44,15 @@ class ModelRunner:
 
     def __init__(self, model: LlamaForCausalLM, device: torch.device, dtype: torch.dtype, kv_cache: bool = True,
                  compile: bool = False, num_blocks: int = 0, block_size: int = 16,
-                 world: ParallelContext | None = None, model_id: int = 0):
+                 world: ParallelContext | None = None, model_id: int = 0, kv_dtype: torch.dtype | None = None):
         self.model, self.device, self.dtype, self.kv_cache = model, device, dtype, kv_cache
+        self.kv_dtype = kv_dtype or dtype  # what the KV pool stores (int8: quantized per token and head)
         self.config: ModelConfig = model.config
         self.block_size = block_size
         self.world, self.model_id = world, model_id
         kv_first, kv_end = model.shard.kv_heads(self.config.num_kv_heads)
         self.cache = (KVCache(len(model.layer_range), num_blocks, block_size, kv_end - kv_first,
-                              self.config.head_dim, dtype, device) if kv_cache else None)
+                              self.config.head_dim, self.kv_dtype, device) if kv_cache else None)
         self.compiled = CompiledLayers(model) if compile else None
         self.owns_weights = True  # False for a runner sharing another's model (build.sharing)
 
@@ -130,7 +131,8 @@ class ModelRunner:
         ids); float32 logits of the scored rows on rank 0, None elsewhere."""
         if kind == "full_logits":
             n = len(payload)
-            meta = PagedMetadata.build([], [(0, n, n, [])], None, self.block_size, self.device)
+            meta = PagedMetadata.build([], [(0, n, n, [])], None, self.block_size, self.device,
+                                       int8_kv=self.kv_cache and self.kv_dtype == torch.int8)
             tokens = torch.tensor([payload], dtype=torch.long, device=self.device)
             positions = torch.arange(n, device=self.device).unsqueeze(0)
             return run_stage(self.model, self.world, [(tokens, positions, meta, list(range(n)))], None, None, n,
@@ -200,6 +202,10 @@ class ModelRunner:
                 seen.add(t.data_ptr())
                 total += t.numel() * t.element_size()
         return total
+
+    def kv_bytes_per_token(self) -> float:
+        """Bytes a token's keys and values take in this runner's pool (an int8 pool's scales included)."""
+        return kv_bytes_per_token(self.config, kv_element_size(self.kv_dtype, self.config.head_dim))
 
     def kv_cache_bytes(self) -> int:
         """Bytes reserved for the KV cache (0 without one; on the CPU pages are committed on use)."""

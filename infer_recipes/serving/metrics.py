@@ -27,6 +27,10 @@ class _EngineCollector:
                                   labels=["model"])
         free = GaugeMetricFamily(f"{PREFIX}_kv_cache_free_blocks", "KV-cache blocks free", labels=["model"])
         total = GaugeMetricFamily(f"{PREFIX}_kv_cache_total_blocks", "KV-cache blocks in the pool", labels=["model"])
+        kv_bytes = GaugeMetricFamily(f"{PREFIX}_kv_cache_bytes", "Bytes reserved for the KV pool (its dtype's, "
+                                     "an int8 pool's scales included)", labels=["model"])
+        kv_token = GaugeMetricFamily(f"{PREFIX}_kv_cache_bytes_per_token", "Bytes one token's keys and values take "
+                                     "in the pool", labels=["model"])
         loaded = GaugeMetricFamily(f"{PREFIX}_model_loaded", "1 when the model is in memory", labels=["model"])
         memory = GaugeMetricFamily(f"{PREFIX}_model_memory_bytes", "Weights plus KV pool of a loaded model",
                                    labels=["model"])
@@ -51,12 +55,15 @@ class _EngineCollector:
             free.add_metric([name], stats["kv_blocks_free"])
             total.add_metric([name], stats["kv_blocks_total"])
             memory.add_metric([name], entry.nbytes)
+            kv_bytes.add_metric([name], entry.llm.kv_cache_bytes())
+            kv_token.add_metric([name], entry.llm.kv_bytes_per_token())
             preemptions.add_metric([name], stats["preemptions"])
             queries.add_metric([name], stats["prefix_cache_queries"])
             hits.add_metric([name], stats["prefix_cache_hits"])
             drafted.add_metric([name], stats["spec_draft_tokens"])
             accepted.add_metric([name], stats["spec_accepted_tokens"])
-        yield from (waiting, running, usage, free, total, loaded, memory, preemptions, queries, hits, drafted, accepted)
+        yield from (waiting, running, usage, free, total, kv_bytes, kv_token, loaded, memory, preemptions, queries,
+                    hits, drafted, accepted)
 
 
 class Metrics:

@@ -191,6 +191,64 @@ def test_decode_attention_reads_paged_blocks_in_place(H, Hkv, D, dtype, isa):
 
 
 @needs_native
+@pytest.mark.parametrize("H,Hkv,D", [(9, 3, 64), (14, 2, 64), (12, 2, 128), (16, 1, 80)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_decode_attention_reads_an_int8_pool_in_place(H, Hkv, D, dtype, isa):
+    """An int8 pool (a float32 scale per token and head) against the torch path over the same pool, which
+    dequantizes the blocks it gathers; and the kernel refuses a pool without its scales."""
+    from infer_recipes.layers.attention import _blockwise_decode, quantize_kv
+
+    g = torch.Generator().manual_seed(H * D + 1)
+    bs, nblocks = 16, 48
+    (k_cache, k_scale), (v_cache, v_scale) = (quantize_kv(torch.randn(nblocks, Hkv, bs, D, generator=g) * 3)
+                                              for _ in range(2))
+    lens = torch.tensor([1, 37, 80, 16, 129])
+    per_row = 9
+    blocks = torch.randperm(nblocks, generator=g)[:len(lens) * per_row].view(len(lens), per_row).contiguous()
+    q = torch.randn(len(lens), H, D, generator=g).to(dtype)
+    out = torch.empty_like(q)
+    kernels.native().decode_attention(q, k_cache, v_cache, blocks.view(-1), lens, D ** -0.5, out, k_scale, v_scale)
+    mask = (torch.arange(per_row * bs)[None] < lens[:, None]).view(len(lens), 1, 1, -1)
+    ref = _blockwise_decode(q.float(), k_cache, v_cache, blocks.view(-1), mask, D ** -0.5, k_scale, v_scale)
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    assert torch.allclose(out.float(), ref, atol=tol, rtol=tol)
+    with pytest.raises(RuntimeError, match="needs its scales"):
+        kernels.native().decode_attention(q, k_cache, v_cache, blocks.view(-1), lens, D ** -0.5, out)
+
+
+@needs_native
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rotary_writes_an_int8_pool_as_quantize_kv_does(dtype, isa):
+    """The rotary kernel's int8 write: bit for bit the int8 rows and scales `quantize_kv` makes of the keys it
+    rotated (in place, in the activation dtype: close to the torch rotation) and of the values."""
+    from infer_recipes.layers.attention import quantize_kv
+    from infer_recipes.layers.rotary import RotaryEmbedding, apply_rotary
+
+    g = torch.Generator().manual_seed(7)
+    H, Hkv, D, N, bs = 6, 2, 64, 5, 16
+    cos, sin = RotaryEmbedding(D, 256, 10000.0)(torch.tensor([0, 17, 3, 200, 31]), dtype)
+    qkv = torch.randn(N, (H + 2 * Hkv) * D, generator=g).to(dtype)
+    k_ref = apply_rotary(qkv[:, H * D:(H + Hkv) * D].reshape(N, Hkv, D), cos, sin)
+    v_ref = qkv[:, (H + Hkv) * D:].reshape(N, Hkv, D).clone()
+    pool = [torch.zeros(8, Hkv, bs, D, dtype=torch.int8) for _ in range(2)]
+    scales = [torch.zeros(8, Hkv, bs) for _ in range(2)]
+    slots = torch.tensor([3, 127, 16, 40, 0])
+    kernels.native().rope_cache(qkv, cos.reshape(N, D), sin.reshape(N, D), H, Hkv, *pool, slots, *scales)
+    where = slots // bs, slice(None), slots % bs
+    rotated = qkv[:, H * D:(H + Hkv) * D].reshape(N, Hkv, D)
+    tol = {"atol": 1e-5, "rtol": 1e-5} if dtype == torch.float32 else {"atol": 2e-2, "rtol": 2e-2}
+    assert torch.allclose(rotated, k_ref, **tol) and torch.equal(qkv[:, (H + Hkv) * D:].reshape(N, Hkv, D), v_ref)
+    for cache, scale, written in zip(pool, scales, (rotated, v_ref)):
+        want_q, want_s = quantize_kv(written)
+        assert torch.equal(cache[where], want_q) and torch.equal(scale[where], want_s)
+    untouched = torch.ones(8 * bs, dtype=torch.bool)
+    untouched[slots] = False
+    assert not pool[0].transpose(1, 2).reshape(8 * bs, -1)[untouched].any()
+    with pytest.raises(RuntimeError, match="both scales"):
+        kernels.native().rope_cache(qkv, cos.reshape(N, D), sin.reshape(N, D), H, Hkv, *pool, slots, scales[0])
+
+
+@needs_native
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_norm_rotary_and_silu_kernels_match_the_torch_layers(dtype, isa):
     """Each small kernel against the layer it replaces, in the activation dtype: RMSNorm with and without the

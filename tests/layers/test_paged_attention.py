@@ -1,13 +1,13 @@
 """Paged attention against PyTorch's scaled_dot_product_attention on the same keys and values laid out
 contiguously: random block tables (blocks scattered over the pool, in any order), decodes and prefill chunks
-mixed in one step, GQA ratios, the fused and textbook paths."""
+mixed in one step, GQA ratios, the fused and textbook paths, float and int8 pools."""
 from __future__ import annotations
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from infer_recipes.layers.attention import PagedMetadata, paged_attention_impl
+from infer_recipes.layers.attention import PagedMetadata, dequantize_kv, paged_attention_impl, quantize_kv
 
 
 def _reference(q, k, v, scale):
@@ -20,16 +20,25 @@ def _reference(q, k, v, scale):
     return out.transpose(0, 1)
 
 
+def _round_trip(x: torch.Tensor) -> torch.Tensor:
+    return dequantize_kv(*quantize_kv(x), x.dtype)
+
+
+@pytest.mark.parametrize("kv_dtype", [torch.float32, torch.int8])
 @pytest.mark.parametrize("fused", [True, False])
 @pytest.mark.parametrize("heads,kv_heads", [(4, 4), (8, 2), (9, 3), (6, 1)])
-def test_paged_attention_equals_sdpa_on_random_block_tables(fused, heads, kv_heads):
+def test_paged_attention_equals_sdpa_on_random_block_tables(fused, heads, kv_heads, kv_dtype):
+    """An int8 pool: exactly (to float rounding) attention over the dequantized keys and values, and within a
+    stated bound of attention over the float ones."""
     gen = torch.Generator().manual_seed(heads * 10 + kv_heads)
     D, bs, num_blocks = 16, 4, 64
+    int8 = kv_dtype == torch.int8
     # (context already in the cache, tokens computed now): decodes (1 new token) and prefill chunks
     seqs = [(9, 1), (0, 1), (30, 1), (0, 7), (5, 11), (16, 3)]
     order = torch.randperm(num_blocks, generator=gen).tolist()  # blocks handed out in a scattered order
-    k_cache = torch.zeros(num_blocks, kv_heads, bs, D)
-    v_cache = torch.zeros(num_blocks, kv_heads, bs, D)
+    k_cache = torch.zeros(num_blocks, kv_heads, bs, D, dtype=kv_dtype)
+    v_cache = torch.zeros(num_blocks, kv_heads, bs, D, dtype=kv_dtype)
+    scales = (torch.zeros(num_blocks, kv_heads, bs), torch.zeros(num_blocks, kv_heads, bs)) if int8 else (None, None)
     full_k, full_v, tables = [], [], []
     for ctx, n in seqs:
         total = ctx + n
@@ -37,8 +46,11 @@ def test_paged_attention_equals_sdpa_on_random_block_tables(fused, heads, kv_hea
         k = torch.randn(total, kv_heads, D, generator=gen)
         v = torch.randn(total, kv_heads, D, generator=gen)
         for p in range(ctx):  # what earlier steps wrote
-            k_cache[table[p // bs], :, p % bs] = k[p]
-            v_cache[table[p // bs], :, p % bs] = v[p]
+            for cache, scale, x in ((k_cache, scales[0], k[p]), (v_cache, scales[1], v[p])):
+                if int8:
+                    cache[table[p // bs], :, p % bs], scale[table[p // bs], :, p % bs] = quantize_kv(x)
+                else:
+                    cache[table[p // bs], :, p % bs] = x
         full_k.append(k), full_v.append(v), tables.append(table)
     decodes = [i for i, (_, n) in enumerate(seqs) if n == 1 and seqs[i][0] > 0]
     prefills = [i for i in range(len(seqs)) if i not in decodes]
@@ -57,14 +69,25 @@ def test_paged_attention_equals_sdpa_on_random_block_tables(fused, heads, kv_hea
     q, k, v = torch.cat(qs), torch.cat(ks), torch.cat(vs)
     meta = PagedMetadata.build(dec_meta, pre_meta, torch.tensor(slots), bs, torch.device("cpu"))
     scale = D ** -0.5
-    out = paged_attention_impl(q, k, v, k_cache, v_cache, meta.slot_mapping, meta.parts, scale, fused)
+    out = paged_attention_impl(q, k, v, k_cache, v_cache, meta.slot_mapping, meta.parts, scale, fused, False, *scales)
     at = 0
     for i, qi in zip(step, qs):
-        want = _reference(qi, full_k[i], full_v[i], scale)
-        torch.testing.assert_close(out[at:at + len(qi)], want, atol=1e-5, rtol=1e-5)
+        got = out[at:at + len(qi)]
+        if int8:
+            want = _reference(qi, _round_trip(full_k[i]), _round_trip(full_v[i]), scale)
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+            # a step of 1/254 of each row's range per element: on unit-variance data the output moves < 0.03
+            assert (got - _reference(qi, full_k[i], full_v[i], scale)).abs().max() < 0.03  # measured <= 0.019
+        else:
+            torch.testing.assert_close(got, _reference(qi, full_k[i], full_v[i], scale), atol=1e-5, rtol=1e-5)
         at += len(qi)
     # the step's keys and values were written into their slots
     for i in step:
         ctx, n = seqs[i]
         for p in range(ctx, ctx + n):
-            assert torch.equal(k_cache[tables[i][p // bs], :, p % bs], full_k[i][p])
+            slot = tables[i][p // bs], slice(None), p % bs
+            if int8:
+                assert torch.equal(k_cache[slot], quantize_kv(full_k[i][p])[0])
+                torch.testing.assert_close(scales[1][slot], quantize_kv(full_v[i][p])[1])
+            else:
+                assert torch.equal(k_cache[slot], full_k[i][p])

@@ -19,7 +19,8 @@ CHAT = [{"role": "user", "content": "What is the capital of France?"}]
 
 @pytest.fixture(scope="module")
 def server(smollm):  # smollm: skips when the model package is absent
-    proc, url = start(["-m", "smollm2=smollm2-135m-instruct", "-m", "int8=smollm2-135m-instruct,quantization=int8",
+    proc, url = start(["-m", "smollm2=smollm2-135m-instruct",
+                        "-m", "int8=smollm2-135m-instruct,quantization=int8,kv_cache_dtype=int8",
                         "-m", "tiny=synthetic:tiny-llama3,max_batch_size=1,max_waiting=1",
                         "-m", "spec=smollm2-135m-instruct,speculative_model=ngram",
                         "--max-model-len", "512", "--api-key", KEY, "--cascade", "auto=int8,smollm2,-0.5"])
@@ -183,6 +184,11 @@ def test_metrics_are_labelled_by_model_in_seconds(server, client):
                  "infer_recipes_generation_tokens_total", "infer_recipes_num_requests_waiting",
                  "infer_recipes_kv_cache_usage_ratio", "infer_recipes_num_preemptions_total"):
         assert re.search(rf'^{name}\{{[^}}]*model="int8"', text, re.M), name
+    # the int8 pool's real bytes: one per element and a float32 scale per token and head (SmolLM2: D = 64), against
+    # the float32 pool's four
+    per_token = {m: _metric(server, "infer_recipes_kv_cache_bytes_per_token", m) for m in ("smollm2", "int8")}
+    assert per_token["int8"] == per_token["smollm2"] / 4 * (64 + 4) / 64 == 30 * 2 * 3 * (64 + 4)
+    assert _metric(server, "infer_recipes_kv_cache_bytes", "int8") > 0
 
 
 # ---- bad input: every case gets its status and OpenAI's error object ----------------------------------------------

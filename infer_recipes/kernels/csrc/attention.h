@@ -13,11 +13,16 @@ struct AttentionArgs {
   void* out;              // [B, H, D]
   int64_t q_stride, blocks_per_row, H, Hkv, block_size, D;
   float scale;
-  bool bf16;  // q, caches and out are bfloat16 (else float32)
+  bool bf16;  // q and out are bfloat16 (else float32), and so are the caches unless they are int8
+  // an int8 pool: a float32 scale per token and K/V head beside the caches, [num_blocks, Hkv, block_size]
+  const float* k_scale = nullptr;
+  const float* v_scale = nullptr;
 };
 
 // tasks are (sequence, K/V head) pairs, sequence-major; one function per instruction set
 using DecodeAttention = void (*)(const AttentionArgs& a, int64_t task0, int64_t task1);
 extern const DecodeAttention decode_attention_avx512, decode_attention_avx2;
+// an int8 pool's reader, written once in AVX2 (which every AVX-512 CPU runs too)
+extern const DecodeAttention decode_attention_int8_avx2;
 
 }  // namespace ir

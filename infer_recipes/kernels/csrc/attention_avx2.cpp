@@ -1,6 +1,7 @@
 // Decode attention over the paged KV pool on AVX2: attention_avx512.cpp's algorithm (each key and value read once
 // per step for the query heads that share it, one pass with an online softmax) in 8-lane vectors and chunks of
-// 8 keys.
+// 8 keys. Also the reader of an int8 pool, for every instruction set: a key's scores and a value's weights carry
+// its row's scale, so the int8 rows are read as they are, a quarter of float32's bytes.
 #pragma GCC target("avx2,fma,f16c")
 #include <immintrin.h>
 
@@ -14,12 +15,13 @@ namespace {
 
 constexpr int MAX_G = 16, MAX_D = 256;
 
-template <typename T>
+// T: q and out (float or bfloat16 bits); C: the caches (T, or int8_t with a.k_scale / a.v_scale)
+template <typename T, typename C>
 void one(const AttentionArgs& a, int64_t b, int64_t h) {
   const int64_t G = a.H / a.Hkv, D = a.D, DV = D / 8, len = a.lens[b];
   const T* q = static_cast<const T*>(a.q) + b * a.q_stride + h * G * D;
-  const T* kc = static_cast<const T*>(a.k_cache);
-  const T* vc = static_cast<const T*>(a.v_cache);
+  const C* kc = static_cast<const C*>(a.k_cache);
+  const C* vc = static_cast<const C*>(a.v_cache);
   const int64_t* table = a.blocks + b * a.blocks_per_row;
   alignas(32) float qf[MAX_G][MAX_D], acc[MAX_G][MAX_D], sc[MAX_G][8], p[MAX_G][8];
   float m[MAX_G], l[MAX_G];
@@ -32,15 +34,18 @@ void one(const AttentionArgs& a, int64_t b, int64_t h) {
     l[g] = 0.0f;
   }
   const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-  const T* kp[8];
-  const T* vp[8];
+  const C* kp[8];
+  const C* vp[8];
+  float ks[8], vs[8];  // the rows' scales (1 for a float pool)
   for (int64_t c0 = 0; c0 < len; c0 += 8) {
     const int64_t n = len - c0 < 8 ? len - c0 : 8;
     for (int64_t j = 0; j < n; ++j) {
       const int64_t pos = c0 + j, block = table[pos / a.block_size];
-      const int64_t at = ((block * a.Hkv + h) * a.block_size + pos % a.block_size) * D;
-      kp[j] = kc + at;
-      vp[j] = vc + at;
+      const int64_t row = (block * a.Hkv + h) * a.block_size + pos % a.block_size;
+      kp[j] = kc + row * D;
+      vp[j] = vc + row * D;
+      ks[j] = a.k_scale ? a.k_scale[row] : 1.0f;
+      vs[j] = a.v_scale ? a.v_scale[row] : 1.0f;
     }
     for (int64_t j = 0; j < n; ++j) {  // scores: each key row once for all G heads
       __m256 s[MAX_G];
@@ -49,7 +54,7 @@ void one(const AttentionArgs& a, int64_t b, int64_t h) {
         const __m256 k = vec8::load(kp[j] + 8 * d);
         for (int64_t g = 0; g < G; ++g) s[g] = _mm256_fmadd_ps(_mm256_load_ps(qf[g] + 8 * d), k, s[g]);
       }
-      for (int64_t g = 0; g < G; ++g) sc[g][j] = vec8::hsum(s[g]);
+      for (int64_t g = 0; g < G; ++g) sc[g][j] = vec8::hsum(s[g]) * ks[j];
     }
     // lanes past the last key: -inf for the max, 0 after the exponential
     const __m256 live = _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(n)), lane));
@@ -73,7 +78,7 @@ void one(const AttentionArgs& a, int64_t b, int64_t h) {
         const __m256 v = vec8::load(vp[j] + 8 * d);
         for (int64_t g = 0; g < G; ++g)
           _mm256_store_ps(acc[g] + 8 * d,
-                          _mm256_fmadd_ps(_mm256_set1_ps(p[g][j]), v, _mm256_load_ps(acc[g] + 8 * d)));
+                          _mm256_fmadd_ps(_mm256_set1_ps(p[g][j] * vs[j]), v, _mm256_load_ps(acc[g] + 8 * d)));
       }
     }
   }
@@ -88,14 +93,24 @@ void one(const AttentionArgs& a, int64_t b, int64_t h) {
 void decode_attention(const AttentionArgs& a, int64_t task0, int64_t task1) {
   for (int64_t t = task0; t < task1; ++t) {
     if (a.bf16)
-      one<uint16_t>(a, t / a.Hkv, t % a.Hkv);
+      one<uint16_t, uint16_t>(a, t / a.Hkv, t % a.Hkv);
     else
-      one<float>(a, t / a.Hkv, t % a.Hkv);
+      one<float, float>(a, t / a.Hkv, t % a.Hkv);
+  }
+}
+
+void decode_attention_int8(const AttentionArgs& a, int64_t task0, int64_t task1) {
+  for (int64_t t = task0; t < task1; ++t) {
+    if (a.bf16)
+      one<uint16_t, int8_t>(a, t / a.Hkv, t % a.Hkv);
+    else
+      one<float, int8_t>(a, t / a.Hkv, t % a.Hkv);
   }
 }
 
 }  // namespace
 
 const DecodeAttention decode_attention_avx2 = decode_attention;
+const DecodeAttention decode_attention_int8_avx2 = decode_attention_int8;
 
 }  // namespace ir

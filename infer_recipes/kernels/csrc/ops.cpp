@@ -3,6 +3,9 @@
 #include <ATen/Parallel.h>
 #include <ATen/record_function.h>
 
+#include <cmath>
+#include <cstring>
+
 #include "attention.h"
 #include "elementwise.h"
 #include "qgemv.h"
@@ -144,15 +147,33 @@ torch::Tensor int8_linear(const torch::Tensor& x, const torch::Tensor& packed, c
   return y;
 }
 
+// an int8 pool's scales: both given, float32 [blocks, Hkv, block_size] beside caches of int8 (else neither)
+bool int8_pool(const torch::Tensor& k_cache, const c10::optional<torch::Tensor>& k_scale,
+               const c10::optional<torch::Tensor>& v_scale) {
+  TORCH_CHECK(k_scale.has_value() == v_scale.has_value(), "give both scales or neither");
+  TORCH_CHECK(k_scale.has_value() == (k_cache.scalar_type() == torch::kChar),
+              "an int8 pool needs its scales, and only an int8 pool has them");
+  if (!k_scale) return false;
+  for (const torch::Tensor* t : {&*k_scale, &*v_scale})
+    TORCH_CHECK(t->scalar_type() == torch::kFloat && t->is_contiguous() && t->dim() == 3 &&
+                    t->sizes() == k_cache.sizes().slice(0, 3),
+                "scales must be contiguous float32 [blocks, Hkv, block_size]");
+  return true;
+}
+
 void decode_attention(const torch::Tensor& q, const torch::Tensor& k_cache, const torch::Tensor& v_cache,
-                      const torch::Tensor& blocks, const torch::Tensor& lens, double scale, torch::Tensor& out) {
+                      const torch::Tensor& blocks, const torch::Tensor& lens, double scale, torch::Tensor& out,
+                      const c10::optional<torch::Tensor>& k_scale, const c10::optional<torch::Tensor>& v_scale) {
   RECORD_FUNCTION("infer_recipes::decode_attention", c10::ArrayRef<const c10::IValue>{});  // named in torch.profiler
   CHECK_CPU();
   TORCH_CHECK(q.dim() == 3 && k_cache.dim() == 4, "q must be [B, H, D] and the caches [blocks, Hkv, bs, D]");
   const auto dtype = q.scalar_type();
   TORCH_CHECK(dtype == torch::kFloat || dtype == torch::kBFloat16, "attention runs in float32 or bfloat16");
-  for (const torch::Tensor* t : {&k_cache, &v_cache, static_cast<const torch::Tensor*>(&out)})
-    TORCH_CHECK(t->scalar_type() == dtype && t->is_contiguous(), "caches and out must be contiguous, q's dtype");
+  const bool int8 = int8_pool(k_cache, k_scale, v_scale);
+  const auto cache_dtype = int8 ? torch::kChar : dtype;
+  for (const torch::Tensor* t : {&k_cache, &v_cache})
+    TORCH_CHECK(t->scalar_type() == cache_dtype && t->is_contiguous(), "caches must be contiguous, in q's dtype or int8");
+  TORCH_CHECK(out.scalar_type() == dtype && out.is_contiguous(), "out must be contiguous, in q's dtype");
   TORCH_CHECK(q.stride(2) == 1 && q.stride(1) == q.size(2), "q's heads must be contiguous within a row");
   TORCH_CHECK(blocks.scalar_type() == torch::kLong && lens.scalar_type() == torch::kLong && blocks.is_contiguous() &&
               lens.is_contiguous(), "blocks and lens must be contiguous int64");
@@ -165,10 +186,12 @@ void decode_attention(const torch::Tensor& q, const torch::Tensor& k_cache, cons
   ir::AttentionArgs a{q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), blocks.data_ptr<int64_t>(),
                       lens.data_ptr<int64_t>(), out.data_ptr(), q.stride(0), blocks.numel() / B, H, Hkv,
                       k_cache.size(2), D,
-                      static_cast<float>(scale), dtype == torch::kBFloat16};
+                      static_cast<float>(scale), dtype == torch::kBFloat16,
+                      int8 ? k_scale->data_ptr<float>() : nullptr, int8 ? v_scale->data_ptr<float>() : nullptr};
   const int64_t max_len = lens.max().item<int64_t>();
   TORCH_CHECK(max_len <= a.blocks_per_row * a.block_size, "a length exceeds its block table");
-  const ir::DecodeAttention fn = current == Isa::avx512 ? ir::decode_attention_avx512 : ir::decode_attention_avx2;
+  const ir::DecodeAttention fn = int8 ? ir::decode_attention_int8_avx2
+                                 : current == Isa::avx512 ? ir::decode_attention_avx512 : ir::decode_attention_avx2;
   at::parallel_for(0, B * Hkv, max_len * D >= 4096 ? 1 : B * Hkv, [&](int64_t t0, int64_t t1) {
     fn(a, t0, t1);
   });
@@ -208,8 +231,40 @@ std::vector<torch::Tensor> rms_norm(const torch::Tensor& x, const c10::optional<
 }
 
 // rotates the q and k heads of a fused qkv output in place and writes k, v to their pool slots
+float to_float(float x) { return x; }
+float to_float(uint16_t bf16) {
+  const uint32_t bits = static_cast<uint32_t>(bf16) << 16;
+  float x;
+  std::memcpy(&x, &bits, 4);
+  return x;
+}
+
+// tokens [t0, t1) of a fused qkv output: their keys and values into an int8 pool, each row (token, head) over its
+// absolute maximum / 127 rounded half to even, as quantize_kv in layers/attention.py does (plain C++: a decode
+// step writes a few rows)
+template <typename T>
+void store_int8(const T* qkv, int64_t stride, int64_t H, int64_t Hkv, int64_t D, int8_t* kc, int8_t* vc, float* ks,
+                float* vs, const int64_t* slots, int64_t bs, int64_t t0, int64_t t1) {
+  for (int64_t t = t0; t < t1; ++t) {
+    const int64_t block = slots[t] / bs, off = slots[t] % bs;
+    for (int64_t h = 0; h < 2 * Hkv; ++h) {
+      const T* src = qkv + t * stride + (H + h) * D;
+      const bool key = h < Hkv;
+      const int64_t row = (block * Hkv + (key ? h : h - Hkv)) * bs + off;
+      float amax = 0.0f;
+      for (int64_t d = 0; d < D; ++d) amax = std::max(amax, std::fabs(to_float(src[d])));
+      const float scale = std::max(amax, 1e-12f) / 127.0f;
+      int8_t* dst = (key ? kc : vc) + row * D;
+      for (int64_t d = 0; d < D; ++d)
+        dst[d] = static_cast<int8_t>(std::min(127.0f, std::max(-127.0f, std::nearbyint(to_float(src[d]) / scale))));
+      (key ? ks : vs)[row] = scale;
+    }
+  }
+}
+
 void rope_cache(torch::Tensor& qkv, const torch::Tensor& cos, const torch::Tensor& sin, int64_t H, int64_t Hkv,
-                torch::Tensor& k_cache, torch::Tensor& v_cache, const torch::Tensor& slots) {
+                torch::Tensor& k_cache, torch::Tensor& v_cache, const torch::Tensor& slots,
+                const c10::optional<torch::Tensor>& k_scale, const c10::optional<torch::Tensor>& v_scale) {
   RECORD_FUNCTION("infer_recipes::rope_cache", c10::ArrayRef<const c10::IValue>{});  // named in torch.profiler
   CHECK_CPU();
   const bool bf16 = is_bf16(qkv);
@@ -219,9 +274,11 @@ void rope_cache(torch::Tensor& qkv, const torch::Tensor& cos, const torch::Tenso
   TORCH_CHECK(cos.scalar_type() == qkv.scalar_type() && sin.scalar_type() == qkv.scalar_type() &&
               cos.is_contiguous() && sin.is_contiguous() && cos.numel() == N * D && sin.numel() == N * D,
               "cos and sin must be contiguous [N, D] in qkv's dtype");
-  TORCH_CHECK(k_cache.scalar_type() == qkv.scalar_type() && v_cache.scalar_type() == qkv.scalar_type() &&
+  const bool int8 = int8_pool(k_cache, k_scale, v_scale);
+  const auto cache_dtype = int8 ? torch::kChar : qkv.scalar_type();
+  TORCH_CHECK(k_cache.scalar_type() == cache_dtype && v_cache.scalar_type() == cache_dtype &&
               k_cache.is_contiguous() && v_cache.is_contiguous() && k_cache.size(1) == Hkv,
-              "the caches must be contiguous [blocks, Hkv, block_size, D] in qkv's dtype");
+              "the caches must be contiguous [blocks, Hkv, block_size, D] in qkv's dtype or int8");
   TORCH_CHECK(slots.scalar_type() == torch::kLong && slots.is_contiguous() && slots.numel() == N,
               "one int64 slot per token");
   const int64_t capacity = k_cache.size(0) * k_cache.size(2);
@@ -231,8 +288,18 @@ void rope_cache(torch::Tensor& qkv, const torch::Tensor& cos, const torch::Tenso
   void* p = qkv.data_ptr();
   const int64_t stride = qkv.stride(0);
   at::parallel_for(0, N, N >= 64 ? 1 : N, [&](int64_t t0, int64_t t1) {
-    elementwise().rope_cache(p, stride, cos.data_ptr(), sin.data_ptr(), H, Hkv, D, k_cache.data_ptr(), v_cache.data_ptr(),
-                   slots.data_ptr<int64_t>(), k_cache.size(2), bf16, t0, t1);
+    // an int8 pool: rotated here, written below
+    elementwise().rope_cache(p, stride, cos.data_ptr(), sin.data_ptr(), H, Hkv, D, k_cache.data_ptr(),
+                             v_cache.data_ptr(), int8 ? nullptr : sl, k_cache.size(2), bf16, t0, t1);
+    if (!int8) return;
+    auto* kc = k_cache.data_ptr<int8_t>();
+    auto* vc = v_cache.data_ptr<int8_t>();
+    float* ks = k_scale->data_ptr<float>();
+    float* vs = v_scale->data_ptr<float>();
+    if (bf16)
+      store_int8(static_cast<const uint16_t*>(p), stride, H, Hkv, D, kc, vc, ks, vs, sl, k_cache.size(2), t0, t1);
+    else
+      store_int8(static_cast<const float*>(p), stride, H, Hkv, D, kc, vc, ks, vs, sl, k_cache.size(2), t0, t1);
   });
 }
 
@@ -262,8 +329,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("use_isa", &use_isa, "run the kernels of this instruction set (one this CPU has)");
   m.def("int4_linear", &int4_linear, "y = x W^T (+ bias), W int4 group-wise in the native layout");
   m.def("int8_linear", &int8_linear, "y = x W^T (+ bias), W int8 per row in the native layout");
-  m.def("decode_attention", &decode_attention, "one query per sequence against its paged K/V, written into out");
+  m.def("decode_attention", &decode_attention, "one query per sequence against its paged K/V, written into out",
+        py::arg("q"), py::arg("k_cache"), py::arg("v_cache"), py::arg("blocks"), py::arg("lens"), py::arg("scale"),
+        py::arg("out"), py::arg("k_scale") = py::none(), py::arg("v_scale") = py::none());
   m.def("rms_norm", &rms_norm, "(norm(x + residual) * weight, x + residual)");
-  m.def("rope_cache", &rope_cache, "rotary on a fused qkv output in place, k and v written to their slots");
+  m.def("rope_cache", &rope_cache, "rotary on a fused qkv output in place, k and v written to their slots",
+        py::arg("qkv"), py::arg("cos"), py::arg("sin"), py::arg("H"), py::arg("Hkv"), py::arg("k_cache"),
+        py::arg("v_cache"), py::arg("slots"), py::arg("k_scale") = py::none(), py::arg("v_scale") = py::none());
   m.def("silu_mul", &silu_mul, "silu(gate) * up of a fused gate_up output");
 }

@@ -15,6 +15,10 @@ inline __m256 load(const uint16_t* p) {
   return _mm256_castsi256_ps(_mm256_slli_epi32(u, 16));
 }
 
+inline __m256 load(const int8_t* p) {
+  return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+}
+
 // 8 floats -> 8 bfloat16, round to nearest even
 inline __m128i to_bf16(__m256 v) {
   __m256i u = _mm256_castps_si256(v);
