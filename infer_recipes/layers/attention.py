@@ -212,18 +212,20 @@ def paged_attention_impl(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_ca
     attend = fused_attention if fused else eager_attention
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)  # contiguous: the native kernel writes rows of it
     int8 = k_scale is not None
+    whole = any(ctx == q_len for _, q_len, ctx in layout.prefills)  # prefills attending to this step's k, v
+    if int8 and (whole or not native):  # quantized once: the pool write and what a whole prefill attends to
+        (kq, ks), (vq, vs) = quantize_kv(k), quantize_kv(v)
     if k_cache is not None and not native:
         bs = k_cache.shape[2]
         block, offset = slot_mapping // bs, slot_mapping % bs
         if int8:
-            (kq, ks), (vq, vs) = quantize_kv(k), quantize_kv(v)
             k_cache[block, :, offset], k_scale[block, :, offset] = kq, ks
             v_cache[block, :, offset], v_scale[block, :, offset] = vq, vs
         else:
             k_cache[block, :, offset] = k
             v_cache[block, :, offset] = v
-    if int8 and any(ctx == q_len for _, q_len, ctx in layout.prefills):  # they attend to what the pool holds
-        k, v = dequantize_kv(*quantize_kv(k), q.dtype), dequantize_kv(*quantize_kv(v), q.dtype)
+    if int8 and whole:  # they attend to what the pool holds
+        k, v = dequantize_kv(kq, ks, q.dtype), dequantize_kv(vq, vs, q.dtype)
     nd = layout.num_decodes
     if nd:
         if native and k_cache is not None:

@@ -6,6 +6,7 @@
 #include <immintrin.h>
 
 #include <cmath>
+#include <type_traits>
 
 #include "attention.h"
 #include "vec8.h"
@@ -90,27 +91,20 @@ void one(const AttentionArgs& a, int64_t b, int64_t h) {
   }
 }
 
+// caches in q's dtype, or (INT8) int8 with their scales
+template <bool INT8>
 void decode_attention(const AttentionArgs& a, int64_t task0, int64_t task1) {
   for (int64_t t = task0; t < task1; ++t) {
     if (a.bf16)
-      one<uint16_t, uint16_t>(a, t / a.Hkv, t % a.Hkv);
+      one<uint16_t, std::conditional_t<INT8, int8_t, uint16_t>>(a, t / a.Hkv, t % a.Hkv);
     else
-      one<float, float>(a, t / a.Hkv, t % a.Hkv);
-  }
-}
-
-void decode_attention_int8(const AttentionArgs& a, int64_t task0, int64_t task1) {
-  for (int64_t t = task0; t < task1; ++t) {
-    if (a.bf16)
-      one<uint16_t, int8_t>(a, t / a.Hkv, t % a.Hkv);
-    else
-      one<float, int8_t>(a, t / a.Hkv, t % a.Hkv);
+      one<float, std::conditional_t<INT8, int8_t, float>>(a, t / a.Hkv, t % a.Hkv);
   }
 }
 
 }  // namespace
 
-const DecodeAttention decode_attention_avx2 = decode_attention;
-const DecodeAttention decode_attention_int8_avx2 = decode_attention_int8;
+const DecodeAttention decode_attention_avx2 = decode_attention<false>;
+const DecodeAttention decode_attention_int8_avx2 = decode_attention<true>;
 
 }  // namespace ir

@@ -4,7 +4,6 @@
 #include <ATen/record_function.h>
 
 #include <cmath>
-#include <cstring>
 
 #include "attention.h"
 #include "elementwise.h"
@@ -230,18 +229,9 @@ std::vector<torch::Tensor> rms_norm(const torch::Tensor& x, const c10::optional<
   return {y, sum};
 }
 
-// rotates the q and k heads of a fused qkv output in place and writes k, v to their pool slots
-float to_float(float x) { return x; }
-float to_float(uint16_t bf16) {
-  const uint32_t bits = static_cast<uint32_t>(bf16) << 16;
-  float x;
-  std::memcpy(&x, &bits, 4);
-  return x;
-}
-
 // tokens [t0, t1) of a fused qkv output: their keys and values into an int8 pool, each row (token, head) over its
 // absolute maximum / 127 rounded half to even, as quantize_kv in layers/attention.py does (plain C++: a decode
-// step writes a few rows)
+// step writes a few rows). T: float or c10::BFloat16
 template <typename T>
 void store_int8(const T* qkv, int64_t stride, int64_t H, int64_t Hkv, int64_t D, int8_t* kc, int8_t* vc, float* ks,
                 float* vs, const int64_t* slots, int64_t bs, int64_t t0, int64_t t1) {
@@ -252,16 +242,18 @@ void store_int8(const T* qkv, int64_t stride, int64_t H, int64_t Hkv, int64_t D,
       const bool key = h < Hkv;
       const int64_t row = (block * Hkv + (key ? h : h - Hkv)) * bs + off;
       float amax = 0.0f;
-      for (int64_t d = 0; d < D; ++d) amax = std::max(amax, std::fabs(to_float(src[d])));
+      for (int64_t d = 0; d < D; ++d) amax = std::max(amax, std::fabs(static_cast<float>(src[d])));
       const float scale = std::max(amax, 1e-12f) / 127.0f;
       int8_t* dst = (key ? kc : vc) + row * D;
       for (int64_t d = 0; d < D; ++d)
-        dst[d] = static_cast<int8_t>(std::min(127.0f, std::max(-127.0f, std::nearbyint(to_float(src[d]) / scale))));
+        dst[d] = static_cast<int8_t>(
+            std::min(127.0f, std::max(-127.0f, std::nearbyint(static_cast<float>(src[d]) / scale))));
       (key ? ks : vs)[row] = scale;
     }
   }
 }
 
+// rotates the q and k heads of a fused qkv output in place and writes k, v to their pool slots
 void rope_cache(torch::Tensor& qkv, const torch::Tensor& cos, const torch::Tensor& sin, int64_t H, int64_t Hkv,
                 torch::Tensor& k_cache, torch::Tensor& v_cache, const torch::Tensor& slots,
                 const c10::optional<torch::Tensor>& k_scale, const c10::optional<torch::Tensor>& v_scale) {
@@ -297,7 +289,7 @@ void rope_cache(torch::Tensor& qkv, const torch::Tensor& cos, const torch::Tenso
     float* ks = k_scale->data_ptr<float>();
     float* vs = v_scale->data_ptr<float>();
     if (bf16)
-      store_int8(static_cast<const uint16_t*>(p), stride, H, Hkv, D, kc, vc, ks, vs, sl, k_cache.size(2), t0, t1);
+      store_int8(static_cast<const c10::BFloat16*>(p), stride, H, Hkv, D, kc, vc, ks, vs, sl, k_cache.size(2), t0, t1);
     else
       store_int8(static_cast<const float*>(p), stride, H, Hkv, D, kc, vc, ks, vs, sl, k_cache.size(2), t0, t1);
   });
