@@ -14,6 +14,12 @@ from .app import create_app
 from .pool import ModelPool
 from .routing import Cascade
 
+# How long an idle keep-alive connection stays open. It must outlast the idle expiry of the clients that pool
+# connections (httpx and so the `openai` SDK: 5 s; uvicorn's own default is also 5 s): then the client always drops
+# an idle connection first, and a request never goes out on a socket the server is closing at that instant (that
+# race answers "Server disconnected without sending a response", and a POST is not retried). nginx keeps 75 s.
+KEEP_ALIVE_S = 75
+
 
 def bind(host: str, port: int) -> socket.socket:
     """The listening socket, taken first: a port in use is a one-line error before any model loads."""
@@ -63,6 +69,7 @@ def serve(pool: ModelPool, host: str = "127.0.0.1", port: int = 8000, cascades: 
         app = create_app(pool, cascades, api_key)
         pool.preload()
         config = uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=5,
+                                timeout_keep_alive=KEEP_ALIVE_S,
                                 access_log=log_level == "debug")
         _DrainingServer(config, app, drain_timeout).run(sockets=[sock])
     finally:

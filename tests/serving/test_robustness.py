@@ -265,6 +265,20 @@ def test_a_client_gone_mid_body_is_one_log_line(srv, url):
     assert "Traceback" not in output(srv)
 
 
+def test_an_idle_keep_alive_connection_outlives_the_clients_expiry(url):
+    """httpx (and so the `openai` SDK) drops a pooled connection after 5 s idle; a server that closes at 5 s too
+    races it, and the request that loses gets "Server disconnected without sending a response" (a CI failure).
+    The same socket must still answer after 6 s idle."""
+    port = int(url.rsplit(":", 1)[1])
+    request = b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n"
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        for wait in (0.0, 6.0):
+            time.sleep(wait)
+            s.sendall(request)
+            reply = s.recv(65536)
+            assert reply.startswith(b"HTTP/1.1 200"), (wait, reply[:200])
+
+
 def test_a_port_in_use_is_one_line_before_any_model_loads():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
