@@ -108,6 +108,7 @@ class ChatTemplate:
                                                                                       ensure_ascii=ensure_ascii)
         env.globals["raise_exception"] = raise_exception
         env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+        self.source = source  # what a saved checkpoint writes back out
         self.template = env.from_string(source)
         self.bos_token, self.eos_token = bos_token or "", eos_token or ""
 

@@ -1,7 +1,7 @@
 """`infer-recipes`: argument parsing and printing only; the work happens behind the public API.
 
 One module per command family, each with its own subparsers (`register`): generate.py (generate, chat, run,
-info, recipes), evaluate.py (eval), serve.py (serve), bench.py (bench, profile, plan); common.py the flags they
+info, recipes), evaluate.py (eval), quantize.py (quantize), serve.py (serve), bench.py (bench, profile, plan); common.py the flags they
 share."""
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import argparse
 import sys
 from typing import NoReturn
 
-from . import bench, evaluate, generate, serve
+from . import bench, evaluate, generate, quantize, serve
 from .common import _set_threads
 
 
@@ -17,7 +17,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="infer-recipes",
                                      description="Llama-family inference with measured optimizations.")
     sub = parser.add_subparsers(dest="command", required=True)
-    for family in (generate, evaluate, serve, bench):
+    for family in (generate, evaluate, quantize, serve, bench):
         family.register(sub)
     return parser
 

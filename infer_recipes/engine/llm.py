@@ -13,7 +13,7 @@ from .. import distributed
 from ..config import EngineConfig, SamplingParams, draft_config
 from ..device import resolve_device, returning_host_memory
 from ..errors import InferRecipesError
-from ..runner import build, kv_blocks, prepare, run_worker, sharing
+from ..runner import build, checkpoint_switches, kv_blocks, prepare, run_worker, sharing
 from ..tokenizer import LLMTokenizer, load_tokenizer
 from .llm_engine import LLMEngine, Prompt
 from .request import RequestOutput
@@ -54,6 +54,7 @@ class LLM:
                 raise InferRecipesError("draft: a loaded draft model drafts with its own weights and scheme; drop "
                                         "speculative_model: ngram and speculative_quantization")
             switches["speculative_model"] = switches.get("speculative_model") or draft.name
+        switches = checkpoint_switches(model, switches)  # a calibrated checkpoint's scheme, unless one is named
         self.engine_config = cfg = EngineConfig(device=device, dtype=dtype, max_model_len=max_model_len,
                                                 max_batch_size=max_batch_size, **switches)
         device_ = resolve_device(device)

@@ -87,3 +87,37 @@ def iter_tensors(directory: str, config: ModelConfig) -> Iterator[tuple[str, tor
                 raise
             raise ModelSourceError(f"cannot read {path} ({e}): the file is truncated or corrupted; "
                                    "download it again") from e
+
+
+ARCHITECTURE_NAMES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+
+
+def write_config(directory: str, config: ModelConfig) -> None:
+    """config.json for `config` in Hugging Face's keys: what `read_config` (and transformers) read back."""
+    eos = list(config.eos_token_ids)
+    raw = {"architectures": [ARCHITECTURE_NAMES[config.architecture]], "model_type": config.architecture,
+           "vocab_size": config.vocab_size, "hidden_size": config.hidden_size,
+           "intermediate_size": config.intermediate_size, "num_hidden_layers": config.num_layers,
+           "num_attention_heads": config.num_heads, "num_key_value_heads": config.num_kv_heads,
+           "head_dim": config.head_dim, "max_position_embeddings": config.max_position_embeddings,
+           "rms_norm_eps": config.rms_norm_eps, "rope_theta": config.rope_theta, "rope_scaling": config.rope_scaling,
+           "tie_word_embeddings": config.tie_word_embeddings, "attention_bias": config.attention_bias,
+           "bos_token_id": config.bos_token_id, "eos_token_id": eos[0] if len(eos) == 1 else eos,
+           "hidden_act": "silu", "torch_dtype": "bfloat16"}
+    with open(os.path.join(directory, "config.json"), "w", encoding="utf-8") as f:
+        json.dump(raw, f, indent=2)
+
+
+QUANTIZATION_FILE = "quantization.json"  # beside config.json: the scheme a calibrated checkpoint was made for
+
+
+def read_quantization(directory: str) -> dict | None:
+    """A calibrated checkpoint's quantization.json ({"scheme", "group_size", "quantization_skip", ...}), or None
+    for a plain model directory."""
+    path = os.path.join(directory, QUANTIZATION_FILE)
+    if not os.path.isfile(path):
+        return None
+    raw = _read_json(path)
+    if not isinstance(raw, dict) or not isinstance(raw.get("scheme"), str):
+        raise ModelSourceError(f"{path} names no scheme: write it again with `infer-recipes quantize`")
+    return raw

@@ -38,6 +38,11 @@ class Int4Linear(QuantizedLinear):
     @classmethod
     def from_float(cls, weight: torch.Tensor, bias: torch.Tensor | None = None, group_size: int = 32,
                    native: bool = False):
+        return cls(*cls.quantize(weight, group_size), group_size, bias, native)
+
+    @staticmethod
+    def quantize(weight: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(q [N, K] uint8 in [0, 15], scales, zeros [N, K / group]) of a float weight, min-max per group."""
         N, K = weight.shape
         if group_size not in GROUP_SIZES or K % group_size:
             raise ValueError(f"group_size must be one of {GROUP_SIZES} and divide in_features={K}")
@@ -51,7 +56,15 @@ class Int4Linear(QuantizedLinear):
             q = torch.round((w - (zeros - 8 * scales)[..., None]) / scales[..., None]).clamp(0, 15)
             return q.view(-1, K).to(torch.uint8), scales, zeros
 
-        return cls(*by_rows(rows, weight), group_size, bias, native)
+        return by_rows(rows, weight)
+
+    @classmethod
+    def fake(cls, weight: torch.Tensor, group_size: int) -> torch.Tensor:
+        """The float weight this scheme holds for `weight` (what its kernel computes with), without packing."""
+        q, scales, zeros = cls.quantize(weight, group_size)
+        N, K = weight.shape
+        w = (q.float().view(N, -1, group_size) - 8) * scales[..., None] + zeros[..., None]
+        return w.view(N, K)
 
     def dequantize(self, dtype=torch.float32) -> torch.Tensor:
         if self.native:

@@ -24,6 +24,7 @@ from ..distributed import ParallelContext, launched, world_size
 from ..errors import InferRecipesError
 from ..layers.parallel import Shard, check_split, stage_layers
 from ..loading import ModelSource, load_model, resolve_model_source
+from ..loading.hf import read_quantization
 from ..loading.gguf import quantized_blocks, release_blocks, tensor_shapes, tensor_types
 from ..loading.weights import drop_metadata, read_config, release_loader_memory
 from ..models.llama import WHOLE, LlamaForCausalLM, shard_range
@@ -56,6 +57,21 @@ def prepare(spec: str, cfg: EngineConfig, device: torch.device) -> Blueprint:
     _check_switches(mc, cfg, source)
     max_len = min(cfg.max_model_len or mc.max_position_embeddings, mc.max_position_embeddings)
     return Blueprint(spec, source, mc, cfg, device, resolve_dtype(cfg.dtype, device), max_len)
+
+
+def checkpoint_switches(spec: str, switches: dict) -> dict:
+    """The switches a calibrated checkpoint (`infer-recipes quantize`) brings: it runs in the scheme it was
+    calibrated for unless `switches` name a quantization (`none` included: its float weights are the model,
+    scaled for that scheme's rounding)."""
+    if "quantization" in switches:
+        return switches
+    source = resolve_model_source(spec)
+    saved = read_quantization(source.location) if source.kind == "hf" else None
+    if saved is None:
+        return switches
+    brought = {"quantization": saved["scheme"], "group_size": int(saved.get("group_size", 32)),
+               "quantization_skip": tuple(saved.get("quantization_skip", ()))}
+    return {**brought, **switches}
 
 
 def kv_blocks(bp: Blueprint) -> int:

@@ -23,7 +23,7 @@ from ..device import resolve_device, trim_host_memory
 from ..engine.async_engine import AsyncEngine, DeviceThread
 from ..engine.llm import LLM
 from ..errors import InferRecipesError
-from ..runner import kv_estimate, memory_estimate, prepare
+from ..runner import checkpoint_switches, kv_estimate, memory_estimate, prepare
 from .protocol import APIError
 
 
@@ -57,7 +57,7 @@ class Entry:
 
 def _config(spec: ModelSpec) -> EngineConfig:
     known = set(EngineConfig.__dataclass_fields__)
-    return EngineConfig(**{k: v for k, v in spec.options.items() if k in known})
+    return EngineConfig(**checkpoint_switches(spec.model, {k: v for k, v in spec.options.items() if k in known}))
 
 
 def estimate_bytes(spec: ModelSpec, draft: ModelSpec | None = None) -> int:
