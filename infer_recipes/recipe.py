@@ -120,10 +120,16 @@ class Recipe:
     engine: EngineConfig
     data: DataConfig = DataConfig()
     path: Path | None = None
+    stated: frozenset[str] = frozenset()  # the engine keys the recipe (or --set) gave
 
     def llm_kwargs(self) -> dict:
-        """Keyword arguments for `LLM(self.model, **kwargs)`."""
-        return asdict(self.engine)
+        """Keyword arguments for `LLM(self.model, **kwargs)`. The quantization keys the recipe leaves out stay
+        out: a calibrated checkpoint then runs in the scheme it was made for."""
+        kwargs = asdict(self.engine)
+        for key in ("quantization", "group_size", "quantization_skip"):
+            if key not in self.stated:
+                kwargs.pop(key)
+        return kwargs
 
     def prompts(self) -> list[str]:
         return self.data.load_prompts(self.path.parent if self.path else None)
@@ -222,7 +228,7 @@ def parse_recipe(text: str, where: str = "<recipe>", path: Path | None = None,
         raise RecipeError(f"{where}{f' line {line}' if line else ''}: {section}.{e}") from None
     name = doc.get("name") or (path.stem if path else "recipe")
     return Recipe(name=str(name), description=str(doc.get("description", "")).strip(), model=str(model["name"]),
-                  engine=engine, data=data_cfg, path=path)
+                  engine=engine, data=data_cfg, path=path, stated=frozenset(engine_values))
 
 
 def shipped() -> dict[str, Path]:

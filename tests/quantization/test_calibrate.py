@@ -13,8 +13,11 @@ from torch import nn
 
 from infer_recipes import LLM
 from infer_recipes.cli import main
+from infer_recipes.config import EngineConfig
 from infer_recipes.errors import InferRecipesError
 from infer_recipes.quantization import calibrate as cal
+from infer_recipes.recipe import load_recipe
+from infer_recipes.runner import checkpoint_switches
 
 
 def test_scaling_leaves_the_float_model_unchanged():
@@ -110,6 +113,12 @@ def test_a_calibrated_checkpoint_reloads_to_the_weights_it_was_made_from(smollm,
     assert q.model.model.layers[0].self_attn.qkv_proj.__class__.__name__ == "Int4Linear"
     top = q.logits(ids)[-1].topk(5).indices.tolist()
     assert smollm.logits(ids)[-1].argmax().item() in top
+    # a recipe naming it brings the same scheme, unless it states its own
+    for stated, scheme in (("", "int4"), ("optimization:\n  quantization: none\n", None)):
+        path = tmp_path / "r.yaml"
+        path.write_text(f"model:\n  name: {out}\n{stated}")
+        recipe = load_recipe(str(path))
+        assert EngineConfig(**checkpoint_switches(recipe.model, recipe.llm_kwargs())).quantization == scheme
 
 
 def test_quantize_refuses_what_it_cannot_do(smollm, tmp_path):
