@@ -90,7 +90,7 @@ def quantize_checkpoint(model: str, scheme: str, calibration: str, out: str, sam
     net = llm.model
     found = cal.groups(net, skip)
     chunks = windows(llm.tokenizer.encode(text), samples, seq_len)
-    recorder = cal.Recorder(net, found, rows_per_call=-(-ROWS // len(chunks)))
+    recorder = cal.Recorder(net, found, max_rows=ROWS, tokens=len(chunks) * seq_len)
     try:
         for ids in tqdm(chunks, desc="calibrating", unit="window", disable=not progress, file=sys.stderr):
             llm.logits(ids)
@@ -99,7 +99,7 @@ def quantize_checkpoint(model: str, scheme: str, calibration: str, out: str, sam
     factors, choices = cal.search(net, found, scheme, group_size, progress=progress)
     cal.apply(net, found, factors)
     for g in found:
-        g.rows.clear()
+        g.rows = None
     report = {
         "format": 1, "scheme": scheme, "group_size": group_size, "quantization_skip": list(skip),
         "method": "smoothquant" if scheme == "w8a8" else "activation-aware scaling (AWQ)",

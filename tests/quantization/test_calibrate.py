@@ -63,7 +63,7 @@ def test_the_search_cuts_the_error_of_outlier_channels_and_never_raises_it(schem
     x = torch.randn(512, k, generator=g) * channel
     model = _Pair(w)
     group = cal.Group("g", ("lin",), "norm", abs_sum=x.abs().sum(0, dtype=torch.float64), abs_max=x.abs().amax(0),
-                      count=x.shape[0], rows=[x])
+                      count=x.shape[0], rows=x, filled=x.shape[0])
     factors, (choice,) = cal.search(model, [group], scheme, progress=False)
     assert choice.error <= choice.error_unscaled
     assert choice.error < 0.8 * choice.error_unscaled, choice  # the outliers are what scaling is for
