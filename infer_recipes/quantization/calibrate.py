@@ -34,7 +34,7 @@ from .int8 import Int8Linear
 from .w8a8 import quantize_per_token
 
 CALIBRATED = ("w8a8", "int4", "int8")  # the schemes a calibrated scaling exists for
-GRID = tuple(i / 10 for i in range(11))
+GRID = tuple(i / 10 for i in range(1, 11))  # besides a = 0 (no scaling), which is always scored
 
 
 @dataclass
@@ -118,7 +118,7 @@ def quantized_output(scheme: str, x: torch.Tensor, w: torch.Tensor, s: torch.Ten
     ws = w * s
     if scheme == "w8a8":
         xq, xs = quantize_per_token(x / s)
-        q, ss = Int8Linear.quantize(ws, torch.float32)
+        q, ss = Int8Linear.quantize(ws)  # as W8A8Linear holds it
         return (xq.float() * xs) @ (q.float() * ss[:, None]).t()
     if scheme == "int8":
         q, ss = Int8Linear.quantize(ws)
@@ -147,13 +147,15 @@ def search(model: nn.Module, found: list[Group], scheme: str, group_size: int = 
             continue  # such a layer stays float when quantized
         x = g.rows[:g.filled]
         ref = x @ w.t()
-        best = None
+        ones = torch.ones(w.shape[1])
+        unscaled = (quantized_output(scheme, x, w, ones, group_size) - ref).pow(2).sum().item()
+        best = (unscaled, 0.0, ones)
         for a in grid:
-            s = _factor(scheme, a, g, w) if a else torch.ones(w.shape[1])
-            err = (quantized_output(scheme, x, w, s, group_size) - ref).pow(2).sum().item()
             if a == 0:
-                unscaled = err
-            if best is None or err < best[0]:
+                continue
+            s = _factor(scheme, a, g, w)
+            err = (quantized_output(scheme, x, w, s, group_size) - ref).pow(2).sum().item()
+            if err < best[0]:
                 best = (err, a, s)
         factors[g.name] = best[2]
         choices.append(Choice(g.name, best[1], best[0], unscaled))
