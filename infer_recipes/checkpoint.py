@@ -32,6 +32,7 @@ from .errors import InferRecipesError
 from .loading import resolve_model_source
 from .loading.hf import QUANTIZATION_FILE, read_quantization, write_config
 from .quantization import calibrate as cal
+from .tokenizer import to_directory
 
 SAVE_DTYPE = torch.bfloat16
 ROWS = 512  # activation rows per group the scale search scores on
@@ -90,7 +91,8 @@ def quantize_checkpoint(model: str, scheme: str, calibration: str, out: str, sam
     net = llm.model
     found = cal.groups(net, skip)
     chunks = windows(llm.tokenizer.encode(text), samples, seq_len)
-    recorder = cal.Recorder(net, found, max_rows=ROWS, tokens=len(chunks) * seq_len)
+    tokens = len(chunks) * seq_len
+    recorder = cal.Recorder(net, found, max_rows=ROWS, tokens=tokens)
     try:
         for ids in tqdm(chunks, desc="calibrating", unit="window", disable=not progress, file=sys.stderr):
             llm.logits(ids)
@@ -105,7 +107,7 @@ def quantize_checkpoint(model: str, scheme: str, calibration: str, out: str, sam
         "method": "smoothquant" if scheme == "w8a8" else "activation-aware scaling (AWQ)",
         "source_model": model, "weights_dtype": str(SAVE_DTYPE).removeprefix("torch."),
         "calibration": {"file": os.path.basename(calibration), "sha256": digest, "windows": len(chunks),
-                        "seq_len": seq_len, "tokens": len(chunks) * seq_len},
+                        "seq_len": seq_len, "tokens": tokens},
         "alpha": {c.group: c.alpha for c in choices},
         "output_error": {"unscaled": sum(c.error_unscaled for c in choices),
                          "scaled": sum(c.error for c in choices)},
@@ -142,14 +144,8 @@ def _save(llm, out: str, report: dict, factors: dict[str, torch.Tensor], progres
         with open(os.path.join(partial, "model.safetensors.index.json"), "w", encoding="utf-8") as f:
             json.dump(index, f)
         save_file({k: v.contiguous() for k, v in factors.items()}, os.path.join(partial, "smoothing.safetensors"))
-        write_config(partial, llm.model_config)
-        tok = llm.tokenizer
-        tok.tokenizer.save(os.path.join(partial, "tokenizer.json"))
-        tok_cfg = {"bos_token": tok.bos_token, "eos_token": tok.eos_token}
-        if tok.chat_template is not None:
-            tok_cfg["chat_template"] = tok.chat_template.source
-        with open(os.path.join(partial, "tokenizer_config.json"), "w", encoding="utf-8") as f:
-            json.dump(tok_cfg, f, indent=2, ensure_ascii=False)
+        write_config(partial, llm.model_config, report["weights_dtype"])
+        to_directory(llm.tokenizer, partial)
         with open(os.path.join(partial, QUANTIZATION_FILE), "w", encoding="utf-8") as f:
             json.dump(report, f, indent=2)
         if os.path.isdir(out):

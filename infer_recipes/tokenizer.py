@@ -296,6 +296,17 @@ def from_directory(directory: str) -> LLMTokenizer:
     return LLMTokenizer(tok, bos, eos, template)
 
 
+def to_directory(tok: LLMTokenizer, directory: str) -> None:
+    """Writes `tok` as `from_directory` reads it back: tokenizer.json (BOS handling in its post-processor) and
+    tokenizer_config.json (special tokens, chat template)."""
+    tok.tokenizer.save(os.path.join(directory, "tokenizer.json"))
+    cfg = {"bos_token": tok.bos_token, "eos_token": tok.eos_token}
+    if tok.chat_template is not None:
+        cfg["chat_template"] = tok.chat_template.source
+    with open(os.path.join(directory, "tokenizer_config.json"), "w", encoding="utf-8") as f:
+        json.dump(cfg, f, indent=2, ensure_ascii=False)
+
+
 def _from_sentencepiece(path: str, cfg: dict, bos: str | None, eos: str | None):
     import sentencepiece as spm
 

@@ -89,13 +89,11 @@ def iter_tensors(directory: str, config: ModelConfig) -> Iterator[tuple[str, tor
                                    "download it again") from e
 
 
-ARCHITECTURE_NAMES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
-
-
-def write_config(directory: str, config: ModelConfig) -> None:
+def write_config(directory: str, config: ModelConfig, torch_dtype: str) -> None:
     """config.json for `config` in Hugging Face's keys: what `read_config` (and transformers) read back."""
     eos = list(config.eos_token_ids)
-    raw = {"architectures": [ARCHITECTURE_NAMES[config.architecture]], "model_type": config.architecture,
+    name = next(n for n, arch in SUPPORTED_ARCHITECTURES.items() if arch == config.architecture)
+    raw = {"architectures": [name], "model_type": config.architecture,
            "vocab_size": config.vocab_size, "hidden_size": config.hidden_size,
            "intermediate_size": config.intermediate_size, "num_hidden_layers": config.num_layers,
            "num_attention_heads": config.num_heads, "num_key_value_heads": config.num_kv_heads,
@@ -103,7 +101,7 @@ def write_config(directory: str, config: ModelConfig) -> None:
            "rms_norm_eps": config.rms_norm_eps, "rope_theta": config.rope_theta, "rope_scaling": config.rope_scaling,
            "tie_word_embeddings": config.tie_word_embeddings, "attention_bias": config.attention_bias,
            "bos_token_id": config.bos_token_id, "eos_token_id": eos[0] if len(eos) == 1 else eos,
-           "hidden_act": "silu", "torch_dtype": "bfloat16"}
+           "hidden_act": "silu", "torch_dtype": torch_dtype}
     with open(os.path.join(directory, "config.json"), "w", encoding="utf-8") as f:
         json.dump(raw, f, indent=2)
 

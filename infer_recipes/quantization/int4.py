@@ -15,6 +15,12 @@ from .base import QuantizedLinear, by_rows
 from .int8 import ACT_DTYPE, representable_scale
 
 
+def _expand(q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int) -> torch.Tensor:
+    """W = (q - 8) * scale + zero per group: q [N, K], scales and zeros [N, K / group] -> float32 [N, K]."""
+    N, K = q.shape
+    return ((q.float().view(N, -1, group_size) - 8) * scales[..., None] + zeros[..., None]).view(N, K)
+
+
 class Int4Linear(QuantizedLinear):
     def __init__(self, q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int,
                  bias: torch.Tensor | None = None, native: bool = False):
@@ -61,17 +67,13 @@ class Int4Linear(QuantizedLinear):
     @classmethod
     def fake(cls, weight: torch.Tensor, group_size: int) -> torch.Tensor:
         """The float weight this scheme holds for `weight` (what its kernel computes with), without packing."""
-        q, scales, zeros = cls.quantize(weight, group_size)
-        N, K = weight.shape
-        w = (q.float().view(N, -1, group_size) - 8) * scales[..., None] + zeros[..., None]
-        return w.view(N, K)
+        return _expand(*cls.quantize(weight, group_size), group_size)
 
     def dequantize(self, dtype=torch.float32) -> torch.Tensor:
         if self.native:
-            q, s, z = layout.unpack_int4(self.packed, self.scales_zeros, self.out_features, self.in_features,
-                                         self.group_size)
-            w = (q.float().view(self.out_features, -1, self.group_size) - 8) * s[..., None] + z[..., None]
-            return w.view(self.out_features, self.in_features).to(dtype)
+            parts = layout.unpack_int4(self.packed, self.scales_zeros, self.out_features, self.in_features,
+                                       self.group_size)
+            return _expand(*parts, self.group_size).to(dtype)
         eye = torch.eye(self.in_features, dtype=ACT_DTYPE)
         # the packed layout is the kernel's own; reading it back through the kernel is exact for an identity input
         return torch.ops.aten._weight_int4pack_mm_for_cpu(eye, self.packed, self.group_size,

@@ -7,6 +7,6 @@ from .model_runner import ModelRunner, StepSeq
 from .sampling import Sampled, SampleRequest, make_generator
 from .worker import run_worker
 
-__all__ = ["Blueprint", "build", "checkpoint_switches", "kv_blocks", "kv_estimate", "memory_estimate", "prepare", "sharing", "KVCache",
-           "kv_bytes_per_token", "kv_pool_blocks", "ModelRunner", "StepSeq", "SampleRequest", "Sampled",
-           "make_generator", "run_worker"]
+__all__ = ["Blueprint", "build", "checkpoint_switches", "kv_blocks", "kv_estimate", "memory_estimate", "prepare",
+           "sharing", "KVCache", "kv_bytes_per_token", "kv_pool_blocks", "ModelRunner", "StepSeq", "SampleRequest",
+           "Sampled", "make_generator", "run_worker"]
