@@ -6,6 +6,7 @@ same text as non-streamed answers; clients that leave abort their requests; refu
 from __future__ import annotations
 
 import asyncio
+import http.client
 import json
 import socket
 import subprocess
@@ -270,13 +271,20 @@ def test_an_idle_keep_alive_connection_outlives_the_clients_expiry(url):
     races it, and the request that loses gets "Server disconnected without sending a response" (a CI failure).
     The same socket must still answer after 6 s idle."""
     port = int(url.rsplit(":", 1)[1])
-    request = b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n"
-    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
-        for wait in (0.0, 6.0):
-            time.sleep(wait)
-            s.sendall(request)
-            reply = s.recv(65536)
-            assert reply.startswith(b"HTTP/1.1 200"), (wait, reply[:200])
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)  # reads whole responses, never reconnects
+    try:                                                                 # on its own while it holds a socket
+        conn.request("GET", "/health")
+        first = conn.getresponse()
+        assert first.status == 200 and not first.will_close
+        first.read()
+        sock = conn.sock
+        time.sleep(6.0)
+        conn.request("GET", "/health")  # on the old setting: RemoteDisconnected, the server closed at 5 s
+        second = conn.getresponse()
+        assert second.status == 200 and conn.sock is sock
+        second.read()
+    finally:
+        conn.close()
 
 
 def test_a_port_in_use_is_one_line_before_any_model_loads():
