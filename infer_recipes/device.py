@@ -58,6 +58,21 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return dtype
 
 
+def half_dtypes(device: torch.device) -> tuple[str, ...]:
+    """The 16-bit activation dtypes this device computes in hardware: a GPU's, and bfloat16 on a CPU with
+    AVX512-BF16 or AMX (elsewhere torch emulates it, slower than float32)."""
+    if device.type == "cuda":
+        return ("bfloat16", "float16") if torch.cuda.is_bf16_supported() else ("float16",)
+    if device.type == "npu":
+        return ("bfloat16", "float16")
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        return ()
+    return ("bfloat16",) if {"avx512_bf16", "amx_bf16"} & set(flags) else ()
+
+
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)

@@ -1,8 +1,11 @@
-"""`infer-recipes quantize`: a calibrated checkpoint (`infer_recipes.checkpoint`)."""
+"""`infer-recipes quantize`: a calibrated checkpoint (`infer_recipes.checkpoint`); `infer-recipes tune`: the
+fastest configuration within an accuracy budget, written as a recipe (`infer_recipes.eval.tune`)."""
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import sys
 
 from ..config import GROUP_SIZES
 from ..loading.source import DEFAULT_MODEL
@@ -31,6 +34,35 @@ def cmd_quantize(args) -> int:
     return 0
 
 
+def cmd_tune(args) -> int:
+    from ..eval.tune import Settings, recipe_text, table, tune
+
+    _set_threads(args)
+    out = os.path.abspath(args.out)
+    if os.path.isdir(out) or not out.endswith((".yaml", ".yml")):
+        from ..errors import InferRecipesError
+
+        raise InferRecipesError(f"--out {args.out}: give the recipe file to write, ending in .yaml")
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    settings = Settings(args.accuracy_budget, args.data, args.tokens, batch=args.batch, input_len=args.input_len,
+                        output_len=args.output_len, runs=args.runs, objective=args.objective, device=args.device)
+    result = tune(args.model, settings, args.calibrate, os.path.dirname(out), progress=_progress(),
+                  log=lambda line: print(line, file=sys.stderr))
+    name = f"{result['source']}/{os.path.splitext(os.path.basename(out))[0]}"
+    text = recipe_text(result, name)
+    tmp = out + ".partial"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+    os.replace(tmp, out)
+    if args.json:
+        print(json.dumps({**result, "recipe": out}))
+        return 0
+    print("\n".join(table(result)))
+    print(f"chosen: {result['chosen']} (fastest {result['objective']} within +{args.accuracy_budget:g} % "
+          f"perplexity); wrote {args.out}: run it with --recipe {args.out}")
+    return 0
+
+
 def register(sub) -> None:
     p = sub.add_parser("quantize", help="calibrate a model for a scheme (SmoothQuant for w8a8, activation-aware "
                        "scaling for int4 / int8) and save it as a checkpoint that loads directly",
@@ -48,3 +80,26 @@ def register(sub) -> None:
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
     p.add_argument("--json", action="store_true", help="print the report as one JSON object")
     p.set_defaults(func=cmd_quantize)
+
+    t = sub.add_parser("tune", help="try the schemes and switches that apply on this host, measure each one's "
+                       "speed and accuracy against float32, and write the recipe of the fastest within a budget",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    t.add_argument("--model", "-m", default=DEFAULT_MODEL, help="a model directory, .gguf file or alias")
+    t.add_argument("--accuracy-budget", type=float, required=True, metavar="PCT",
+                   help="the perplexity increase over float32 allowed, in percent (e.g. 1)")
+    t.add_argument("--data", required=True, metavar="FILE",
+                   help="the held-in text the perplexity is measured on (re-measure the result on other text)")
+    t.add_argument("--tokens", type=int, default=4096, help="tokens of --data scored per configuration")
+    t.add_argument("--calibrate", default=None, metavar="FILE",
+                   help="also make and try calibrated w8a8 and int4 checkpoints (SmoothQuant / activation-aware) "
+                   "from this text, written beside --out; not the --data text")
+    t.add_argument("--batch", type=int, default=1, help="sequences decoded together when timing")
+    t.add_argument("--input-len", type=int, default=256, help="prompt tokens when timing")
+    t.add_argument("--output-len", type=int, default=64, help="new tokens when timing")
+    t.add_argument("--runs", type=int, default=3, help="timed runs of each configuration (and of float32 beside it)")
+    t.add_argument("--objective", default="decode", choices=["decode", "prefill"], help="the speed to maximize")
+    t.add_argument("--device", default="auto", help="auto, cpu, cuda or npu")
+    t.add_argument("--out", required=True, metavar="RECIPE.yaml", help="the recipe file to write")
+    t.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
+    t.add_argument("--json", action="store_true", help="print the result as one JSON object")
+    t.set_defaults(func=cmd_tune)

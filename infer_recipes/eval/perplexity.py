@@ -43,22 +43,33 @@ def windows(n_tokens: int, window: int, stride: int) -> Iterator[tuple[int, int,
         start = max(0, end - (window - stride))
 
 
-def _token_ids(llm, path: str, max_tokens: int | None) -> list[int]:
+def token_ids(llm, path: str, max_tokens: int | None) -> list[int]:
     ids = llm.tokenizer.encode(read_text(path))
     return ids[:max_tokens] if max_tokens else ids
 
 
+def scored(llm, ids: list[int], window: int, stride: int, progress: bool = True,
+           desc: str = "perplexity") -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """(logits [n, V], targets [n]) for each window's newly scored tokens, in order: every token after the first
+    exactly once. `window` and `stride` are already fitted to the model's context."""
+    spans = list(windows(len(ids), window, stride))
+    for start, end, first in tqdm(spans, desc=desc, unit="window", disable=not progress, file=sys.stderr):
+        logits = llm.logits(ids[start:end])  # [T, V]
+        yield logits[first - start - 1:end - start - 1], torch.tensor(ids[first:end])
+
+
+def fitted(llm, window: int, stride: int) -> tuple[int, int]:
+    """The window and stride a model's context allows."""
+    window = min(window, llm.max_model_len)
+    return window, min(stride, window - 1)
+
+
 def perplexity(llm, path: str, max_tokens: int | None = None, window: int = 1024, stride: int = 512,
                progress: bool = True) -> dict:
-    ids = _token_ids(llm, path, max_tokens)
-    window = min(window, llm.max_model_len)
-    stride = min(stride, window - 1)
+    ids = token_ids(llm, path, max_tokens)
+    window, stride = fitted(llm, window, stride)
     nll, count, start_time = 0.0, 0, time.perf_counter()
-    spans = list(windows(len(ids), window, stride))
-    for start, end, first in tqdm(spans, desc="perplexity", unit="window", disable=not progress, file=sys.stderr):
-        logits = llm.logits(ids[start:end])  # [T, V]
-        targets = torch.tensor(ids[first:end])
-        preds = logits[first - start - 1:end - start - 1]
+    for preds, targets in scored(llm, ids, window, stride, progress):
         nll += F.cross_entropy(preds, targets, reduction="sum").item()
         count += len(targets)
     return {"perplexity": math.exp(nll / count), "tokens": count, "seconds": time.perf_counter() - start_time,
@@ -68,7 +79,7 @@ def perplexity(llm, path: str, max_tokens: int | None = None, window: int = 1024
 def agreement(llm, reference, path: str, max_tokens: int | None = 2048, window: int = 512,
               progress: bool = True) -> dict:
     """Top-1 agreement and mean KL(reference || llm) of next-token distributions, position by position."""
-    ids = _token_ids(reference, path, max_tokens)
+    ids = token_ids(reference, path, max_tokens)
     agree, kl, count, start_time = 0, 0.0, 0, time.perf_counter()
     window = min(window, llm.max_model_len)
     starts = range(0, len(ids), window)  # disjoint chunks: every position's distribution compared once

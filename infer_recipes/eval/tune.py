@@ -1,0 +1,280 @@
+"""`infer-recipes tune`: the fastest configuration of a model, on this host, that stays within an accuracy budget.
+
+1. The reference is float32 with the default switches: its perplexity on the held-in text (the first `tokens`
+   tokens of `data`) and its greedy choice at every scored position.
+2. Every candidate that applies here (`candidates`: a 16-bit dtype the hardware computes, each weight scheme with
+   our kernels where they run, the GGUF file's own blocks, calibrated checkpoints when a calibration text is
+   given) is loaded and scored on the same tokens: perplexity change against float32 and top-1 agreement.
+   Each one within the budget is tried once more with the int8 KV cache.
+3. A candidate within the budget is timed against the float32 engine, the two alternating run by run in one window
+   (A B A B), so the drift of a shared machine hits both: decode and prefill tokens/s at the batch asked for, and
+   each one's ratio to float32 measured beside it. Candidates over the budget are not timed.
+4. The highest ratio for the objective wins, the most accurate of those within TIE of it (float32 itself when
+   nothing else qualifies); `recipe_text` writes its recipe with the whole table as comments.
+"""
+from __future__ import annotations
+
+import gc
+import math
+import os
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+import yaml
+from tqdm import tqdm
+
+from ..bench.engines import EngineSpec, Timing, build
+from ..bench.latency import WARMUP_TOKENS, Cell, summarize
+from ..bench.prompts import PromptSet
+from ..errors import InferRecipesError
+from .perplexity import fitted, read_text, scored
+
+OBJECTIVES = {"decode": "decode_tokens_per_s", "prefill": "prefill_tokens_per_s"}
+SCHEMES = ("int8", "w8a8", "int4", "int4-w8a8")
+CALIBRATED = ("w8a8", "int4")
+TIE = 0.03  # speed ratios this close to the best count as equal (run-to-run spread here is a few percent)
+
+
+@dataclass(frozen=True)
+class Candidate:
+    label: str
+    model: str  # the model spec, or the directory of a calibrated checkpoint (which runs in its own scheme)
+    options: dict = field(default_factory=dict)  # LLM keyword arguments beyond the defaults
+
+
+@dataclass
+class Settings:
+    budget_pct: float
+    data: str
+    tokens: int = 4096
+    window: int = 1024
+    stride: int = 512
+    batch: int = 1
+    input_len: int = 256
+    output_len: int = 64
+    runs: int = 3
+    warmup: int = 1
+    objective: str = "decode"
+    device: str = "auto"
+
+    def check(self) -> None:
+        if not (self.budget_pct >= 0 and math.isfinite(self.budget_pct)):
+            raise InferRecipesError(f"--accuracy-budget is a perplexity increase in percent, 0 or more; got "
+                                    f"{self.budget_pct}")
+        for name in ("tokens", "batch", "input_len", "runs"):
+            if getattr(self, name) < 1:
+                raise InferRecipesError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if self.output_len < 2:
+            raise InferRecipesError(f"--output-len must be at least 2 (decode speed needs a second token), got "
+                                    f"{self.output_len}")
+        if self.objective not in OBJECTIVES:
+            raise InferRecipesError(f"--objective: choose {' or '.join(OBJECTIVES)}, not {self.objective!r}")
+        read_text(self.data)
+
+
+def candidates(model: str, source_kind: str, half_dtypes: tuple[str, ...],
+               calibrated: dict[str, str]) -> list[Candidate]:
+    """What `tune` tries besides float32: 16-bit activations where the hardware has them, every weight scheme,
+    the GGUF file's own blocks, and the calibrated checkpoints made for this run ({scheme: directory})."""
+    out = [Candidate(d, model, {"dtype": d}) for d in half_dtypes]
+    out += [Candidate(s, model, {"quantization": s}) for s in SCHEMES]
+    if source_kind == "gguf":
+        out.append(Candidate("gguf", model, {"quantization": "gguf"}))
+    out += [Candidate(f"{s} calibrated", path) for s, path in calibrated.items()]
+    return out
+
+
+def with_int8_kv(c: Candidate) -> Candidate:
+    return Candidate(f"{c.label} + int8 KV", c.model, {**c.options, "kv_cache_dtype": "int8"})
+
+
+@torch.inference_mode()
+def score(llm, ids: list[int], window: int, stride: int, progress: bool, desc: str) -> tuple[float, torch.Tensor]:
+    """Perplexity over `ids` and the greedy choice at every scored position."""
+    window, stride = fitted(llm, window, stride)
+    nll, count, picks = 0.0, 0, []
+    for preds, targets in scored(llm, ids, window, stride, progress, desc):
+        nll += F.cross_entropy(preds.float(), targets, reduction="sum").item()
+        count += len(targets)
+        picks.append(preds.argmax(-1))
+    return math.exp(nll / count), torch.cat(picks)
+
+
+def race(reference, engine, prompts: list[list[int]], cell: Cell, runs: int, warmup: int) -> tuple[dict, dict]:
+    """The reference and `engine` alternating over the same prompts: a warm-up each, then `runs` timed runs each
+    in turn. Returns each one's summary (latency.summarize)."""
+    for _ in range(warmup):
+        for e in (reference, engine):
+            e.run(prompts, min(cell.output_len, WARMUP_TOKENS))
+    timings: tuple[list[Timing], list[Timing]] = ([], [])
+    for _ in range(runs):
+        for e, times in zip((reference, engine), timings):
+            times.append(e.run(prompts, cell.output_len))
+    return tuple(summarize(cell, t, [None] * len(t)) for t in timings)
+
+
+def choose(rows: list[dict], budget_pct: float, objective: str) -> dict:
+    """The timed row within the budget with the highest speed ratio to float32 (the float32 row's is 1). Rows
+    within TIE of the best ratio are as fast as timing can tell on a shared machine: the most accurate of them
+    wins."""
+    key = f"{objective}_vs_float32"
+    fits = [r for r in rows if r.get(key) is not None and r["perplexity_change_pct"] <= budget_pct]
+    if not fits:
+        raise InferRecipesError("no configuration was timed within the budget, not even float32")
+    best = max(r[key] for r in fits)
+    return min((r for r in fits if r[key] >= best * (1 - TIE)), key=lambda r: r["perplexity_change_pct"])
+
+
+def _prompts(data: str, tokenizer, length: int, count: int) -> list[list[int]]:
+    """`count` prompts of `length` tokens cut from the held-in text (its paragraphs, or its lines)."""
+    text = read_text(data)
+    parts = [p.strip() for p in text.split("\n\n") if p.strip()]
+    if len(parts) < count:
+        parts = [line.strip() for line in text.splitlines() if line.strip()]
+    return PromptSet("file", data, tuple(parts)).prompts(tokenizer, length, count)
+
+
+def _free() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def tune(model: str, settings: Settings, calibrate: str | None = None, calibrated_dir: str | None = None,
+         progress: bool = True, log=print) -> dict:
+    """Measures every candidate and returns {"rows": [...], "chosen": row, ...}; `log` receives one line per
+    candidate as it is measured."""
+    from ..device import half_dtypes, resolve_device
+    from ..loading import resolve_model_source
+
+    settings.check()
+    source = resolve_model_source(model)
+    device = resolve_device(settings.device)
+    start = time.perf_counter()
+    calibrated = {}
+    if calibrate:
+        from ..checkpoint import quantize_checkpoint
+
+        read_text(calibrate)
+        if os.path.realpath(calibrate) == os.path.realpath(settings.data):
+            raise InferRecipesError("--calibrate and --data are the same file: calibrate on other text, or the "
+                                    "calibrated rows would be scored on what they were fitted to")
+        for scheme in CALIBRATED:
+            out = os.path.join(calibrated_dir or ".", f"{source.name}-{scheme}-calibrated")
+            log(f"calibrating {scheme} on {calibrate} -> {out}")
+            quantize_checkpoint(model, scheme, calibrate, out, samples=16, progress=progress)
+            calibrated[scheme] = os.path.abspath(out)
+    max_len = max(settings.window, settings.input_len + settings.output_len)
+    cell = Cell(settings.batch, settings.input_len, settings.output_len)
+
+    def load(c: Candidate):
+        options = {"device": settings.device, **c.options}
+        return build(EngineSpec(c.label, "ours", c.model, options), settings.batch, max_len, progress=False)
+
+    reference = load(Candidate("float32", model, {"dtype": "float32"}))
+    tokenizer = reference.tokenizer
+    ids = tokenizer.encode(read_text(settings.data))[:settings.tokens]
+    if len(ids) < 2:
+        raise InferRecipesError(f"{settings.data} has fewer than 2 tokens: give a longer held-in text")
+    prompts = _prompts(settings.data, tokenizer, settings.input_len, settings.batch)
+    ref_ppl, ref_picks = score(reference.llm, ids, settings.window, settings.stride, progress, "float32")
+    rows = [{"config": "float32", "model": model, "options": {"dtype": "float32"}, "perplexity": ref_ppl,
+             "perplexity_change_pct": 0.0, "top1_agreement": 1.0}]
+    pending = candidates(model, source.kind, half_dtypes(device), calibrated)
+    while pending:
+        c = pending.pop(0)
+        row = {"config": c.label, "model": c.model, "options": c.options}
+        rows.append(row)
+        try:
+            engine = load(c)
+        except InferRecipesError as e:
+            row["skipped"] = str(e)
+            log(f"{c.label}: not here ({e})")
+            continue
+        ppl, picks = score(engine.llm, ids, settings.window, settings.stride, progress, c.label)
+        row.update(perplexity=ppl, perplexity_change_pct=100 * (ppl / ref_ppl - 1),
+                   top1_agreement=(picks == ref_picks).float().mean().item(),
+                   weight_bytes_per_decode_step=engine.weight_bytes_read(settings.batch))
+        if row["perplexity_change_pct"] <= settings.budget_pct:
+            if "kv_cache_dtype" not in c.options:
+                pending.insert(0, with_int8_kv(c))
+            with tqdm(total=1, desc=f"timing {c.label} against float32", disable=not progress, file=sys.stderr):
+                ref_speed, speed = race(reference, engine, prompts, cell, settings.runs, settings.warmup)
+            for name, k in OBJECTIVES.items():
+                row[k] = speed[k]
+                row[f"{name}_vs_float32"] = speed[k] / ref_speed[k]
+            rows[0].setdefault("timings", []).append({k: ref_speed[k] for k in OBJECTIVES.values()})
+        log(_line(row, settings.budget_pct))
+        del engine
+        _free()
+    ref = rows[0]
+    ref["weight_bytes_per_decode_step"] = reference.weight_bytes_read(settings.batch)
+    for name, k in OBJECTIVES.items():  # float32's own speed: the median over every window it ran in
+        ref[k] = statistics.median(t[k] for t in ref.get("timings", [])) if ref.get("timings") else None
+        ref[f"{name}_vs_float32"] = 1.0
+    chosen = choose(rows, settings.budget_pct, settings.objective)
+    return {"model": model, "source": source.name, "device": device.type, "budget_pct": settings.budget_pct,
+            "objective": settings.objective, "data": settings.data, "tokens": len(ids), "batch": settings.batch,
+            "input_len": settings.input_len, "output_len": settings.output_len, "runs": settings.runs,
+            "calibrate": calibrate, "rows": rows, "chosen": chosen["config"],
+            "seconds": time.perf_counter() - start}
+
+
+def _line(row: dict, budget: float) -> str:
+    if "skipped" in row:
+        return f"{row['config']}: not here ({row['skipped']})"
+    speed = (f", decode x{row['decode_vs_float32']:.2f}, prefill x{row['prefill_vs_float32']:.2f} of float32"
+             if row.get("decode_vs_float32") is not None else f", over the {budget:g} % budget: not timed")
+    return (f"{row['config']}: perplexity {row['perplexity']:.3f} ({row['perplexity_change_pct']:+.2f} %), top-1 "
+            f"agreement {row['top1_agreement']:.3f}{speed}")
+
+
+def table(result: dict) -> list[str]:
+    """The markdown table of every row, the chosen one marked."""
+    lines = ["| config | perplexity | change | top-1 agreement | decode tok/s | x float32 | prefill tok/s | "
+             "x float32 | weight MB / step |", "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for r in result["rows"]:
+        if "skipped" in r:
+            lines.append(f"| {r['config']} | not here: {r['skipped'][:80]} | | | | | | | |")
+            continue
+
+        def num(k: str, fmt: str) -> str:
+            return format(r[k], fmt) if r.get(k) is not None else "not timed"
+        mark = " (chosen)" if r["config"] == result["chosen"] else ""
+        lines.append(f"| {r['config']}{mark} | {r['perplexity']:.3f} | {r['perplexity_change_pct']:+.2f} % | "
+                     f"{r['top1_agreement']:.3f} | {num('decode_tokens_per_s', '.1f')} | "
+                     f"{num('decode_vs_float32', '.2f')} | {num('prefill_tokens_per_s', '.1f')} | "
+                     f"{num('prefill_vs_float32', '.2f')} | {r['weight_bytes_per_decode_step'] / 1e6:.1f} |")
+    return lines
+
+
+def recipe_text(result: dict, name: str) -> str:
+    """The chosen configuration as a recipe (checked by parsing it back), the table as comments above it."""
+    from ..recipe import parse_recipe
+
+    row = next(r for r in result["rows"] if r["config"] == result["chosen"])
+    options = dict(row["options"])
+    optimization = {k: options.pop(k) for k in ("quantization", "kv_cache_dtype") if k in options}
+    doc = {"name": name,
+           "description": f"Chosen by `infer-recipes tune` ({result['objective']} speed at batch {result['batch']}, "
+                          f"{result['input_len']}-token prompts, within +{result['budget_pct']:g} % perplexity of "
+                          f"float32 on {result['tokens']} tokens of {os.path.basename(result['data'])}): "
+                          f"{row['config']}.",
+           "model": {"name": row["model"], "dtype": options.pop("dtype", "float32"), "device": result["device"]}}
+    if row["model"] == result["model"]:  # a calibrated checkpoint runs in its own scheme: nothing to state
+        optimization.setdefault("quantization", "none")
+    if optimization:
+        doc["optimization"] = optimization
+    doc["scheduler"] = {"max_batch_size": max(result["batch"], 8)}
+    header = [f"# infer-recipes tune --model {result['model']} --accuracy-budget {result['budget_pct']:g} "
+              f"--data {result['data']} --batch {result['batch']}",
+              f"# every configuration tried on this host ({result['seconds']:.0f} s); decode and prefill timed "
+              f"against float32, alternating, {result['runs']} runs each:", "#"]
+    text = "\n".join(header + [f"# {line}" for line in table(result)]) + "\n" + \
+        yaml.safe_dump(doc, sort_keys=False, allow_unicode=True, width=120)
+    parse_recipe(text, f"the tuned recipe {name}")
+    return text

@@ -1,0 +1,92 @@
+"""`infer-recipes tune`: the choice obeys the budget and the speed ratios, the written recipe reproduces the chosen
+row, and each row's perplexity is the one `eval perplexity` measures for that configuration."""
+from __future__ import annotations
+
+import json
+
+import pytest
+from conftest import data_path
+
+from infer_recipes import LLM
+from infer_recipes.cli import main
+from infer_recipes.errors import InferRecipesError
+from infer_recipes.eval.perplexity import perplexity
+from infer_recipes.eval.tune import Settings, choose, recipe_text, tune
+from infer_recipes.recipe import load_recipe, parse_recipe
+
+
+def _row(config, change, decode, model="m", options=None):
+    return {"config": config, "model": model, "options": options if options is not None else {"quantization": config},
+            "perplexity": 10 * (1 + change / 100), "perplexity_change_pct": change, "top1_agreement": 0.99,
+            "decode_vs_float32": decode, "prefill_vs_float32": decode, "decode_tokens_per_s": decode,
+            "prefill_tokens_per_s": decode, "weight_bytes_per_decode_step": 1e6}
+
+
+def test_the_fastest_within_the_budget_wins_and_near_ties_go_to_the_more_accurate():
+    rows = [_row("float32", 0.0, 1.0, options={"dtype": "float32"}), _row("int4", 4.0, 3.0),
+            _row("int8", 0.4, 1.8), _row("w8a8", 0.9, 1.83), _row("over", 1.2, 2.5)]
+    assert choose(rows, 1.0, "decode")["config"] == "int8"  # w8a8 is 1.7 % faster: a tie, int8 is more accurate
+    assert choose(rows, 5.0, "decode")["config"] == "int4"
+    assert choose(rows, 0.0, "decode")["config"] == "float32"
+    rows[2]["decode_vs_float32"] = 1.5  # now w8a8 is clearly faster
+    assert choose(rows, 1.0, "decode")["config"] == "w8a8"
+    untimed = [{**r, "decode_vs_float32": None} for r in rows]
+    with pytest.raises(InferRecipesError, match="no configuration"):
+        choose(untimed, 1.0, "decode")
+
+
+def _result(chosen, rows):
+    return {"model": "m", "source": "m", "device": "cpu", "budget_pct": 1.0, "objective": "decode",
+            "data": "held.txt", "tokens": 4096, "batch": 1, "input_len": 256, "output_len": 64, "runs": 3,
+            "calibrate": None, "rows": rows, "chosen": chosen, "seconds": 60.0}
+
+
+def test_the_recipe_states_the_chosen_scheme_and_leaves_a_checkpoints_own_scheme_alone():
+    rows = [_row("float32", 0.0, 1.0, options={"dtype": "float32"}),
+            _row("int8 + int8 KV", 0.3, 1.9, options={"quantization": "int8", "kv_cache_dtype": "int8"}),
+            _row("w8a8 calibrated", 0.5, 1.7, model="/ckpt/m-w8a8", options={})]
+    recipe = parse_recipe(recipe_text(_result("int8 + int8 KV", rows), "m/tuned"))
+    assert (recipe.model, recipe.engine.quantization, recipe.engine.kv_cache_dtype) == ("m", "int8", "int8")
+    assert recipe.llm_kwargs()["quantization"] == "int8"
+    text = recipe_text(_result("w8a8 calibrated", rows), "m/tuned")
+    assert "| w8a8 calibrated (chosen) |" in text
+    recipe = parse_recipe(text)
+    assert recipe.model == "/ckpt/m-w8a8" and "quantization" not in recipe.llm_kwargs()
+    recipe = parse_recipe(recipe_text(_result("float32", rows), "m/tuned"))
+    kwargs = recipe.llm_kwargs()  # stated, so a calibrated checkpoint named by --model would run in float too
+    assert "quantization" in kwargs and kwargs["quantization"] is None and kwargs["dtype"] == "float32"
+
+
+def test_bad_settings_are_refused_before_any_load(tmp_path):
+    wiki = str(data_path("wikitext2/wiki.valid.tokens"))
+    with pytest.raises(InferRecipesError, match="budget"):
+        tune("synthetic:tiny-llama3", Settings(-1, wiki))
+    with pytest.raises(InferRecipesError, match="not found"):
+        tune("synthetic:tiny-llama3", Settings(1, str(tmp_path / "missing.txt")))
+    with pytest.raises(InferRecipesError, match="same file"):
+        tune("synthetic:tiny-llama3", Settings(1, wiki), calibrate=wiki)
+    assert main(["tune", "--model", "synthetic:tiny-llama3", "--accuracy-budget", "1", "--data", wiki,
+                 "--out", str(tmp_path)]) == 2  # a directory, not a recipe file
+
+
+def test_tune_writes_the_recipe_of_its_choice_and_its_perplexities_are_eval_perplexitys(tmp_path, capsys):
+    wiki = str(data_path("wikitext2/wiki.valid.tokens"))
+    out = tmp_path / "tuned.yaml"
+    assert main(["tune", "--model", "synthetic:tiny-llama3", "--accuracy-budget", "0.05", "--data", wiki,
+                 "--tokens", "300", "--runs", "1", "--input-len", "16", "--output-len", "4", "--threads", "1",
+                 "--out", str(out), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    rows = {r["config"]: r for r in result["rows"]}
+    assert rows["float32"]["perplexity_change_pct"] == 0 and rows["float32"]["top1_agreement"] == 1
+    for r in rows.values():  # timed exactly when within the budget
+        assert (r.get("decode_vs_float32") is not None) == (r["perplexity_change_pct"] <= 0.05), r["config"]
+    assert "int8 + int8 KV" in rows or rows["int8"]["perplexity_change_pct"] > 0.05
+    chosen = rows[result["chosen"]]
+    recipe = load_recipe(str(out))
+    assert recipe.model == chosen["model"]
+    for key, value in {"dtype": "float32", "quantization": None, **chosen["options"]}.items():
+        assert getattr(recipe.engine, key) == value, key
+    # the int8 row's perplexity is what `eval perplexity` reports for int8 on the same tokens
+    llm = LLM("synthetic:tiny-llama3", quantization="int8", max_model_len=1024, progress=False)
+    assert perplexity(llm, wiki, 300, progress=False)["perplexity"] == pytest.approx(rows["int8"]["perplexity"],
+                                                                                      rel=1e-5)
