@@ -3,9 +3,9 @@
 1. The reference is float32 with the default switches: its perplexity on the held-in text (the first `tokens`
    tokens of `data`) and its greedy choice at every scored position.
 2. Every candidate that applies here (`candidates`: a 16-bit dtype the hardware computes, each weight scheme with
-   our kernels where they run, the GGUF file's own blocks, calibrated checkpoints when a calibration text is
-   given) is loaded and scored on the same tokens: perplexity change against float32 and top-1 agreement.
-   Each one within the budget is tried once more with the int8 KV cache.
+   our kernels where they run, int4 with the lm_head left in float, the GGUF file's own blocks, calibrated
+   checkpoints when a calibration text is given) is loaded and scored on the same tokens: perplexity change
+   against float32 and top-1 agreement. Each one within the budget is tried once more with the int8 KV cache.
 3. A candidate within the budget is timed against the float32 engine, the two alternating run by run in one window
    (A B A B), so the drift of a shared machine hits both: decode and prefill tokens/s at the batch asked for, and
    each one's ratio to float32 measured beside it. Candidates over the budget are not timed.
@@ -82,6 +82,8 @@ def candidates(model: str, source_kind: str, half_dtypes: tuple[str, ...],
     the GGUF file's own blocks, and the calibrated checkpoints made for this run ({scheme: directory})."""
     out = [Candidate(d, model, {"dtype": d}) for d in half_dtypes]
     out += [Candidate(s, model, {"quantization": s}) for s in SCHEMES]
+    # a tied lm_head is the embedding table: rounded to 4 bits it can cost more than every decoder layer together
+    out.append(Candidate("int4, float lm_head", model, {"quantization": "int4", "quantization_skip": ["lm_head"]}))
     if source_kind == "gguf":
         out.append(Candidate("gguf", model, {"quantization": "gguf"}))
     out += [Candidate(f"{s} calibrated", path) for s, path in calibrated.items()]
@@ -258,7 +260,8 @@ def recipe_text(result: dict, name: str) -> str:
 
     row = next(r for r in result["rows"] if r["config"] == result["chosen"])
     options = dict(row["options"])
-    optimization = {k: options.pop(k) for k in ("quantization", "kv_cache_dtype") if k in options}
+    optimization = {k: options.pop(k) for k in ("quantization", "quantization_skip", "kv_cache_dtype")
+                    if k in options}
     doc = {"name": name,
            "description": f"Chosen by `infer-recipes tune` ({result['objective']} speed at batch {result['batch']}, "
                           f"{result['input_len']}-token prompts, within +{result['budget_pct']:g} % perplexity of "

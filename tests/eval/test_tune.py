@@ -52,6 +52,10 @@ def test_the_recipe_states_the_chosen_scheme_and_leaves_a_checkpoints_own_scheme
     assert "| w8a8 calibrated (chosen) |" in text
     recipe = parse_recipe(text)
     assert recipe.model == "/ckpt/m-w8a8" and "quantization" not in recipe.llm_kwargs()
+    rows.append(_row("int4, float lm_head", 0.3, 1.5,
+                     options={"quantization": "int4", "quantization_skip": ["lm_head"]}))
+    recipe = parse_recipe(recipe_text(_result("int4, float lm_head", rows), "m/tuned"))
+    assert (recipe.engine.quantization, recipe.engine.quantization_skip) == ("int4", ("lm_head",))
     recipe = parse_recipe(recipe_text(_result("float32", rows), "m/tuned"))
     kwargs = recipe.llm_kwargs()  # stated, so a calibrated checkpoint named by --model would run in float too
     assert "quantization" in kwargs and kwargs["quantization"] is None and kwargs["dtype"] == "float32"
@@ -85,7 +89,7 @@ def test_tune_writes_the_recipe_of_its_choice_and_its_perplexities_are_eval_perp
     recipe = load_recipe(str(out))
     assert recipe.model == chosen["model"]
     for key, value in {"dtype": "float32", "quantization": None, **chosen["options"]}.items():
-        assert getattr(recipe.engine, key) == value, key
+        assert getattr(recipe.engine, key) == (tuple(value) if isinstance(value, list) else value), key
     # the int8 row's perplexity is what `eval perplexity` reports for int8 on the same tokens
     llm = LLM("synthetic:tiny-llama3", quantization="int8", max_model_len=1024, progress=False)
     assert perplexity(llm, wiki, 300, progress=False)["perplexity"] == pytest.approx(rows["int8"]["perplexity"],
