@@ -70,6 +70,19 @@ def _check_out(out: str) -> None:
                                 "directory (an earlier `quantize` output there is replaced)")
 
 
+def made_from(out: str, model: str, scheme: str, calibration: str, samples: int = 32, seq_len: int = 512,
+              group_size: int = 32) -> bool:
+    """Whether `out` already holds the checkpoint `quantize_checkpoint` would make of these arguments (no modules
+    skipped; the calibration text compared by its sha256): a caller may load it instead of calibrating again."""
+    report = read_quantization(out) if os.path.isdir(out) else None
+    if not report or not os.path.isfile(calibration):
+        return False
+    c = report.get("calibration", {})
+    return ((report.get("source_model"), report.get("scheme"), report.get("group_size"),
+             report.get("quantization_skip"), c.get("samples"), c.get("seq_len"), c.get("sha256"))
+            == (model, scheme, group_size, [], samples, seq_len, _read_calibration(calibration)[1]))
+
+
 def quantize_checkpoint(model: str, scheme: str, calibration: str, out: str, samples: int = 32, seq_len: int = 512,
                         group_size: int = 32, skip: tuple[str, ...] = (), progress: bool = True) -> dict:
     """Calibrates `model` for `scheme` on the text file `calibration` and writes the checkpoint to `out`.
@@ -107,7 +120,7 @@ def quantize_checkpoint(model: str, scheme: str, calibration: str, out: str, sam
         "method": "smoothquant" if scheme == "w8a8" else "activation-aware scaling (AWQ)",
         "source_model": model, "weights_dtype": str(SAVE_DTYPE).removeprefix("torch."),
         "calibration": {"file": os.path.basename(calibration), "sha256": digest, "windows": len(chunks),
-                        "seq_len": seq_len, "tokens": tokens},
+                        "samples": samples, "seq_len": seq_len, "tokens": tokens},
         "alpha": {c.group: c.alpha for c in choices},
         "output_error": {"unscaled": sum(c.error_unscaled for c in choices),
                          "scaled": sum(c.error for c in choices)},

@@ -44,7 +44,8 @@ def cmd_tune(args) -> int:
 
         raise InferRecipesError(f"--out {args.out}: give the recipe file to write, ending in .yaml")
     os.makedirs(os.path.dirname(out), exist_ok=True)
-    settings = Settings(args.accuracy_budget, args.data, args.tokens, batch=args.batch, input_len=args.input_len,
+    settings = Settings(args.accuracy_budget, args.data, args.tokens, args.window, args.window // 2,
+                        batch=args.batch, input_len=args.input_len,
                         output_len=args.output_len, runs=args.runs, objective=args.objective, device=args.device)
     result = tune(args.model, settings, args.calibrate, os.path.dirname(out), progress=_progress(),
                   log=lambda line: print(line, file=sys.stderr))
@@ -90,6 +91,7 @@ def register(sub) -> None:
     t.add_argument("--data", required=True, metavar="FILE",
                    help="the held-in text the perplexity is measured on (re-measure the result on other text)")
     t.add_argument("--tokens", type=int, default=4096, help="tokens of --data scored per configuration")
+    t.add_argument("--window", type=int, default=1024, help="tokens per scored window (each advances by half)")
     t.add_argument("--calibrate", default=None, metavar="FILE",
                    help="also make and try calibrated w8a8 and int4 checkpoints (SmoothQuant / activation-aware) "
                    "from this text, written beside --out; not the --data text")

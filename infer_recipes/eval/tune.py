@@ -36,6 +36,7 @@ from .perplexity import fitted, read_text, scored
 OBJECTIVES = {"decode": "decode_tokens_per_s", "prefill": "prefill_tokens_per_s"}
 SCHEMES = ("int8", "w8a8", "int4", "int4-w8a8")
 CALIBRATED = ("w8a8", "int4")
+CALIBRATION_SAMPLES = 16  # windows of 512 tokens: half of `quantize`'s default, to keep `tune` in minutes
 TIE = 0.03  # speed ratios this close to the best count as equal (run-to-run spread here is a few percent)
 
 
@@ -65,6 +66,9 @@ class Settings:
         if not (self.budget_pct >= 0 and math.isfinite(self.budget_pct)):
             raise InferRecipesError(f"--accuracy-budget is a perplexity increase in percent, 0 or more; got "
                                     f"{self.budget_pct}")
+        if self.window < 2:
+            raise InferRecipesError(f"--window must be at least 2 tokens, got {self.window}")
+        self.stride = max(1, min(self.stride, self.window // 2))
         for name in ("tokens", "batch", "input_len", "runs"):
             if getattr(self, name) < 1:
                 raise InferRecipesError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
@@ -159,7 +163,7 @@ def tune(model: str, settings: Settings, calibrate: str | None = None, calibrate
     start = time.perf_counter()
     calibrated = {}
     if calibrate:
-        from ..checkpoint import quantize_checkpoint
+        from ..checkpoint import made_from, quantize_checkpoint
 
         read_text(calibrate)
         if os.path.realpath(calibrate) == os.path.realpath(settings.data):
@@ -167,10 +171,13 @@ def tune(model: str, settings: Settings, calibrate: str | None = None, calibrate
                                     "calibrated rows would be scored on what they were fitted to")
         for scheme in CALIBRATED:
             out = os.path.join(calibrated_dir or ".", f"{source.name}-{scheme}-calibrated")
-            log(f"calibrating {scheme} on {calibrate} -> {out}")
-            quantize_checkpoint(model, scheme, calibrate, out, samples=16, progress=progress)
+            if made_from(out, model, scheme, calibrate, CALIBRATION_SAMPLES):
+                log(f"{scheme} calibrated on {calibrate}: reusing {out}")
+            else:
+                log(f"calibrating {scheme} on {calibrate} -> {out}")
+                quantize_checkpoint(model, scheme, calibrate, out, CALIBRATION_SAMPLES, progress=progress)
             calibrated[scheme] = os.path.abspath(out)
-    max_len = max(settings.window, settings.input_len + settings.output_len)
+    max_len = max(settings.window + 1, settings.input_len + settings.output_len)  # a scored window needs room
     cell = Cell(settings.batch, settings.input_len, settings.output_len)
 
     def load(c: Candidate):

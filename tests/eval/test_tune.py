@@ -77,7 +77,7 @@ def test_tune_writes_the_recipe_of_its_choice_and_its_perplexities_are_eval_perp
     wiki = str(data_path("wikitext2/wiki.valid.tokens"))
     out = tmp_path / "tuned.yaml"
     assert main(["tune", "--model", "synthetic:tiny-llama3", "--accuracy-budget", "0.05", "--data", wiki,
-                 "--tokens", "300", "--runs", "1", "--input-len", "16", "--output-len", "4", "--threads", "1",
+                 "--tokens", "300", "--window", "128", "--runs", "1", "--input-len", "16", "--output-len", "4", "--threads", "1",
                  "--out", str(out), "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
     rows = {r["config"]: r for r in result["rows"]}
@@ -92,5 +92,5 @@ def test_tune_writes_the_recipe_of_its_choice_and_its_perplexities_are_eval_perp
         assert getattr(recipe.engine, key) == (tuple(value) if isinstance(value, list) else value), key
     # the int8 row's perplexity is what `eval perplexity` reports for int8 on the same tokens
     llm = LLM("synthetic:tiny-llama3", quantization="int8", max_model_len=1024, progress=False)
-    assert perplexity(llm, wiki, 300, progress=False)["perplexity"] == pytest.approx(rows["int8"]["perplexity"],
+    assert perplexity(llm, wiki, 300, window=128, stride=64, progress=False)["perplexity"] == pytest.approx(rows["int8"]["perplexity"],
                                                                                       rel=1e-5)

@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from infer_recipes import LLM
+from infer_recipes.checkpoint import made_from
 from infer_recipes.cli import main
 from infer_recipes.config import EngineConfig
 from infer_recipes.errors import InferRecipesError
@@ -87,6 +88,12 @@ def test_a_calibrated_checkpoint_reloads_to_the_weights_it_was_made_from(smollm,
     assert saved["calibration"]["tokens"] == 128 and len(saved["calibration"]["sha256"]) == 64
     assert len(saved["alpha"]) == 3 * 30 and report["output_error"] == saved["output_error"]
     assert saved["output_error"]["scaled"] <= saved["output_error"]["unscaled"]
+    # `tune` reuses it only for the very same arguments
+    assert made_from(str(out), "smollm2-135m-instruct", "int4", ptb, 2, 64)
+    other = tmp_path / "other.txt"
+    other.write_text(open(ptb).read() + " ")
+    for args in (("w8a8", ptb, 2, 64), ("int4", ptb, 3, 64), ("int4", ptb, 2, 128), ("int4", str(other), 2, 64)):
+        assert not made_from(str(out), "smollm2-135m-instruct", *args), args
 
     # the same scaling applied by hand to the float model, rounded as saved: the reload must equal it bit for bit
     factors = load_file(str(out / "smoothing.safetensors"))
