@@ -11,7 +11,7 @@ from infer_recipes import LLM
 from infer_recipes.cli import main
 from infer_recipes.errors import InferRecipesError
 from infer_recipes.eval.perplexity import perplexity
-from infer_recipes.eval.tune import Settings, choose, recipe_text, tune
+from infer_recipes.eval.tune import Settings, _decode_form, choose, recipe_text, tune
 from infer_recipes.recipe import load_recipe, parse_recipe
 
 
@@ -33,6 +33,17 @@ def test_the_fastest_within_the_budget_wins_and_near_ties_go_to_the_more_accurat
     untimed = [{**r, "decode_vs_float32": None} for r in rows]
     with pytest.raises(InferRecipesError, match="no configuration"):
         choose(untimed, 1.0, "decode")
+
+
+def test_int4_w8a8_answers_for_its_int4_decode_form():
+    rows = [_row("float32", 0.0, 1.0, options={"dtype": "float32"}), _row("int4", 4.0, None), _row("w8a8", 0.5, 1)]
+    phase = {**_row("int4-w8a8", 0.5, None), "config": "int4-w8a8"}
+    _decode_form(phase, rows)  # a text's perplexity ran its w8a8 form; decoding runs int4
+    assert (phase["perplexity_change_pct"], phase["scored_as"]) == (4.0, "int4")
+    kv = _row("int4-w8a8 + int8 KV", 0.6, None, options={"quantization": "int4-w8a8", "kv_cache_dtype": "int8"})
+    _decode_form(kv, rows + [_row("int4 + int8 KV", 0.2, None, options={"quantization": "int4",
+                                                                         "kv_cache_dtype": "int8"})])
+    assert kv["perplexity_change_pct"] == 0.6 and "scored_as" not in kv  # its own figure is the worse here
 
 
 def _result(chosen, rows):
@@ -77,8 +88,8 @@ def test_tune_writes_the_recipe_of_its_choice_and_its_perplexities_are_eval_perp
     wiki = str(data_path("wikitext2/wiki.valid.tokens"))
     out = tmp_path / "tuned.yaml"
     assert main(["tune", "--model", "synthetic:tiny-llama3", "--accuracy-budget", "0.05", "--data", wiki,
-                 "--tokens", "300", "--window", "128", "--runs", "1", "--input-len", "16", "--output-len", "4", "--threads", "1",
-                 "--out", str(out), "--json"]) == 0
+                 "--tokens", "300", "--window", "128", "--runs", "1", "--input-len", "16", "--output-len", "4",
+                 "--threads", "1", "--out", str(out), "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
     rows = {r["config"]: r for r in result["rows"]}
     assert rows["float32"]["perplexity_change_pct"] == 0 and rows["float32"]["top1_agreement"] == 1
@@ -92,5 +103,5 @@ def test_tune_writes_the_recipe_of_its_choice_and_its_perplexities_are_eval_perp
         assert getattr(recipe.engine, key) == (tuple(value) if isinstance(value, list) else value), key
     # the int8 row's perplexity is what `eval perplexity` reports for int8 on the same tokens
     llm = LLM("synthetic:tiny-llama3", quantization="int8", max_model_len=1024, progress=False)
-    assert perplexity(llm, wiki, 300, window=128, stride=64, progress=False)["perplexity"] == pytest.approx(rows["int8"]["perplexity"],
-                                                                                      rel=1e-5)
+    measured = perplexity(llm, wiki, 300, window=128, stride=64, progress=False)["perplexity"]
+    assert measured == pytest.approx(rows["int8"]["perplexity"], rel=1e-5)
