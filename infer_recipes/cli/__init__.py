@@ -1,7 +1,7 @@
 """`infer-recipes`: argument parsing and printing only; the work happens behind the public API.
 
 One module per command family, each with its own subparsers (`register`): generate.py (generate, chat, run,
-info, recipes), evaluate.py (eval), quantize.py (quantize), serve.py (serve), bench.py (bench, profile, plan);
+info, recipes), evaluate.py (eval), quantize.py (quantize, tune), serve.py (serve), bench.py (bench, profile, plan);
 common.py the flags they share."""
 from __future__ import annotations
 

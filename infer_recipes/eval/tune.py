@@ -9,9 +9,9 @@
    which runs w8a8, while decoding runs int4). Each one within the budget is tried again with the int8 KV cache.
 3. A candidate within the budget is timed against the float32 engine, the two alternating run by run in one window
    (A B A B), so the drift of a shared machine hits both: decode and prefill tokens/s at the batch asked for, and
-   each one's ratio to float32 measured beside it. Candidates over the budget are not timed.
-4. The highest ratio for the objective wins, the most accurate of those within TIE of it (float32 itself when
-   nothing else qualifies); `recipe_text` writes its recipe with the whole table as comments.
+   each one's ratio to float32: the median over run pairs. Candidates over the budget are not timed.
+4. The highest ratio for the objective wins, or the most accurate of those the runs cannot tell from it (float32
+   itself when nothing else qualifies); `recipe_text` writes its recipe with the whole table as comments.
 """
 from __future__ import annotations
 
@@ -125,16 +125,25 @@ def race(reference, engine, prompts: list[list[int]], cell: Cell, runs: int, war
     return tuple(summarize(cell, t, [None] * len(t)) for t in timings)
 
 
+def paired_ratios(reference: dict, candidate: dict, objective: str) -> list[float]:
+    """Run i of the candidate against run i of float32, timed just before it: the speed ratio of each pair."""
+    def seconds(run: dict) -> float:
+        return run["e2e_s"] - run["ttft_s"] if objective == "decode" else run["ttft_s"]
+    return [seconds(r) / seconds(c) for r, c in zip(reference["runs"], candidate["runs"])]
+
+
 def choose(rows: list[dict], budget_pct: float, objective: str) -> dict:
     """The timed row within the budget with the highest speed ratio to float32 (the float32 row's is 1). Rows
-    within TIE of the best ratio are as fast as timing can tell on a shared machine: the most accurate of them
-    wins."""
+    the timing cannot tell from it are as fast: those within TIE of its ratio, and those whose best run pair beat
+    its worst. The most accurate of them wins: no accuracy is spent on a gain the runs do not show."""
     key = f"{objective}_vs_float32"
     fits = [r for r in rows if r.get(key) is not None and r["perplexity_change_pct"] <= budget_pct]
     if not fits:
         raise InferRecipesError("no configuration was timed within the budget, not even float32")
-    best = max(r[key] for r in fits)
-    return min((r for r in fits if r[key] >= best * (1 - TIE)), key=lambda r: r["perplexity_change_pct"])
+    best = max(fits, key=lambda r: r[key])
+    floor = min(best.get(f"{key}_runs") or [best[key]])
+    tied = [r for r in fits if r[key] >= best[key] * (1 - TIE) or max(r.get(f"{key}_runs") or [r[key]]) >= floor]
+    return min(tied, key=lambda r: r["perplexity_change_pct"])
 
 
 def _prompts(data: str, tokenizer, length: int, count: int) -> list[list[int]]:
@@ -218,7 +227,8 @@ def tune(model: str, settings: Settings, calibrate: str | None = None, calibrate
                 ref_speed, speed = race(reference, engine, prompts, cell, settings.runs, settings.warmup)
             for name, k in OBJECTIVES.items():
                 row[k] = speed[k]
-                row[f"{name}_vs_float32"] = speed[k] / ref_speed[k]
+                row[f"{name}_vs_float32_runs"] = paired_ratios(ref_speed, speed, name)
+                row[f"{name}_vs_float32"] = statistics.median(row[f"{name}_vs_float32_runs"])
             rows[0].setdefault("timings", []).append({k: ref_speed[k] for k in OBJECTIVES.values()})
         log(_line(row, settings.budget_pct))
         del engine

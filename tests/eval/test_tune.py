@@ -30,6 +30,12 @@ def test_the_fastest_within_the_budget_wins_and_near_ties_go_to_the_more_accurat
     assert choose(rows, 0.0, "decode")["config"] == "float32"
     rows[2]["decode_vs_float32"] = 1.5  # now w8a8 is clearly faster
     assert choose(rows, 1.0, "decode")["config"] == "w8a8"
+    # beyond 5 %, a row still ties when one of its run pairs beat the best row's worst
+    fast = {**_row("fast", 0.8, 2.1), "decode_vs_float32_runs": [1.9, 2.1, 2.3]}
+    rows[2]["decode_vs_float32_runs"] = [1.5, 1.7, 1.95]
+    assert choose(rows[:3] + [fast], 1.0, "decode")["config"] == "int8"
+    rows[2]["decode_vs_float32_runs"] = [1.5, 1.7, 1.85]
+    assert choose(rows[:3] + [fast], 1.0, "decode")["config"] == "fast"
     untimed = [{**r, "decode_vs_float32": None} for r in rows]
     with pytest.raises(InferRecipesError, match="no configuration"):
         choose(untimed, 1.0, "decode")
