@@ -146,9 +146,8 @@ def choose(rows: list[dict], budget_pct: float, objective: str) -> dict:
     return min(tied, key=lambda r: r["perplexity_change_pct"])
 
 
-def _prompts(data: str, tokenizer, length: int, count: int) -> list[list[int]]:
+def _prompts(text: str, data: str, tokenizer, length: int, count: int) -> list[list[int]]:
     """`count` prompts of `length` tokens cut from the held-in text (its paragraphs, or its lines)."""
-    text = read_text(data)
     parts = [p.strip() for p in text.split("\n\n") if p.strip()]
     if len(parts) < count:
         parts = [line.strip() for line in text.splitlines() if line.strip()]
@@ -197,10 +196,11 @@ def tune(model: str, settings: Settings, calibrate: str | None = None, calibrate
 
     reference = load(Candidate("float32", model, {"dtype": "float32"}))
     tokenizer = reference.tokenizer
-    ids = tokenizer.encode(read_text(settings.data))[:settings.tokens]
+    text = read_text(settings.data)
+    ids = tokenizer.encode(text)[:settings.tokens]
     if len(ids) < 2:
         raise InferRecipesError(f"{settings.data} has fewer than 2 tokens: give a longer held-in text")
-    prompts = _prompts(settings.data, tokenizer, settings.input_len, settings.batch)
+    prompts = _prompts(text, settings.data, tokenizer, settings.input_len, settings.batch)
     ref_ppl, ref_picks = score(reference.llm, ids, settings.window, settings.stride, progress, "float32")
     rows = [{"config": "float32", "model": model, "options": {"dtype": "float32"}, "perplexity": ref_ppl,
              "perplexity_change_pct": 0.0, "top1_agreement": 1.0}]
