@@ -22,6 +22,8 @@ class LlamaAttention(nn.Module):
     """q/k/v column-parallel (this rank's heads), o_proj row-parallel: one all-reduce per block."""
 
     native = False  # rotary, the K/V write and decode attention on our own kernels (`use_native_kernels`)
+    qk_scale: torch.Tensor | None = None  # [(H + H_kv) * D]: queries' channels times s, keys' over s (`scale_keys`)
+    observe = None  # called with each forward's rotated (q, k) when set (the runner's key calibration)
 
     def __init__(self, config: ModelConfig, shard: Shard = Shard()):
         super().__init__()
@@ -41,6 +43,16 @@ class LlamaAttention(nn.Module):
         self.qkv_proj = _merged_linear([self.q_proj, self.k_proj, self.v_proj])
         del self.q_proj, self.k_proj, self.v_proj
 
+    def scale_keys(self, s: torch.Tensor | None, dtype: torch.dtype) -> None:
+        """Key channel c divided by s[h, c] and the queries of KV head h multiplied by it (s [H_kv, D], equal on
+        the channels RoPE pairs): every score is unchanged, while the keys an int8 pool stores lose the few
+        outlier channels that would take its scale (`layers.attention.key_scales`). None: unscaled."""
+        if s is None:
+            self.qk_scale = None
+            return
+        q_part = s.repeat_interleave(self.num_heads // self.num_kv_heads, dim=0)  # query head i reads KV head i // G
+        self.qk_scale = torch.cat([q_part.flatten(), s.reciprocal().flatten()]).to(dtype)
+
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, meta: PagedMetadata,
                 kv: tuple[torch.Tensor, ...] | None) -> torch.Tensor:
         """x [1, N, hidden]: the step's tokens of every sequence end to end; cos, sin [N, 1, D]."""
@@ -48,6 +60,8 @@ class LlamaAttention(nn.Module):
         H, Hkv, D = self.num_heads, self.num_kv_heads, self.head_dim
         if self.native and kv is not None:  # fused, with a KV cache: rotary and the cache write in one call
             qkv = self.qkv_proj(x).view(N, (H + 2 * Hkv) * D)
+            if self.qk_scale is not None:  # before RoPE: the scaling commutes with it
+                qkv[:, :(H + Hkv) * D] *= self.qk_scale
             kernels.native().rope_cache(qkv, cos.reshape(N, D), sin.reshape(N, D), H, Hkv, *kv[:2],
                                         meta.slot_mapping, *kv[2:])
             q, k, v = (t.view(N, -1, D) for t in qkv.split([H * D, Hkv * D, Hkv * D], dim=-1))
@@ -57,8 +71,12 @@ class LlamaAttention(nn.Module):
             q, k, v = self.qkv_proj(x).split([H * D, Hkv * D, Hkv * D], dim=-1)
         else:
             q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        if self.qk_scale is not None:
+            q, k = q * self.qk_scale[:H * D], k * self.qk_scale[H * D:]
         q = apply_rotary(q.view(N, H, D), cos, sin)
         k = apply_rotary(k.view(N, Hkv, D), cos, sin)
+        if self.observe is not None:
+            self.observe(q, k)
         out = paged_attention(q, k, v.view(N, Hkv, D), kv, meta, self.scale, fused=hasattr(self, "qkv_proj"))
         return self.shard.all_reduce(self.o_proj(out.view(1, N, H * D)))
 

@@ -43,7 +43,7 @@ class ModelRunner:
     describes the model: `source`, `model_config`, `max_model_len`, `load_seconds`, `compile_seconds`."""
 
     def __init__(self, model: LlamaForCausalLM, device: torch.device, dtype: torch.dtype, kv_cache: bool = True,
-                 compile: bool = False, num_blocks: int = 0, block_size: int = 16,
+                 num_blocks: int = 0, block_size: int = 16,
                  world: ParallelContext | None = None, model_id: int = 0, kv_dtype: torch.dtype | None = None):
         self.model, self.device, self.dtype, self.kv_cache = model, device, dtype, kv_cache
         self.kv_dtype = kv_dtype or dtype  # what the KV pool stores (int8: quantized per token and head)
@@ -53,8 +53,12 @@ class ModelRunner:
         kv_first, kv_end = model.shard.kv_heads(self.config.num_kv_heads)
         self.cache = (KVCache(len(model.layer_range), num_blocks, block_size, kv_end - kv_first,
                               self.config.head_dim, self.kv_dtype, device) if kv_cache else None)
-        self.compiled = CompiledLayers(model) if compile else None
+        self.compiled: CompiledLayers | None = None  # `compile_layers`
         self.owns_weights = True  # False for a runner sharing another's model (build.sharing)
+
+    def compile_layers(self) -> None:
+        """Every decoder layer through torch.compile from now on (graphs built at their first call: `warm_up`)."""
+        self.compiled = CompiledLayers(self.model)
 
     @property
     def compiles(self) -> int:
@@ -127,15 +131,17 @@ class ModelRunner:
     # ---- every rank: its part of a step -------------------------------------------------------------------------
     @torch.inference_mode()
     def run(self, kind: str, payload) -> torch.Tensor | None:
-        """This rank's part of a step (`execute`: a list of StepSeq) or of a scoring pass (`full_logits`: token
-        ids); float32 logits of the scored rows on rank 0, None elsewhere."""
-        if kind == "full_logits":
+        """This rank's part of a step (`execute`: a list of StepSeq) or of a scoring pass over token ids without
+        the KV cache (`full_logits`: every position scored; `last_logits`: the last); float32 logits of the scored
+        rows on rank 0, None elsewhere."""
+        if kind in ("full_logits", "last_logits"):
             n = len(payload)
             meta = PagedMetadata.build([], [(0, n, n, [])], None, self.block_size, self.device,
                                        int8_kv=self.kv_cache and self.kv_dtype == torch.int8)
             tokens = torch.tensor([payload], dtype=torch.long, device=self.device)
             positions = torch.arange(n, device=self.device).unsqueeze(0)
-            return run_stage(self.model, self.world, [(tokens, positions, meta, list(range(n)))], None, None, n,
+            scored = list(range(n)) if kind == "full_logits" else [n - 1]
+            return run_stage(self.model, self.world, [(tokens, positions, meta, scored)], None, None, len(scored),
                              self.dtype, self.device)
         seqs = payload
         order = sorted(range(len(seqs)), key=lambda i: not (self.kv_cache and len(seqs[i].token_ids) == 1))

@@ -68,7 +68,9 @@ def _two_rank_layouts(smollm2: str | None) -> dict:
                          "tp2_unfused": dict(tensor_parallel_size=2, fusion=False),
                          "tp2_compiled": dict(tensor_parallel_size=2, compile=True),
                          "tp2_int8": dict(tensor_parallel_size=2, quantization="int8"),
-                         "pp2_int8": dict(pipeline_parallel_size=2, quantization="int8")}.items():
+                         "pp2_int8": dict(pipeline_parallel_size=2, quantization="int8"),
+                         "tp2_kv8": dict(tensor_parallel_size=2, kv_cache_dtype="int8"),
+                         "pp2_kv8": dict(pipeline_parallel_size=2, kv_cache_dtype="int8")}.items():
         llm = LLM(TINY, device="cpu", progress=False, **kwargs)
         results[name] = _outputs(llm, PROMPTS)
         del llm
@@ -92,7 +94,8 @@ def two_ranks(tmp_path_factory):
 @pytest.fixture(scope="module")
 def tiny_reference():
     return {"fp32": _outputs(LLM(TINY, device="cpu", progress=False), PROMPTS),
-            "int8": _outputs(LLM(TINY, device="cpu", progress=False, quantization="int8"), PROMPTS)}
+            "int8": _outputs(LLM(TINY, device="cpu", progress=False, quantization="int8"), PROMPTS),
+            "kv8": _outputs(LLM(TINY, device="cpu", progress=False, kv_cache_dtype="int8"), PROMPTS)}
 
 
 def _assert_same(got: dict, want: dict, atol: float = 1e-4) -> None:
@@ -118,6 +121,17 @@ def test_tensor_parallel_int8_stays_close(two_ranks, tiny_reference):
     for g, w in zip(got["logits"], want["logits"]):
         assert (g - w).abs().max().item() < 0.02 * w.abs().max().item()
     assert (got["logits"][0] - tiny_reference["fp32"]["logits"][0]).abs().max() > 0  # it is quantized
+
+
+@pytest.mark.parametrize("layout", ["tp2_kv8", "pp2_kv8"])
+def test_a_split_int8_pool_scales_its_keys_as_one_device_does(two_ranks, tiny_reference, layout):
+    """Every rank runs the key calibration pass together and scales its own heads (`_scale_int8_keys`): the
+    split model computes what one device's int8 pool does (to the all-reduce's rounding, which an int8 pool can
+    turn into a level's difference)."""
+    got, want = two_ranks[layout], tiny_reference["kv8"]
+    for g, w in zip(got["logits"], want["logits"]):
+        assert (g - w).abs().max().item() < 0.02 * w.abs().max().item()
+    assert got["tokens"] == want["tokens"]
 
 
 def test_two_split_models_share_the_workers(two_ranks, tiny_reference):
