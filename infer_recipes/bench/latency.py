@@ -14,14 +14,13 @@ joules and tokens per joule where the machine has energy counters.
 """
 from __future__ import annotations
 
-import gc
 import statistics
 import sys
 from dataclasses import dataclass, field
 
-import torch
 from tqdm import tqdm
 
+from ..device import release_memory
 from ..errors import InferRecipesError
 from . import roofline
 from .energy import EnergyMeter
@@ -134,9 +133,7 @@ class Bench:
             out.engines += [e.describe() for e in engines]
             self._cells(engines, g, prompts, out, bar)
             del engines
-            gc.collect()
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
+            release_memory()
         if self.memory:
             self._memory(g, prompts, max_batch, max_len, out, bar)
 

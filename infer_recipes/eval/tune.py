@@ -15,7 +15,6 @@
 """
 from __future__ import annotations
 
-import gc
 import math
 import os
 import statistics
@@ -112,16 +111,19 @@ def score(llm, ids: list[int], window: int, stride: int, progress: bool, desc: s
     return math.exp(nll / count), torch.cat(picks)
 
 
-def race(reference, engine, prompts: list[list[int]], cell: Cell, runs: int, warmup: int) -> tuple[dict, dict]:
+def race(reference, engine, prompts: list[list[int]], cell: Cell, runs: int, warmup: int,
+         step=lambda: None) -> tuple[dict, dict]:
     """The reference and `engine` alternating over the same prompts: a warm-up each, then `runs` timed runs each
-    in turn. Returns each one's summary (latency.summarize)."""
+    in turn; `step` is called after each pair. Returns each one's summary (latency.summarize)."""
     for _ in range(warmup):
         for e in (reference, engine):
             e.run(prompts, min(cell.output_len, WARMUP_TOKENS))
+        step()
     timings: tuple[list[Timing], list[Timing]] = ([], [])
     for _ in range(runs):
         for e, times in zip((reference, engine), timings):
             times.append(e.run(prompts, cell.output_len))
+        step()
     return tuple(summarize(cell, t, [None] * len(t)) for t in timings)
 
 
@@ -154,17 +156,11 @@ def _prompts(text: str, data: str, tokenizer, length: int, count: int) -> list[l
     return PromptSet("file", data, tuple(parts)).prompts(tokenizer, length, count)
 
 
-def _free() -> None:
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-
-
 def tune(model: str, settings: Settings, calibrate: str | None = None, calibrated_dir: str | None = None,
          progress: bool = True, log=print) -> dict:
     """Measures every candidate and returns {"rows": [...], "chosen": row, ...}; `log` receives one line per
     candidate as it is measured."""
-    from ..device import half_dtypes, resolve_device
+    from ..device import half_dtypes, release_memory, resolve_device
     from ..loading import resolve_model_source
 
     settings.check()
@@ -215,24 +211,16 @@ def tune(model: str, settings: Settings, calibrate: str | None = None, calibrate
             row["skipped"] = str(e)
             log(f"{c.label}: not here ({e})")
             continue
-        ppl, picks = score(engine.llm, ids, settings.window, settings.stride, progress, c.label)
-        row.update(perplexity=ppl, perplexity_change_pct=100 * (ppl / ref_ppl - 1),
-                   top1_agreement=(picks == ref_picks).float().mean().item(),
-                   weight_bytes_per_decode_step=engine.weight_bytes_read(settings.batch))
-        _decode_form(row, rows)
-        if row["perplexity_change_pct"] <= settings.budget_pct:
-            if "kv_cache_dtype" not in c.options:
-                pending.insert(0, with_int8_kv(c))
-            with tqdm(total=1, desc=f"timing {c.label} against float32", disable=not progress, file=sys.stderr):
-                ref_speed, speed = race(reference, engine, prompts, cell, settings.runs, settings.warmup)
-            for name, k in OBJECTIVES.items():
-                row[k] = speed[k]
-                row[f"{name}_vs_float32_runs"] = paired_ratios(ref_speed, speed, name)
-                row[f"{name}_vs_float32"] = statistics.median(row[f"{name}_vs_float32_runs"])
-            rows[0].setdefault("timings", []).append({k: ref_speed[k] for k in OBJECTIVES.values()})
+        try:
+            _measure(c, row, engine, reference, ids, ref_ppl, ref_picks, prompts, cell, settings, progress, rows,
+                     pending)
+        except Exception as e:  # one candidate failing while scored or timed costs its row, not the whole run
+            for key in [k for k in row if k not in ("config", "model", "options")]:
+                del row[key]
+            row["skipped"] = f"failed while measured: {type(e).__name__}: {e}"
         log(_line(row, settings.budget_pct))
         del engine
-        _free()
+        release_memory()
     ref = rows[0]
     ref["weight_bytes_per_decode_step"] = reference.weight_bytes_read(settings.batch)
     for name, k in OBJECTIVES.items():  # float32's own speed: the median over every window it ran in
@@ -244,6 +232,30 @@ def tune(model: str, settings: Settings, calibrate: str | None = None, calibrate
             "input_len": settings.input_len, "output_len": settings.output_len, "runs": settings.runs,
             "calibrate": calibrate, "rows": rows, "chosen": chosen["config"],
             "seconds": time.perf_counter() - start}
+
+
+def _measure(c: Candidate, row: dict, engine, reference, ids: list[int], ref_ppl: float, ref_picks: torch.Tensor,
+             prompts: list[list[int]], cell: Cell, settings: Settings, progress: bool, rows: list[dict],
+             pending: list[Candidate]) -> None:
+    """Scores a loaded candidate into `row` and, within the budget, times it against float32 (and queues its
+    int8 KV twin)."""
+    ppl, picks = score(engine.llm, ids, settings.window, settings.stride, progress, c.label)
+    row.update(perplexity=ppl, perplexity_change_pct=100 * (ppl / ref_ppl - 1),
+               top1_agreement=(picks == ref_picks).float().mean().item(),
+               weight_bytes_per_decode_step=engine.weight_bytes_read(settings.batch))
+    _decode_form(row, rows)
+    if row["perplexity_change_pct"] > settings.budget_pct:
+        return
+    if "kv_cache_dtype" not in c.options:
+        pending.insert(0, with_int8_kv(c))
+    with tqdm(total=settings.warmup + settings.runs, desc=f"timing {c.label} against float32", unit="pair",
+              disable=not progress, file=sys.stderr) as bar:
+        ref_speed, speed = race(reference, engine, prompts, cell, settings.runs, settings.warmup, bar.update)
+    for name, k in OBJECTIVES.items():
+        row[k] = speed[k]
+        row[f"{name}_vs_float32_runs"] = paired_ratios(ref_speed, speed, name)
+        row[f"{name}_vs_float32"] = statistics.median(row[f"{name}_vs_float32_runs"])
+    rows[0].setdefault("timings", []).append({k: ref_speed[k] for k in OBJECTIVES.values()})
 
 
 def _decode_form(row: dict, rows: list[dict]) -> None:

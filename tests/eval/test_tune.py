@@ -11,7 +11,7 @@ from infer_recipes import LLM
 from infer_recipes.cli import main
 from infer_recipes.errors import InferRecipesError
 from infer_recipes.eval.perplexity import perplexity
-from infer_recipes.eval.tune import Settings, _decode_form, choose, recipe_text, tune
+from infer_recipes.eval.tune import Settings, _decode_form, choose, recipe_text, table, tune
 from infer_recipes.recipe import load_recipe, parse_recipe
 
 
@@ -111,3 +111,28 @@ def test_tune_writes_the_recipe_of_its_choice_and_its_perplexities_are_eval_perp
     llm = LLM("synthetic:tiny-llama3", quantization="int8", max_model_len=1024, progress=False)
     measured = perplexity(llm, wiki, 300, window=128, stride=64, progress=False)["perplexity"]
     assert measured == pytest.approx(rows["int8"]["perplexity"], rel=1e-5)
+
+
+def test_a_candidate_failing_while_timed_costs_its_row_not_the_run(monkeypatch):
+    """A failure while a candidate is scored or timed (here: int8's timing, forced) is that row's "not here",
+    with its reason; the others are measured and the choice made among them."""
+    from infer_recipes.bench.engines import Unsupported
+    from infer_recipes.eval import tune as tune_module
+
+    real_race = tune_module.race
+
+    def race(reference, engine, *args, **kwargs):
+        if engine.spec.label == "int8":
+            raise Unsupported("int8 cannot be timed here")
+        return real_race(reference, engine, *args, **kwargs)
+
+    monkeypatch.setattr(tune_module, "race", race)
+    settings = Settings(budget_pct=100.0, data=str(data_path("wikitext2/wiki.valid.tokens")), tokens=200, window=64,
+                        runs=1, input_len=8, output_len=2, device="cpu")
+    result = tune("synthetic:tiny-llama3", settings, progress=False, log=lambda line: None)
+    rows = {r["config"]: r for r in result["rows"]}
+    assert rows["int8"] == {"config": "int8", "model": "synthetic:tiny-llama3", "options": {"quantization": "int8"},
+                            "skipped": "failed while measured: Unsupported: int8 cannot be timed here"}
+    assert rows["int8 + int8 KV"]["decode_vs_float32"] is not None  # queued before the failure, measured after it
+    assert result["chosen"] != "int8" and rows[result["chosen"]]["decode_vs_float32"] is not None
+    assert any(line.startswith("| int8 | not here: failed while measured") for line in table(result))
