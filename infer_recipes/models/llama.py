@@ -46,8 +46,9 @@ class LlamaAttention(nn.Module):
     def scale_keys(self, s: torch.Tensor | None, dtype: torch.dtype) -> None:
         """Key channel c divided by s[h, c] and the queries of KV head h multiplied by it (s [H_kv, D], equal on
         the channels RoPE pairs): every score is unchanged, while the keys an int8 pool stores lose the few
-        outlier channels that would take its scale (`layers.attention.key_scales`). None: unscaled."""
-        if s is None:
+        outlier channels that would take its scale (`layers.attention.key_scales`). None or all ones: unscaled
+        (no multiply at all)."""
+        if s is None or bool((s == 1).all()):
             self.qk_scale = None
             return
         q_part = s.repeat_interleave(self.num_heads // self.num_kv_heads, dim=0)  # query head i reads KV head i // G
