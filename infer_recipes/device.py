@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import gc
 import importlib.util
 import os
 import resource
@@ -115,8 +116,6 @@ def trim_host_memory() -> None:
 def release_memory() -> None:
     """After a model is dropped: its cycles collected now, and on a GPU the cached blocks handed back, so the next
     model loads into memory that is free."""
-    import gc
-
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()

@@ -201,6 +201,28 @@ def tune(model: str, settings: Settings, calibrate: str | None = None, calibrate
     rows = [{"config": "float32", "model": model, "options": {"dtype": "float32"}, "perplexity": ref_ppl,
              "perplexity_change_pct": 0.0, "top1_agreement": 1.0}]
     pending = candidates(model, source.kind, half_dtypes(device), calibrated)
+
+    def measure(c: Candidate, row: dict, engine) -> None:
+        """Scores a loaded candidate into `row` and, within the budget, times it against float32 (and queues its
+        int8 KV twin)."""
+        ppl, picks = score(engine.llm, ids, settings.window, settings.stride, progress, c.label)
+        row.update(perplexity=ppl, perplexity_change_pct=100 * (ppl / ref_ppl - 1),
+                   top1_agreement=(picks == ref_picks).float().mean().item(),
+                   weight_bytes_per_decode_step=engine.weight_bytes_read(settings.batch))
+        _decode_form(row, rows)
+        if row["perplexity_change_pct"] > settings.budget_pct:
+            return
+        if "kv_cache_dtype" not in c.options:
+            pending.insert(0, with_int8_kv(c))
+        with tqdm(total=settings.warmup + settings.runs, desc=f"timing {c.label} against float32", unit="pair",
+                  disable=not progress, file=sys.stderr) as bar:
+            ref_speed, speed = race(reference, engine, prompts, cell, settings.runs, settings.warmup, bar.update)
+        for name, k in OBJECTIVES.items():
+            row[k] = speed[k]
+            row[f"{name}_vs_float32_runs"] = paired_ratios(ref_speed, speed, name)
+            row[f"{name}_vs_float32"] = statistics.median(row[f"{name}_vs_float32_runs"])
+        rows[0].setdefault("timings", []).append({k: ref_speed[k] for k in OBJECTIVES.values()})
+
     while pending:
         c = pending.pop(0)
         row = {"config": c.label, "model": c.model, "options": c.options}
@@ -212,8 +234,7 @@ def tune(model: str, settings: Settings, calibrate: str | None = None, calibrate
             log(f"{c.label}: not here ({e})")
             continue
         try:
-            _measure(c, row, engine, reference, ids, ref_ppl, ref_picks, prompts, cell, settings, progress, rows,
-                     pending)
+            measure(c, row, engine)
         except Exception as e:  # one candidate failing while scored or timed costs its row, not the whole run
             for key in [k for k in row if k not in ("config", "model", "options")]:
                 del row[key]
@@ -232,30 +253,6 @@ def tune(model: str, settings: Settings, calibrate: str | None = None, calibrate
             "input_len": settings.input_len, "output_len": settings.output_len, "runs": settings.runs,
             "calibrate": calibrate, "rows": rows, "chosen": chosen["config"],
             "seconds": time.perf_counter() - start}
-
-
-def _measure(c: Candidate, row: dict, engine, reference, ids: list[int], ref_ppl: float, ref_picks: torch.Tensor,
-             prompts: list[list[int]], cell: Cell, settings: Settings, progress: bool, rows: list[dict],
-             pending: list[Candidate]) -> None:
-    """Scores a loaded candidate into `row` and, within the budget, times it against float32 (and queues its
-    int8 KV twin)."""
-    ppl, picks = score(engine.llm, ids, settings.window, settings.stride, progress, c.label)
-    row.update(perplexity=ppl, perplexity_change_pct=100 * (ppl / ref_ppl - 1),
-               top1_agreement=(picks == ref_picks).float().mean().item(),
-               weight_bytes_per_decode_step=engine.weight_bytes_read(settings.batch))
-    _decode_form(row, rows)
-    if row["perplexity_change_pct"] > settings.budget_pct:
-        return
-    if "kv_cache_dtype" not in c.options:
-        pending.insert(0, with_int8_kv(c))
-    with tqdm(total=settings.warmup + settings.runs, desc=f"timing {c.label} against float32", unit="pair",
-              disable=not progress, file=sys.stderr) as bar:
-        ref_speed, speed = race(reference, engine, prompts, cell, settings.runs, settings.warmup, bar.update)
-    for name, k in OBJECTIVES.items():
-        row[k] = speed[k]
-        row[f"{name}_vs_float32_runs"] = paired_ratios(ref_speed, speed, name)
-        row[f"{name}_vs_float32"] = statistics.median(row[f"{name}_vs_float32_runs"])
-    rows[0].setdefault("timings", []).append({k: ref_speed[k] for k in OBJECTIVES.values()})
 
 
 def _decode_form(row: dict, rows: list[dict]) -> None:
