@@ -138,27 +138,27 @@ def test_key_scales_tame_an_outlier_channel():
 
 
 def test_the_int8_pool_holds_qwen_keys_only_once_scaled():
-    """Qwen2.5-Coder-0.5B, int8 pool against the float one on the same GGUF weights. Measured (69 tokens scored;
-    3 prompts x 24 greedy tokens): scaled top-1 0.957, KL 0.0017, 67 % of greedy tokens equal; the same pool with
-    the scaling taken off: top-1 0.928, KL 0.0127, 18 % equal."""
+    """Qwen2.5-Coder-0.5B, int8 pool against the float one on the same GGUF weights, 69 tokens scored. Measured,
+    our kernels / torch's: scaled top-1 0.957 / 0.986, KL 0.0017 / 0.0012; the same pool with the scaling taken
+    off: top-1 0.928 / 0.899, KL 0.0127 / 0.0119. Greedy tokens are not asserted: on 3 prompts x 24 tokens they
+    split on near-ties and measured no ordering (equal until the first difference, scaled vs unscaled: 24, 0, 24
+    vs 11, 0, 2 on our kernels; 10, 0, 24 vs 24, 0, 0 on torch's), where the scored tokens above did on both."""
     qwen_gguf("qwen2.5-coder-0.5b-instruct")
     kw = dict(device="cpu", quantization="gguf", progress=False, max_model_len=512)
     ref = LLM("qwen2.5-coder-0.5b-instruct", **kw)
     int8 = LLM("qwen2.5-coder-0.5b-instruct", kv_cache_dtype="int8", **kw)
     ids = ref.tokenizer.encode(TEXT)
-    want, want_tokens = ref.logits(ids), [o.token_ids for o in ref.generate(PROMPTS, DECODE)]
+    want = ref.logits(ids)
 
-    def agreement(llm: LLM) -> tuple[float, float, float]:
+    def agreement(llm: LLM) -> tuple[float, float]:
         logits = llm.logits(ids)
         kl = F.kl_div(F.log_softmax(logits, -1), F.log_softmax(want, -1), log_target=True,
                       reduction="batchmean").item()
-        got = [o.token_ids for o in llm.generate(PROMPTS, DECODE)]
-        same = sum(a == b for g, w in zip(got, want_tokens) for a, b in zip(g, w)) / sum(map(len, want_tokens))
-        return (logits.argmax(-1) == want.argmax(-1)).float().mean().item(), kl, same
+        return (logits.argmax(-1) == want.argmax(-1)).float().mean().item(), kl
 
-    top1, kl, same = agreement(int8)
-    assert top1 >= 0.94 and kl <= 0.004 and same >= 0.5, (top1, kl, same)
+    top1, kl = agreement(int8)
+    assert top1 >= 0.94 and kl <= 0.004, (top1, kl)
     for layer in int8.model.model.layers:
         layer.self_attn.scale_keys(None, torch.float32)
-    _, kl_unscaled, same_unscaled = agreement(int8)
-    assert kl_unscaled >= 4 * kl and same_unscaled < same, (kl_unscaled, same_unscaled)
+    top1_unscaled, kl_unscaled = agreement(int8)
+    assert kl_unscaled >= 4 * kl and top1_unscaled < top1, (top1_unscaled, kl_unscaled)
