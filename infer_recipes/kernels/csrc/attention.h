@@ -1,4 +1,4 @@
-// Paged decode attention (attention_avx512.cpp, attention_avx2.cpp): raw pointers, no torch.
+// Paged decode attention (attention_impl.h, compiled per instruction set): raw pointers, no torch.
 #pragma once
 #include <cstdint>
 
@@ -19,10 +19,10 @@ struct AttentionArgs {
   const float* v_scale = nullptr;
 };
 
-// tasks are (sequence, K/V head) pairs, sequence-major; one function per instruction set
+// tasks are (sequence, K/V head) pairs, sequence-major; per instruction set one function for a pool in q's dtype
+// and one for an int8 pool
 using DecodeAttention = void (*)(const AttentionArgs& a, int64_t task0, int64_t task1);
 extern const DecodeAttention decode_attention_avx512, decode_attention_avx2;
-// an int8 pool's reader, written once in AVX2 (which every AVX-512 CPU runs too)
-extern const DecodeAttention decode_attention_int8_avx2;
+extern const DecodeAttention decode_attention_int8_avx512, decode_attention_int8_avx2;
 
 }  // namespace ir

@@ -189,8 +189,10 @@ void decode_attention(const torch::Tensor& q, const torch::Tensor& k_cache, cons
                       int8 ? k_scale->data_ptr<float>() : nullptr, int8 ? v_scale->data_ptr<float>() : nullptr};
   const int64_t max_len = lens.max().item<int64_t>();
   TORCH_CHECK(max_len <= a.blocks_per_row * a.block_size, "a length exceeds its block table");
-  const ir::DecodeAttention fn = int8 ? ir::decode_attention_int8_avx2
-                                 : current == Isa::avx512 ? ir::decode_attention_avx512 : ir::decode_attention_avx2;
+  const ir::DecodeAttention fn = current == Isa::avx512 ? (int8 ? ir::decode_attention_int8_avx512
+                                                                : ir::decode_attention_avx512)
+                                                         : (int8 ? ir::decode_attention_int8_avx2
+                                                                 : ir::decode_attention_avx2);
   at::parallel_for(0, B * Hkv, max_len * D >= 4096 ? 1 : B * Hkv, [&](int64_t t0, int64_t t1) {
     fn(a, t0, t1);
   });

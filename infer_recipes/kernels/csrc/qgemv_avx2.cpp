@@ -7,8 +7,9 @@
 #include <cstring>
 #include <type_traits>
 
-#include "qgemv.h"
 #include "vec8.h"
+// the pragma and the vector type first: what is shared is compiled for them
+#include "qgemv_impl.h"
 
 namespace ir {
 namespace {
@@ -17,33 +18,6 @@ inline __m256i bcast4(const int8_t* p) {
   int32_t v;
   std::memcpy(&v, p, 4);
   return _mm256_set1_epi32(v);
-}
-
-// y rows m0..m0+MB-1, output rows n0..n0+7: out[m] (x per-row scales, when given) + bias, the last tile of a
-// row count N not a multiple of 8 cut short
-template <int MB>
-void store_half(const __m256 (&out)[MB], const float* scales, const float* bias, void* y, bool bf16, int64_t m0,
-                int64_t N, int64_t n0) {
-  const int n = N - n0 >= 8 ? 8 : static_cast<int>(N - n0);
-  if (n <= 0) return;
-  __m256 b = _mm256_setzero_ps();
-  if (bias) {
-    float tmp[8] = {};
-    std::memcpy(tmp, bias + n0, n * sizeof(float));
-    b = _mm256_loadu_ps(tmp);
-  }
-  const __m256 s = scales ? _mm256_loadu_ps(scales + n0) : _mm256_setzero_ps();  // scales padded to whole tiles
-  for (int m = 0; m < MB; ++m) {
-    const __m256 v = scales ? _mm256_fmadd_ps(out[m], s, b) : _mm256_add_ps(out[m], b);
-    const int64_t at = (m0 + m) * N + n0;
-    if (bf16) {
-      if (n == 8) vec8::store(static_cast<uint16_t*>(y) + at, v);
-      else vec8::store(static_cast<uint16_t*>(y) + at, v, n);
-    } else {
-      if (n == 8) vec8::store(static_cast<float*>(y) + at, v);
-      else vec8::store(static_cast<float*>(y) + at, v, n);
-    }
-  }
 }
 
 // One half of a 16-row tile (output rows 8h..8h+7: bytes 32h..32h+31 of each 64-byte run), all groups.
@@ -87,7 +61,7 @@ void int4_half(const QuantizedRows& x, int64_t m0, const uint8_t* w, const uint1
       out[m] = _mm256_fmadd_ps(Z, _mm256_set1_ps(x.xsum[i]), out[m]);
     }
   }
-  store_half(out, nullptr, bias, y, bf16, m0, N, n0 + 8 * h);
+  store_rows<Vec8>(out, nullptr, bias, y, bf16, m0, N, n0 + 8 * h);
 }
 
 // The int8 layout holds q + 128; flipping the top bit gives q back, signed. maddubs wants one unsigned operand,
@@ -116,54 +90,10 @@ void int8_half(const QuantizedRows& x, int64_t m0, const uint8_t* w, const float
     for (int m = 0; m < MB; ++m)
       out[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc[m]), _mm256_set1_ps(x.d[(m0 + m) * B + b]), out[m]);
   }
-  store_half(out, scales, bias, y, bf16, m0, N, n0 + 8 * h);
+  store_rows<Vec8>(out, scales, bias, y, bf16, m0, N, n0 + 8 * h);
 }
 
 constexpr int MAX_MB = 4;  // activation rows per pass over a half tile: the accumulators must stay in registers
-
-template <typename F>
-void by_rows(int64_t M, F&& f) {
-  int64_t m0 = 0;
-  for (; m0 + MAX_MB <= M; m0 += MAX_MB) f(std::integral_constant<int, MAX_MB>{}, m0);
-  switch (M - m0) {
-    case 1: f(std::integral_constant<int, 1>{}, m0); break;
-    case 2: f(std::integral_constant<int, 2>{}, m0); break;
-    case 3: f(std::integral_constant<int, 3>{}, m0); break;
-    default: break;
-  }
-}
-
-void quantize_rows(const void* x, bool bf16, int64_t K, int64_t block, int64_t m0, int64_t m1, int8_t* q,
-                   float* d, int32_t* qsum, float* xsum) {
-  const int64_t nb = K / block;
-  const __m256 sign = _mm256_set1_ps(-0.0f);
-  for (int64_t m = m0; m < m1; ++m) {
-    for (int64_t b = 0; b < nb; ++b) {
-      const int64_t at = m * K + b * block;
-      const float* xf = static_cast<const float*>(x) + at;
-      const uint16_t* xh = static_cast<const uint16_t*>(x) + at;
-      __m256 amax = _mm256_setzero_ps(), sum = _mm256_setzero_ps();
-      for (int64_t k = 0; k < block; k += 8) {
-        const __m256 v = bf16 ? vec8::load(xh + k) : vec8::load(xf + k);
-        amax = _mm256_max_ps(amax, _mm256_andnot_ps(sign, v));
-        sum = _mm256_add_ps(sum, v);
-      }
-      const float scale = vec8::hmax(amax) / 127.0f;
-      const __m256 inv = _mm256_set1_ps(scale > 0 ? 1.0f / scale : 0.0f);
-      __m256i qs = _mm256_setzero_si256();
-      for (int64_t k = 0; k < block; k += 8) {
-        const __m256 v = bf16 ? vec8::load(xh + k) : vec8::load(xf + k);
-        const __m256i r = _mm256_cvtps_epi32(_mm256_mul_ps(v, inv));  // nearest even, within [-127, 127]
-        qs = _mm256_add_epi32(qs, r);
-        const __m128i r16 = _mm_packs_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1));
-        _mm_storel_epi64(reinterpret_cast<__m128i*>(q + at + k), _mm_packs_epi16(r16, r16));
-      }
-      d[m * nb + b] = scale;
-      qsum[m * nb + b] = vec8::hsum(qs);
-      xsum[m * nb + b] = vec8::hsum(sum);
-    }
-  }
-}
 
 void int4_tiles(const QuantizedRows& x, const uint8_t* packed, const uint16_t* sz, int64_t group, int64_t N,
                 const float* bias, void* y, bool bf16_out, int64_t t0, int64_t t1) {
@@ -172,7 +102,7 @@ void int4_tiles(const QuantizedRows& x, const uint8_t* packed, const uint16_t* s
     const uint8_t* w = packed + t * tile_bytes;
     const uint16_t* s = sz + t * tile_sz;
     for (int h = 0; h < 2 && t * 16 + 8 * h < N; ++h) {
-      by_rows(x.M, [&](auto mb, int64_t m0) {
+      by_rows<MAX_MB>(x.M, [&](auto mb, int64_t m0) {
         constexpr int MB = decltype(mb)::value;
         if (group == 32) int4_half<MB, 32>(x, m0, w, s, bias, y, bf16_out, N, t * 16, h);
         else if (group == 64) int4_half<MB, 64>(x, m0, w, s, bias, y, bf16_out, N, t * 16, h);
@@ -187,7 +117,7 @@ void int8_tiles(const QuantizedRows& x, const uint8_t* packed, const float* scal
   const int64_t tile_bytes = 16 * x.K;
   for (int64_t t = t0; t < t1; ++t) {
     for (int h = 0; h < 2 && t * 16 + 8 * h < N; ++h) {
-      by_rows(x.M, [&](auto mb, int64_t m0) {
+      by_rows<MAX_MB>(x.M, [&](auto mb, int64_t m0) {
         int8_half<decltype(mb)::value>(x, m0, packed + t * tile_bytes, scales, bias, y, bf16_out, N, t * 16, h);
       });
     }
@@ -196,6 +126,6 @@ void int8_tiles(const QuantizedRows& x, const uint8_t* packed, const float* scal
 
 }  // namespace
 
-const Qgemv qgemv_avx2 = {quantize_rows, int4_tiles, int8_tiles};
+const Qgemv qgemv_avx2 = {quantize_rows<Vec8>, int4_tiles, int8_tiles};
 
 }  // namespace ir

@@ -7,41 +7,12 @@
 #include <cstring>
 #include <type_traits>
 
-#include "qgemv.h"
 #include "vec.h"
+// the pragma and the vector type first: what is shared is compiled for them
+#include "qgemv_impl.h"
 
 namespace ir {
 namespace {
-
-inline float bf16_to_float(uint16_t h) {
-  uint32_t u = static_cast<uint32_t>(h) << 16;
-  float f;
-  std::memcpy(&f, &u, 4);
-  return f;
-}
-
-// the rows n0..n0+15 of a tile that exist: all 16 but in the last tile of a row count N not a multiple of 16
-inline __mmask16 tail_mask(int64_t N, int64_t n0) {
-  return N - n0 >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (N - n0)) - 1);
-}
-
-// out[m] (x per-row scales, when given) + bias for the MB activation rows of one tile, into y [M, N] float32
-// or bfloat16
-template <int MB>
-void store_tile(const __m512 (&out)[MB], const float* scales, const float* bias, void* y, bool bf16, int64_t m0,
-                int64_t N, int64_t n0) {
-  const __mmask16 mask = tail_mask(N, n0);
-  const __m512 b = bias ? _mm512_maskz_loadu_ps(mask, bias + n0) : _mm512_setzero_ps();
-  const __m512 s = scales ? _mm512_loadu_ps(scales + n0) : _mm512_setzero_ps();  // scales padded to whole tiles
-  for (int m = 0; m < MB; ++m) {
-    const __m512 v = scales ? _mm512_fmadd_ps(out[m], s, b) : _mm512_add_ps(out[m], b);
-    const int64_t at = (m0 + m) * N + n0;
-    if (bf16)
-      vec::store(static_cast<uint16_t*>(y) + at, v, mask);
-    else
-      vec::store(static_cast<float*>(y) + at, v, mask);
-  }
-}
 
 inline __m512i bcast4(const int8_t* p) {
   int32_t v;
@@ -100,7 +71,7 @@ void int4_tile(const QuantizedRows& x, int64_t m0, const uint8_t* w, const uint1
       out[m] = _mm512_fmadd_ps(Z, _mm512_set1_ps(x.xsum[i]), out[m]);
     }
   }
-  store_tile(out, nullptr, bias, y, bf16, m0, N, n0);
+  store_rows<Vec16>(out, nullptr, bias, y, bf16, m0, N, n0);
 }
 
 template <int MB>
@@ -127,59 +98,10 @@ void int8_tile(const QuantizedRows& x, int64_t m0, const uint8_t* w, const float
       out[m] = _mm512_fmadd_ps(a, _mm512_set1_ps(x.d[i]), out[m]);
     }
   }
-  store_tile(out, scales, bias, y, bf16, m0, N, n0);
+  store_rows<Vec16>(out, scales, bias, y, bf16, m0, N, n0);
 }
 
 constexpr int MAX_MB = 6;  // activation rows per pass over a tile: the accumulators must stay in registers
-
-template <typename F>
-void by_rows(int64_t M, F&& f) {
-  int64_t m0 = 0;
-  for (; m0 + MAX_MB <= M; m0 += MAX_MB) f(std::integral_constant<int, MAX_MB>{}, m0);
-  switch (M - m0) {
-    case 1: f(std::integral_constant<int, 1>{}, m0); break;
-    case 2: f(std::integral_constant<int, 2>{}, m0); break;
-    case 3: f(std::integral_constant<int, 3>{}, m0); break;
-    case 4: f(std::integral_constant<int, 4>{}, m0); break;
-    case 5: f(std::integral_constant<int, 5>{}, m0); break;
-    default: break;
-  }
-}
-
-
-void quantize_rows(const void* x, bool bf16, int64_t K, int64_t block, int64_t m0, int64_t m1, int8_t* q,
-                   float* d, int32_t* qsum, float* xsum) {
-  const int64_t nb = K / block;
-  float buf[128];
-  for (int64_t m = m0; m < m1; ++m) {
-    for (int64_t b = 0; b < nb; ++b) {
-      const int64_t at = m * K + b * block;
-      if (bf16) {
-        const uint16_t* src = static_cast<const uint16_t*>(x) + at;
-        for (int64_t k = 0; k < block; ++k) buf[k] = bf16_to_float(src[k]);
-      } else {
-        std::memcpy(buf, static_cast<const float*>(x) + at, block * sizeof(float));
-      }
-      __m512 amax = _mm512_setzero_ps(), sum = _mm512_setzero_ps();
-      for (int64_t k = 0; k < block; k += 16) {
-        const __m512 v = _mm512_loadu_ps(buf + k);
-        amax = _mm512_max_ps(amax, _mm512_abs_ps(v));
-        sum = _mm512_add_ps(sum, v);
-      }
-      const float scale = _mm512_reduce_max_ps(amax) / 127.0f;
-      const __m512 inv = _mm512_set1_ps(scale > 0 ? 1.0f / scale : 0.0f);
-      __m512i qs = _mm512_setzero_si512();
-      for (int64_t k = 0; k < block; k += 16) {
-        const __m512i r = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(buf + k), inv));  // nearest even
-        qs = _mm512_add_epi32(qs, r);
-        _mm_storeu_si128(reinterpret_cast<__m128i*>(q + at + k), _mm512_cvtsepi32_epi8(r));
-      }
-      d[m * nb + b] = scale;
-      qsum[m * nb + b] = _mm512_reduce_add_epi32(qs);
-      xsum[m * nb + b] = _mm512_reduce_add_ps(sum);
-    }
-  }
-}
 
 void int4_tiles(const QuantizedRows& x, const uint8_t* packed, const uint16_t* sz, int64_t group, int64_t N,
                 const float* bias, void* y, bool bf16_out, int64_t t0, int64_t t1) {
@@ -187,7 +109,7 @@ void int4_tiles(const QuantizedRows& x, const uint8_t* packed, const uint16_t* s
   for (int64_t t = t0; t < t1; ++t) {
     const uint8_t* w = packed + t * tile_bytes;
     const uint16_t* s = sz + t * tile_sz;
-    by_rows(x.M, [&](auto mb, int64_t m0) {
+    by_rows<MAX_MB>(x.M, [&](auto mb, int64_t m0) {
       constexpr int MB = decltype(mb)::value;
       if (group == 32) int4_tile<MB, 32>(x, m0, w, s, bias, y, bf16_out, N, t * 16);
       else if (group == 64) int4_tile<MB, 64>(x, m0, w, s, bias, y, bf16_out, N, t * 16);
@@ -200,7 +122,7 @@ void int8_tiles(const QuantizedRows& x, const uint8_t* packed, const float* scal
                 const float* bias, void* y, bool bf16_out, int64_t t0, int64_t t1) {
   const int64_t tile_bytes = 16 * x.K;
   for (int64_t t = t0; t < t1; ++t) {
-    by_rows(x.M, [&](auto mb, int64_t m0) {
+    by_rows<MAX_MB>(x.M, [&](auto mb, int64_t m0) {
       int8_tile<decltype(mb)::value>(x, m0, packed + t * tile_bytes, scales, bias, y, bf16_out, N, t * 16);
     });
   }
@@ -208,6 +130,6 @@ void int8_tiles(const QuantizedRows& x, const uint8_t* packed, const float* scal
 
 }  // namespace
 
-const Qgemv qgemv_avx512 = {quantize_rows, int4_tiles, int8_tiles};
+const Qgemv qgemv_avx512 = {quantize_rows<Vec16>, int4_tiles, int8_tiles};
 
 }  // namespace ir
