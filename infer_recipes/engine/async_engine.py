@@ -194,6 +194,10 @@ class AsyncEngine:
             pass
         return out
 
+    def reset_prefix_cache(self) -> int:
+        """LLMEngine.reset_prefix_cache, run on the device thread between steps; how many blocks it forgot."""
+        return self.device_thread.call_and_wait(self.llm_engine.reset_prefix_cache, timeout=60)
+
     def _send(self, command) -> None:
         self._commands.put(command)
         self.device_thread.wake()

@@ -113,6 +113,17 @@ class BlockPool:
                 del self._idle[block]
             self._refs[block] += 1
 
+    def forget_idle(self) -> int:
+        """Empties the prefix cache of every block nobody holds (their names go, the blocks are free): a cold
+        cache, as after a restart, for a measurement that must not find an earlier one's prompts. Blocks that
+        sequences hold keep their names. Returns how many blocks were forgotten."""
+        for block in self._idle:
+            del self._by_name[self._name_of.pop(block)]
+            self._free.append(block)
+        count = len(self._idle)
+        self._idle.clear()
+        return count
+
     def count_lookup(self, prompt_tokens: int, hit_tokens: int) -> None:
         self.queries += prompt_tokens
         self.hits += hit_tokens

@@ -166,6 +166,10 @@ class LLMEngine:
         return outputs
 
     # ---- state, for metrics ---------------------------------------------------------------------------------------
+    def reset_prefix_cache(self) -> int:
+        """Forgets the cached blocks no sequence holds (BlockPool.forget_idle); how many."""
+        return self.block_pool.forget_idle()
+
     def stats(self) -> dict:
         return {"waiting": len(self.scheduler.waiting), "running": len(self.scheduler.running),
                 "kv_cache_usage": self.block_pool.usage if self.config.kv_cache else 0.0,

@@ -5,11 +5,18 @@ device thread stepping both). Phase 1 sends every question to both models at the
 in flight per model; phase 2 (policy "cascade") sends every question to the first model and re-asks the second
 when the first's mean token log-probability is below the threshold. Latency is per question as the caller sees it
 (submitted -> answer; for the cascade both hops); memory is each model's weights plus the most KV blocks it held,
-and the process's peak resident set (or accelerator memory) during each phase.
+and the process's peak resident set (or accelerator memory) during each phase. Each phase starts with both
+models' prefix caches empty, so the cascade does not find the prompts phase 1 computed.
+
+The cascade's threshold trades accuracy for the large model's time, and a good one depends on the pair. Phase 1
+holds the large model's answer to every question and phase 2 the small model's confidence in its own, so the
+result also lists, for thresholds that escalate 0 %, 10 %, ... 100 % of these questions, what the cascade would
+have scored (`thresholds`): the curve to choose a deployment's threshold from, without a run per threshold.
 """
 from __future__ import annotations
 
 import asyncio
+import math
 import sys
 import time
 from dataclasses import dataclass, field
@@ -33,6 +40,8 @@ class Run:
     results: list[QAResult] = field(default_factory=list)
     seconds: float = 0.0
     answered_by: dict[str, str] = field(default_factory=dict)  # cascade: question id -> model
+    confidence: dict[str, float] = field(default_factory=dict)  # cascade: question id -> the small model's mean
+    # token log-probability (-inf: no tokens)
     parts: list["Run"] = field(default_factory=list)  # both models together: each model's own run
     model_bytes: int | None = None  # weights + peak KV blocks in use
     peak_bytes: int | None = None  # process (or accelerator) peak during the phase
@@ -91,6 +100,7 @@ async def _cascade(small: Entry, large: Entry, cascade: Cascade, examples: list[
             start = time.perf_counter()
             try:
                 out, by = await small.engine.final(prompts[small.spec.name][i], sure), small.spec.name
+                run.confidence[ex.id] = sum(out.logprobs) / len(out.logprobs) if out.logprobs else -math.inf
                 if cascade.escalate(out.logprobs):
                     out, by = await large.engine.final(prompts[large.spec.name][i], plain), large.spec.name
             except ContextLengthError:
@@ -111,6 +121,7 @@ def compare(specs: list[ModelSpec], examples: list[QAExample], task: str, lang: 
             progress: bool = True, log=print) -> dict:
     """Runs the comparison; returns {"rows": [...], "models": {...}, ...} (see `table`)."""
     pool = ModelPool(specs, log=log)
+    sweep = None
     try:
         pool.preload()
         entries = [pool.entries[s.name] for s in specs]
@@ -118,7 +129,12 @@ def compare(specs: list[ModelSpec], examples: list[QAExample], task: str, lang: 
         prompts = {e.spec.name: [build_prompt(e.llm.tokenizer, ex, lang, shots) for ex in examples] for e in entries}
         weights = {e.spec.name: e.llm.weight_bytes() for e in entries}
 
+        def cold() -> None:
+            for e in entries:
+                e.engine.reset_prefix_cache()
+
         async def both() -> list[Run]:
+            cold()
             kvs = [_KVPeak(e) for e in entries]
             bar = tqdm(total=len(examples) * len(entries), desc="both models", unit="question",
                        disable=not progress, file=sys.stderr)
@@ -141,6 +157,7 @@ def compare(specs: list[ModelSpec], examples: list[QAExample], task: str, lang: 
             cascade = Cascade("cascade", specs[0].name, specs[1].name, threshold)
 
             async def cascaded() -> Run:
+                cold()
                 bar = tqdm(total=len(examples), desc="cascade", unit="question", disable=not progress,
                            file=sys.stderr)
                 with PeakMemory(device) as peak:
@@ -151,13 +168,38 @@ def compare(specs: list[ModelSpec], examples: list[QAExample], task: str, lang: 
                 return run
 
             rows.append(asyncio.run(cascaded()))
+            sweep = thresholds(rows[-1], rows[1], task, examples)
     finally:
         pool.shutdown()
     return {"task": task, "questions": len(examples), "batch_size": batch_size, "shots": shots,
             "models": {s.name: {"model": s.model, "options": dict(s.options)} for s in specs},
             "cascade": None if cascade is None else {"small": cascade.small, "large": cascade.large,
                                                      "threshold": cascade.threshold},
-            "device": str(device), "rows": [_row(run, task, examples) for run in rows]}
+            "device": str(device), "rows": [_row(run, task, examples) for run in rows], "thresholds": sweep}
+
+
+SHARES = (0.0, 0.1, 0.2, 0.3, 0.5, 0.7, 1.0)
+
+
+def thresholds(cascade: Run, large: Run, task: str, examples: list[QAExample]) -> list[dict]:
+    """What the cascade would score at thresholds escalating each share of SHARES of the questions: the small
+    model's answers (from the cascade run) where its confidence is at or above the threshold, the large model's
+    (phase 1, answered alone with the same greedy settings) below it."""
+    small = {r.id: r.prediction for r in cascade.results}
+    big = {r.id: r.prediction for r in large.results}
+    ids = [ex.id for ex in examples if ex.id in cascade.confidence and ex.id in big]
+    levels = sorted(cascade.confidence[i] for i in ids)
+    out = []
+    for share in SHARES:
+        k = round(share * len(levels))  # escalate the k least confident
+        threshold = math.inf if k == len(levels) else levels[k]
+        chosen = {i: big[i] if cascade.confidence[i] < threshold else small[i] for i in ids}
+        escalated = sum(cascade.confidence[i] < threshold for i in ids)
+        metrics = score(task, [ex for ex in examples if ex.id in chosen], chosen)
+        out.append({"threshold": None if threshold == math.inf else threshold,  # None: every question escalated
+                    "escalated": escalated / max(1, len(ids)), "exact": metrics["exact"],
+                    "f1": metrics["f1"]})
+    return out
 
 
 def _row(run: Run, task: str, examples: list[QAExample]) -> dict:
@@ -198,6 +240,12 @@ def table(result: dict) -> str:
         lines.append(f"| {row['name']} | {row['answers']} | {_f(row['latency_mean_s'], 2)} | "
                      f"{_f(row['latency_p99_s'], 2)} | {_f(row['questions_per_s'], 2)} | {row['exact']:.1f} | "
                      f"{row['f1']:.1f} | {mb(row['model_bytes'])} | {mb(row['peak_bytes'])} | {by or '-'} |")
+    if result.get("thresholds"):
+        small, large = result["cascade"]["small"], result["cascade"]["large"]
+        lines += ["", f"The cascade at other thresholds ({small}'s answers kept at or above, {large}'s phase-1 "
+                  f"answers below):", "", "| threshold | escalated | EM | F1 |", "| ---: | ---: | ---: | ---: |"]
+        for t in result["thresholds"]:
+            lines.append(f"| {'any' if t['threshold'] is None else format(t['threshold'], '.3f')} | {t['escalated']:.0%} | {t['exact']:.1f} | {t['f1']:.1f} |")
     return "\n".join(lines)
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 
 from infer_recipes import LLM, SamplingParams
+from infer_recipes.engine.block_pool import BlockPool
 from tests.conftest import abort_midway
 
 SYSTEM = ("You are a careful assistant. Answer the question with a short phrase copied from the context. If the "
@@ -66,3 +67,28 @@ def test_int4_w8a8_does_not_cache_by_default_and_no_cache_refuses_it():
     assert prefix_caching_on(EngineConfig(quantization="int8")) and not prefix_caching_on(EngineConfig(kv_cache=False))
     with pytest.raises(ConfigError, match="needs the KV cache"):
         EngineConfig(kv_cache=False, prefix_caching=True)
+
+
+def test_a_reset_cache_is_cold_and_keeps_what_sequences_hold(smollm):
+    """`reset_prefix_cache` (a cold cache for a measurement): a prompt seen before finds nothing afterwards and
+    decodes the same tokens; in the pool, a block a sequence still holds keeps its name through the reset."""
+    prompt = smollm.tokenizer.encode(SYSTEM + QUESTIONS[2])
+    want = smollm.generate([prompt], GREEDY)[0].token_ids
+    engine = smollm.engine
+    assert engine.stats()["prefix_cache_blocks"] > 0
+    assert engine.reset_prefix_cache() > 0
+    before = engine.stats()
+    assert before["prefix_cache_blocks"] == 0 and before["kv_blocks_free"] == before["kv_blocks_total"]
+    assert smollm.generate([prompt], GREEDY)[0].token_ids == want
+    assert engine.stats()["prefix_cache_hits"] == before["prefix_cache_hits"]
+
+    pool = BlockPool(8, 4, caching=True)
+    held, idle = [], []
+    pool.grow(held, 8)
+    pool.grow(idle, 8)
+    a, b = list(range(9)), list(range(100, 109))
+    pool.name_full_blocks(held, a, [], 0, 8)
+    pool.name_full_blocks(idle, b, [], 0, 8)
+    pool.release(idle)
+    assert pool.num_cached == 4 and pool.forget_idle() == 2
+    assert pool.match(a, []) == held and pool.match(b, []) == [] and pool.num_free == 6

@@ -200,7 +200,14 @@ def test_compare_two_models_and_the_cascade(tmp_path):
     # threshold -1000: every answer of the small model is sure enough, so it answers everything
     assert rows["cascade"]["answered_by"] == {"small": 1.0}
     assert rows["cascade"]["exact"] == pytest.approx(rows["small"]["exact"])
-    assert (out / "compare.md").read_text().startswith("| run |")
+    # the threshold curve: escalating none is the small model's score, all the large model's, shares in order
+    sweep = result["thresholds"]
+    assert [t["escalated"] for t in sweep] == sorted(t["escalated"] for t in sweep)
+    assert sweep[0]["escalated"] == 0 and sweep[0]["exact"] == pytest.approx(rows["small"]["exact"])
+    assert sweep[-1]["threshold"] is None and sweep[-1]["escalated"] == 1
+    assert (sweep[-1]["exact"], sweep[-1]["f1"]) == pytest.approx((rows["large"]["exact"], rows["large"]["f1"]))
+    md = (out / "compare.md").read_text()
+    assert md.startswith("| run |") and "| any | 100% |" in md
     assert json.loads((out / "compare.json").read_text())["rows"] == result["rows"]
     # threshold 0: a mean log-probability is never above 0, so the large model re-answers everything
     res = run("eval", "compare", "--models", TINY, f"{TINY},fusion=false", "--policy", "cascade", "--threshold", "0",
