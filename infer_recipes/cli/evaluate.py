@@ -145,8 +145,8 @@ def register(sub) -> None:
         q.add_argument("--out", default=None, help="write predictions.json (official format), metrics.json and "
                        "answers.jsonl, and data.json (the evaluated questions, for the official script) here")
         q.set_defaults(func=cmd_eval_qa)
-    q = ev.add_parser("compare", help="two models served at once (and a cascade) on the same questions: "
-                      "latency, p99, questions/s, EM, F1, memory")
+    q = ev.add_parser("compare", help="two models alone, served at once, and as a cascade, on the same "
+                      "questions: latency, p99, questions/s, EM, F1, memory; the cascade's EM/F1 per threshold")
     q.add_argument("--models", nargs="+", required=True, metavar="[NAME=]MODEL",
                    help="two models: each a recipe (smollm2-135m-instruct/int4, my.yaml) or "
                         "SPEC[,KEY=VALUE...] as for serve (smollm2-135m-instruct,quantization=int8); the first is "

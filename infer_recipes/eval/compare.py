@@ -1,15 +1,16 @@
 """Two models served at once, and the cascade between them, on the same questions.
 
 Both models live in one process in the serving issue's model pool (each its own engine, KV pool and queue, one
-device thread stepping both). Phase 1 sends every question to both models at the same time, at most `batch_size`
-in flight per model; phase 2 (policy "cascade") sends every question to the first model and re-asks the second
-when the first's mean token log-probability is below the threshold. Latency is per question as the caller sees it
+device thread stepping both). Phase 1 sends every question to each model alone, one model after the other;
+phase 2 to both models at the same time; at most `batch_size` in flight per model. Phase 3 (policy "cascade")
+sends every question to the first model and re-asks the second when the first's mean token log-probability is
+below the threshold. Latency is per question as the caller sees it
 (submitted -> answer; for the cascade both hops); memory is each model's weights plus the most KV blocks it held,
 and the process's peak resident set (or accelerator memory) during each phase. Each phase starts with both
-models' prefix caches empty, so the cascade does not find the prompts phase 1 computed.
+models' prefix caches empty, so no phase finds the prompts an earlier one computed.
 
 The cascade's threshold trades accuracy for the large model's time, and a good one depends on the pair. Phase 1
-holds the large model's answer to every question and phase 2 the small model's confidence in its own, so the
+holds the large model's answer to every question and phase 3 the small model's confidence in its own, so the
 result also lists, for thresholds that escalate 0 %, 10 %, ... 100 % of these questions, what the cascade would
 have scored (`thresholds`): the curve to choose a deployment's threshold from, without a run per threshold.
 """
@@ -133,7 +134,19 @@ def compare(specs: list[ModelSpec], examples: list[QAExample], task: str, lang: 
             for e in entries:
                 e.engine.reset_prefix_cache()
 
-        async def both() -> list[Run]:
+        async def alone(entry: Entry) -> Run:
+            cold()
+            kv = _KVPeak(entry)
+            bar = tqdm(total=len(examples), desc=f"{entry.spec.name} alone", unit="question", disable=not progress,
+                       file=sys.stderr)
+            with PeakMemory(device) as peak:
+                run = await _answer_all(entry, examples, prompts[entry.spec.name], lang, batch_size, max_tokens,
+                                        bar, kv)
+            bar.close()
+            run.model_bytes, run.peak_bytes = weights[entry.spec.name] + kv.bytes, peak.peak
+            return run
+
+        async def both() -> Run:
             cold()
             kvs = [_KVPeak(e) for e in entries]
             bar = tqdm(total=len(examples) * len(entries), desc="both models", unit="question",
@@ -149,9 +162,10 @@ def compare(specs: list[ModelSpec], examples: list[QAExample], task: str, lang: 
                 run.model_bytes = weights[entry.spec.name] + kv.bytes
             together.model_bytes = sum(run.model_bytes for run in runs)
             together.peak_bytes = peak.peak
-            return [*runs, together]
+            return together
 
-        rows = asyncio.run(both())
+        rows = [asyncio.run(alone(e)) for e in entries]
+        rows.append(asyncio.run(both()))
         cascade = None
         if policy == "cascade":
             cascade = Cascade("cascade", specs[0].name, specs[1].name, threshold)
@@ -245,7 +259,8 @@ def table(result: dict) -> str:
         lines += ["", f"The cascade at other thresholds ({small}'s answers kept at or above, {large}'s phase-1 "
                   f"answers below):", "", "| threshold | escalated | EM | F1 |", "| ---: | ---: | ---: | ---: |"]
         for t in result["thresholds"]:
-            lines.append(f"| {'any' if t['threshold'] is None else format(t['threshold'], '.3f')} | {t['escalated']:.0%} | {t['exact']:.1f} | {t['f1']:.1f} |")
+            level = "any" if t["threshold"] is None else f"{t['threshold']:.3f}"
+            lines.append(f"| {level} | {t['escalated']:.0%} | {t['exact']:.1f} | {t['f1']:.1f} |")
     return "\n".join(lines)
 
 
