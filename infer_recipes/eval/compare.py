@@ -30,7 +30,7 @@ from ..errors import ContextLengthError
 from ..serving.pool import Entry, ModelPool, ModelSpec
 from ..serving.routing import Cascade
 from ..stats import summary
-from .qa import QAExample, QAResult, build_prompt, score
+from .qa import QAExample, QAResult, build_prompt, extract_answer, score
 
 
 @dataclass
@@ -43,6 +43,8 @@ class Run:
     answered_by: dict[str, str] = field(default_factory=dict)  # cascade: question id -> model
     confidence: dict[str, float] = field(default_factory=dict)  # cascade: question id -> the small model's mean
     # token log-probability (-inf: no tokens)
+    small_answers: dict[str, str] = field(default_factory=dict)  # cascade: question id -> the small model's own
+    # answer, escalated or not
     parts: list["Run"] = field(default_factory=list)  # both models together: each model's own run
     model_bytes: int | None = None  # weights + peak KV blocks in use
     peak_bytes: int | None = None  # process (or accelerator) peak during the phase
@@ -102,6 +104,7 @@ async def _cascade(small: Entry, large: Entry, cascade: Cascade, examples: list[
             try:
                 out, by = await small.engine.final(prompts[small.spec.name][i], sure), small.spec.name
                 run.confidence[ex.id] = sum(out.logprobs) / len(out.logprobs) if out.logprobs else -math.inf
+                run.small_answers[ex.id] = extract_answer(out.text, lang)
                 if cascade.escalate(out.logprobs):
                     out, by = await large.engine.final(prompts[large.spec.name][i], plain), large.spec.name
             except ContextLengthError:
@@ -199,9 +202,9 @@ def thresholds(cascade: Run, large: Run, task: str, examples: list[QAExample]) -
     """What the cascade would score at thresholds escalating each share of SHARES of the questions: the small
     model's answers (from the cascade run) where its confidence is at or above the threshold, the large model's
     (phase 1, answered alone with the same greedy settings) below it."""
-    small = {r.id: r.prediction for r in cascade.results}
+    small = cascade.small_answers
     big = {r.id: r.prediction for r in large.results}
-    ids = [ex.id for ex in examples if ex.id in cascade.confidence and ex.id in big]
+    ids = [ex.id for ex in examples if ex.id in small and ex.id in big]
     levels = sorted(cascade.confidence[i] for i in ids)
     out = []
     for share in SHARES:

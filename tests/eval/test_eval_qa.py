@@ -9,7 +9,8 @@ import sys
 import pytest
 
 from conftest import data_path, smollm2_gguf
-from infer_recipes.eval.qa import load_qa
+from infer_recipes.eval.compare import Run, thresholds
+from infer_recipes.eval.qa import QAExample, QAResult, load_qa
 from infer_recipes.eval.qa_metrics import squad_metrics
 
 TINY = "synthetic:tiny-llama3"
@@ -214,6 +215,21 @@ def test_compare_two_models_and_the_cascade(tmp_path):
               "--data", data, "--max-tokens", "3")
     assert res.returncode == 0, res.stderr
     assert "synthetic:tiny-llama3-2 100%" in res.stdout
+
+
+def test_the_threshold_curve_keeps_the_small_models_own_answers():
+    """The curve from one cascade run: the small model's own answer where it is confident enough, the large
+    model's (answered alone) below; the cascade's final answers, which are the large model's for whatever that run
+    escalated, are not the small model's."""
+    examples = [QAExample(f"q{i}", "?", "c", (f"gold{i}",)) for i in range(4)]
+    small = ["gold0", "gold1", "x", "y"]  # right on q0 and q1
+    large = ["x", "y", "gold2", "gold3"]  # right on q2 and q3
+    cascade = Run("cascade", [QAResult(f"q{i}", large[i], "", 1.0, 1, 1, "stop") for i in range(4)],
+                  confidence={"q0": -0.1, "q1": -0.2, "q2": -0.3, "q3": -0.4},  # its run escalated every question
+                  small_answers={f"q{i}": small[i] for i in range(4)})
+    alone = Run("large", [QAResult(f"q{i}", large[i], "", 1.0, 1, 1, "stop") for i in range(4)])
+    curve = {t["escalated"]: t["exact"] for t in thresholds(cascade, alone, "squad", examples)}
+    assert curve[0.0] == 50.0 and curve[0.5] == 100.0 and curve[1.0] == 50.0
 
 
 def test_compare_needs_two_models(tmp_path):
