@@ -205,6 +205,8 @@ def thresholds(cascade: Run, large: Run, task: str, examples: list[QAExample]) -
     small = cascade.small_answers
     big = {r.id: r.prediction for r in large.results}
     ids = [ex.id for ex in examples if ex.id in small and ex.id in big]
+    if not ids:  # no question both models answered (every prompt too long): no curve
+        return []
     levels = sorted(cascade.confidence[i] for i in ids)
     out = []
     for share in SHARES:
