@@ -1,7 +1,8 @@
 """Our own CPU kernels, in C++ (`csrc/`): quantized linears for the few rows of a decode step, with activations
 quantized to int8 per block on the fly and integer dot products (AVX-512 VNNI, or AVX2's maddubs), the way
 llama.cpp reaches the memory roof; paged decode attention and the small fused operations of a decoder layer.
-Each kernel exists once per instruction set, and the extension runs the best one this CPU has (`isa()`).
+Each kernel is written once over a vector type (`csrc/*_impl.h`; the integer dot products once per set) and
+compiled for AVX-512 and for AVX2; the extension runs the best set this CPU has (`isa()`).
 
 The extension is built just in time, at first use, against the installed torch (`torch.utils.cpp_extension`,
 gcc and ninja), and cached under `$INFER_RECIPES_CACHE/kernels/` by a key naming the sources, the torch version
