@@ -165,11 +165,11 @@ class LLMEngine:
             outputs.append(request.output(delta, 0 if request.error else added))
         return outputs
 
-    # ---- state, for metrics ---------------------------------------------------------------------------------------
     def reset_prefix_cache(self) -> int:
         """Forgets the cached blocks no sequence holds (BlockPool.forget_idle); how many."""
         return self.block_pool.forget_idle()
 
+    # ---- state, for metrics ---------------------------------------------------------------------------------------
     def stats(self) -> dict:
         return {"waiting": len(self.scheduler.waiting), "running": len(self.scheduler.running),
                 "kv_cache_usage": self.block_pool.usage if self.config.kv_cache else 0.0,

@@ -103,7 +103,7 @@ async def _cascade(small: Entry, large: Entry, cascade: Cascade, examples: list[
             start = time.perf_counter()
             try:
                 out, by = await small.engine.final(prompts[small.spec.name][i], sure), small.spec.name
-                run.confidence[ex.id] = sum(out.logprobs) / len(out.logprobs) if out.logprobs else -math.inf
+                run.confidence[ex.id] = cascade.confidence(out.logprobs)
                 run.small_answers[ex.id] = extract_answer(out.text, lang)
                 if cascade.escalate(out.logprobs):
                     out, by = await large.engine.final(prompts[large.spec.name][i], plain), large.spec.name

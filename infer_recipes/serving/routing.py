@@ -6,6 +6,7 @@ model answers again; the response says which one answered.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from ..errors import InferRecipesError
@@ -20,11 +21,14 @@ class Cascade:
     large: str
     threshold: float = DEFAULT_THRESHOLD  # mean log-probability per generated token
 
+    @staticmethod
+    def confidence(logprobs: list[float] | None) -> float:
+        """What the threshold is compared with: the answer's mean token log-probability (-inf without tokens)."""
+        return sum(logprobs) / len(logprobs) if logprobs else -math.inf
+
     def escalate(self, logprobs: list[float] | None) -> bool:
-        """True when the small model's answer is not confident enough to keep."""
-        if not logprobs:
-            return True
-        return sum(logprobs) / len(logprobs) < self.threshold
+        """True when the small model's answer is not confident enough to keep (always, without tokens)."""
+        return not logprobs or self.confidence(logprobs) < self.threshold
 
     @staticmethod
     def parse(arg: str, models: list[str]) -> "Cascade":
