@@ -166,28 +166,45 @@ def test_torch_kernels_when_asked():
     assert not layer.native and layer.scales_zeros.dtype == torch.bfloat16  # torch's form
 
 
+def _paged_case(g: torch.Generator, bs: int, nblocks: int, lens: list[int]) -> torch.Tensor:
+    """Block tables for `lens`, each row its own blocks in random order, with holes between them."""
+    per_row = -(-max(lens) // bs)
+    return torch.randperm(nblocks, generator=g)[:len(lens) * per_row].view(len(lens), per_row).contiguous()
+
+
+# lengths that end mid-block, one of a single key, and one long enough for the automatic split of its keys over
+# threads; blocks of 16 (one chunk of AVX-512 lanes each) and of 8 (a chunk spans two blocks)
+ATTENTION_LENS = [1, 37, 80, 16, 129, 700]
+SPLITS = (0, 1, 3, 7)  # 0: the kernel's own choice; 7: most ranges of the short rows hold no key
+
+
 @needs_native
 @pytest.mark.parametrize("H,Hkv,D", [(9, 3, 64), (14, 2, 64), (12, 2, 128), (4, 4, 32), (16, 1, 80)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_decode_attention_reads_paged_blocks_in_place(H, Hkv, D, dtype, isa):
+@pytest.mark.parametrize("bs", [16, 8])
+def test_decode_attention_reads_paged_blocks_in_place(H, Hkv, D, dtype, bs, isa):
     """Against the torch path on the same pool: block tables in any order with holes between them, lengths
-    that end mid-block (and one of a single key), GQA ratios 1 to 16."""
+    that end mid-block (and one of a single key), GQA ratios 1 to 16, each sequence's keys read whole or split
+    into ranges that are merged after (split-K), with one sequence alone too (the split a batch of one takes).
+    The reference is float64: over 700 keys torch's own float32 path is 1e-5 off it, the kernel 5e-6."""
     from infer_recipes.layers.attention import _blockwise_decode
 
-    g = torch.Generator().manual_seed(H * D)
-    bs, nblocks = 16, 48
+    g = torch.Generator().manual_seed(H * D + bs)
+    nblocks = 2 * len(ATTENTION_LENS) * -(-max(ATTENTION_LENS) // bs)  # half of them holes
     k_cache = torch.randn(nblocks, Hkv, bs, D, generator=g).to(dtype)
     v_cache = torch.randn(nblocks, Hkv, bs, D, generator=g).to(dtype)
-    lens = torch.tensor([1, 37, 80, 16, 129])
-    per_row = 9  # blocks per row: the longest needs ceil(129 / 16) = 9
-    blocks = torch.randperm(nblocks, generator=g)[:len(lens) * per_row].view(len(lens), per_row).contiguous()
-    q = torch.randn(len(lens), H, D, generator=g).to(dtype)
-    out = torch.empty_like(q)
-    kernels.native().decode_attention(q, k_cache, v_cache, blocks.view(-1), lens, D ** -0.5, out)
-    mask = (torch.arange(per_row * bs)[None] < lens[:, None]).view(len(lens), 1, 1, -1)
-    ref = _blockwise_decode(q.float(), k_cache.float(), v_cache.float(), blocks.view(-1), mask, D ** -0.5)
     tol = 1e-5 if dtype == torch.float32 else 1e-2
-    assert torch.allclose(out.float(), ref, atol=tol, rtol=tol)
+    for lens in (ATTENTION_LENS, ATTENTION_LENS[-1:]):
+        blocks = _paged_case(g, bs, nblocks, lens)
+        lens = torch.tensor(lens)
+        q = torch.randn(len(lens), H, D, generator=g).to(dtype)
+        mask = (torch.arange(blocks.shape[1] * bs)[None] < lens[:, None]).view(len(lens), 1, 1, -1)
+        ref = _blockwise_decode(q.double(), k_cache.double(), v_cache.double(), blocks.view(-1), mask, D ** -0.5)
+        for splits in SPLITS:
+            out = torch.empty_like(q)
+            kernels.native().decode_attention(q, k_cache, v_cache, blocks.view(-1), lens, D ** -0.5, out,
+                                              splits=splits)
+            assert torch.allclose(out.double(), ref, atol=tol, rtol=tol), f"splits={splits}"
 
 
 @needs_native
@@ -195,23 +212,26 @@ def test_decode_attention_reads_paged_blocks_in_place(H, Hkv, D, dtype, isa):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_decode_attention_reads_an_int8_pool_in_place(H, Hkv, D, dtype, isa):
     """An int8 pool (a float32 scale per token and head) against the torch path over the same pool, which
-    dequantizes the blocks it gathers; and the kernel refuses a pool without its scales."""
+    dequantizes the blocks it gathers, whole and split-K; and the kernel refuses a pool without its scales."""
     from infer_recipes.layers.attention import _blockwise_decode, quantize_kv
 
     g = torch.Generator().manual_seed(H * D + 1)
-    bs, nblocks = 16, 48
+    bs = 16
+    nblocks = 2 * len(ATTENTION_LENS) * -(-max(ATTENTION_LENS) // bs)  # half of them holes
     (k_cache, k_scale), (v_cache, v_scale) = (quantize_kv(torch.randn(nblocks, Hkv, bs, D, generator=g) * 3)
                                               for _ in range(2))
-    lens = torch.tensor([1, 37, 80, 16, 129])
-    per_row = 9
-    blocks = torch.randperm(nblocks, generator=g)[:len(lens) * per_row].view(len(lens), per_row).contiguous()
+    blocks = _paged_case(g, bs, nblocks, ATTENTION_LENS)
+    lens = torch.tensor(ATTENTION_LENS)
     q = torch.randn(len(lens), H, D, generator=g).to(dtype)
-    out = torch.empty_like(q)
-    kernels.native().decode_attention(q, k_cache, v_cache, blocks.view(-1), lens, D ** -0.5, out, k_scale, v_scale)
-    mask = (torch.arange(per_row * bs)[None] < lens[:, None]).view(len(lens), 1, 1, -1)
-    ref = _blockwise_decode(q.float(), k_cache, v_cache, blocks.view(-1), mask, D ** -0.5, k_scale, v_scale)
+    mask = (torch.arange(blocks.shape[1] * bs)[None] < lens[:, None]).view(len(lens), 1, 1, -1)
+    ref = _blockwise_decode(q.double(), k_cache, v_cache, blocks.view(-1), mask, D ** -0.5, k_scale.double(),
+                           v_scale.double())
     tol = 1e-5 if dtype == torch.float32 else 1e-2
-    assert torch.allclose(out.float(), ref, atol=tol, rtol=tol)
+    out = torch.empty_like(q)
+    for splits in SPLITS:
+        kernels.native().decode_attention(q, k_cache, v_cache, blocks.view(-1), lens, D ** -0.5, out, k_scale,
+                                          v_scale, splits)
+        assert torch.allclose(out.double(), ref, atol=tol, rtol=tol), f"splits={splits}"
     with pytest.raises(RuntimeError, match="needs its scales"):
         kernels.native().decode_attention(q, k_cache, v_cache, blocks.view(-1), lens, D ** -0.5, out)
 

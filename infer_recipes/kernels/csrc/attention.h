@@ -17,10 +17,20 @@ struct AttentionArgs {
   // an int8 pool: a float32 scale per token and K/V head beside the caches, [num_blocks, Hkv, block_size]
   const float* k_scale = nullptr;
   const float* v_scale = nullptr;
+  // split-K: each (sequence, K/V head) reads its keys in `splits` consecutive ranges, so a batch with fewer
+  // (sequence, head) pairs than threads still keeps every thread busy; each range leaves its running softmax state
+  // (PARTIAL floats per task) in `partial`, and a second pass (`combine`) merges them into out
+  int64_t splits = 1;
+  float* partial = nullptr;
+  bool combine = false;
 };
 
-// tasks are (sequence, K/V head) pairs, sequence-major; per instruction set one function for a pool in q's dtype
-// and one for an int8 pool
+// floats of one range's state in `partial`: per query head of the group its max score, its sum of exponentials and
+// its weighted sum of values (D floats)
+inline int64_t partial_floats(int64_t G, int64_t D) { return G * (2 + D); }
+
+// tasks are (sequence, K/V head, key range) triples, sequence-major (with `combine`: (sequence, K/V head) pairs);
+// per instruction set one function for a pool in q's dtype and one for an int8 pool
 using DecodeAttention = void (*)(const AttentionArgs& a, int64_t task0, int64_t task1);
 extern const DecodeAttention decode_attention_avx512, decode_attention_avx2;
 extern const DecodeAttention decode_attention_int8_avx512, decode_attention_int8_avx2;

@@ -3,6 +3,7 @@
 #include <ATen/Parallel.h>
 #include <ATen/record_function.h>
 
+#include <algorithm>
 #include <cmath>
 
 #include "attention.h"
@@ -162,7 +163,8 @@ bool int8_pool(const torch::Tensor& k_cache, const c10::optional<torch::Tensor>&
 
 void decode_attention(const torch::Tensor& q, const torch::Tensor& k_cache, const torch::Tensor& v_cache,
                       const torch::Tensor& blocks, const torch::Tensor& lens, double scale, torch::Tensor& out,
-                      const c10::optional<torch::Tensor>& k_scale, const c10::optional<torch::Tensor>& v_scale) {
+                      const c10::optional<torch::Tensor>& k_scale, const c10::optional<torch::Tensor>& v_scale,
+                      int64_t splits) {
   RECORD_FUNCTION("infer_recipes::decode_attention", c10::ArrayRef<const c10::IValue>{});  // named in torch.profiler
   CHECK_CPU();
   TORCH_CHECK(q.dim() == 3 && k_cache.dim() == 4, "q must be [B, H, D] and the caches [blocks, Hkv, bs, D]");
@@ -187,15 +189,30 @@ void decode_attention(const torch::Tensor& q, const torch::Tensor& k_cache, cons
                       k_cache.size(2), D,
                       static_cast<float>(scale), dtype == torch::kBFloat16,
                       int8 ? k_scale->data_ptr<float>() : nullptr, int8 ? v_scale->data_ptr<float>() : nullptr};
-  const int64_t max_len = lens.max().item<int64_t>();
+  const int64_t* len = lens.data_ptr<int64_t>();
+  const int64_t max_len = *std::max_element(len, len + B);
   TORCH_CHECK(max_len <= a.blocks_per_row * a.block_size, "a length exceeds its block table");
   const ir::DecodeAttention fn = current == Isa::avx512 ? (int8 ? ir::decode_attention_int8_avx512
                                                                 : ir::decode_attention_avx512)
                                                          : (int8 ? ir::decode_attention_int8_avx2
                                                                  : ir::decode_attention_avx2);
-  at::parallel_for(0, B * Hkv, max_len * D >= 4096 ? 1 : B * Hkv, [&](int64_t t0, int64_t t1) {
+  // fewer (sequence, K/V head) pairs than ~4 per thread (a batch of one: 2 or 3 pairs on 2 threads), and long
+  // enough: each pair's keys split into ranges of at least 128 keys, merged after (`splits` > 0: that many)
+  const int64_t pairs = B * Hkv, want = 4 * at::get_num_threads();
+  a.splits = splits > 0 ? splits
+             : pairs >= want ? 1 : std::max<int64_t>(1, std::min((want + pairs - 1) / pairs, max_len / 128));
+  torch::Tensor partial;
+  if (a.splits > 1) {
+    partial = torch::empty({pairs * a.splits * ir::partial_floats(H / Hkv, D)}, q.options().dtype(torch::kFloat));
+    a.partial = partial.data_ptr<float>();
+  }
+  at::parallel_for(0, pairs * a.splits, max_len * D >= 4096 ? 1 : pairs * a.splits, [&](int64_t t0, int64_t t1) {
     fn(a, t0, t1);
   });
+  if (a.splits > 1) {
+    a.combine = true;
+    fn(a, 0, pairs);  // G * D floats per range and pair: not worth a hand-off
+  }
 }
 
 bool is_bf16(const torch::Tensor& t) {
@@ -325,7 +342,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("int8_linear", &int8_linear, "y = x W^T (+ bias), W int8 per row in the native layout");
   m.def("decode_attention", &decode_attention, "one query per sequence against its paged K/V, written into out",
         py::arg("q"), py::arg("k_cache"), py::arg("v_cache"), py::arg("blocks"), py::arg("lens"), py::arg("scale"),
-        py::arg("out"), py::arg("k_scale") = py::none(), py::arg("v_scale") = py::none());
+        py::arg("out"), py::arg("k_scale") = py::none(), py::arg("v_scale") = py::none(), py::arg("splits") = 0);
   m.def("rms_norm", &rms_norm, "(norm(x + residual) * weight, x + residual)");
   m.def("rope_cache", &rope_cache, "rotary on a fused qkv output in place, k and v written to their slots",
         py::arg("qkv"), py::arg("cos"), py::arg("sin"), py::arg("H"), py::arg("Hkv"), py::arg("k_cache"),
