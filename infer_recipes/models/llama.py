@@ -5,6 +5,8 @@ The model only computes: it is handed token ids, positions, the step's `PagedMet
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -108,6 +110,10 @@ class LlamaMLP(nn.Module):
 
 
 class LlamaDecoderLayer(nn.Module):
+    # with every part on our kernels: (the four linears' tensors, their kinds, the most rows of a step they take) for
+    # a decode step in one call of `decode_layer` (`plan_native_step`)
+    native_step: tuple[list[torch.Tensor], list[int], float] | None = None
+
     def __init__(self, config: ModelConfig, shard: Shard = Shard()):
         super().__init__()
         self.fused = False
@@ -128,6 +134,9 @@ class LlamaDecoderLayer(nn.Module):
 
         Textbook (unfused): x + attn(norm(x)), then + mlp(norm(.)). Fused: each residual add folded into the next
         norm, so the sum is left for the next layer's norm to make."""
+        if self.native_step is not None and kv is not None and h.shape[1] <= self.native_step[2] \
+                and not meta.parts.prefills and self._unobserved():
+            return self._native_decode(h, residual, cos, sin, meta, kv)
         if not self.fused:
             x = h if residual is None else h + residual
             x = x + self.self_attn(self.input_layernorm(x), cos, sin, meta, kv)
@@ -139,6 +148,47 @@ class LlamaDecoderLayer(nn.Module):
         h = self.self_attn(h, cos, sin, meta, kv)
         h, residual = self.post_attention_layernorm.forward_with_residual(h, residual)
         return self.mlp(h), residual
+
+
+    def plan_native_step(self, on: bool) -> None:
+        """Whether decode steps run the whole layer in one call of our kernels (`decode_layer`): the same kernels
+        in the same order as `forward` runs them (the same numbers), without ~10 Python calls and dispatches
+        between them; only when every part runs on them and nothing is split over ranks."""
+        attn, mlp = self.self_attn, self.mlp
+        self.native_step = None
+        if not (on and attn.native and mlp.native and self.input_layernorm.native and attn.shard.tp_size == 1):
+            return
+        forms = [_native_form(m) for m in (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)]
+        if all(forms):
+            self.native_step = ([t for f in forms for t in f[0]], [x for f in forms for x in f[1]],
+                                min(f[2] for f in forms))
+
+    def _unobserved(self) -> bool:
+        """No one watches the parts' calls: no key calibration, no hooks on the linears."""
+        parts = (self.self_attn.qkv_proj, self.self_attn.o_proj, self.mlp.gate_up_proj, self.mlp.down_proj)
+        return self.self_attn.observe is None and not any(m._forward_hooks or m._forward_pre_hooks for m in parts)
+
+    def _native_decode(self, h: torch.Tensor, residual: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor,
+                       meta: PagedMetadata, kv: tuple[torch.Tensor, ...]):
+        attn, (_, N, hidden) = self.self_attn, h.shape
+        layout, D = meta.parts, attn.head_dim
+        k_scale, v_scale = kv[2:] if len(kv) > 2 else (None, None)
+        out, residual = kernels.native().decode_layer(
+            h.reshape(N, hidden), None if residual is None else residual.reshape(N, hidden), cos.reshape(N, D),
+            sin.reshape(N, D), self.input_layernorm.weight32, self.post_attention_layernorm.weight32,
+            self.input_layernorm.eps, *self.native_step[:2], attn.qk_scale, attn.num_heads, attn.num_kv_heads,
+            kv[0], kv[1], meta.slot_mapping, k_scale, v_scale, layout.decode_blocks, layout.decode_lens, attn.scale)
+        return out.view(1, N, hidden), residual.view(1, N, hidden)
+
+
+def _native_form(linear: nn.Module) -> tuple[list[torch.Tensor], list[int], float] | None:
+    """What `decode_layer` takes for one linear (see `QuantizedLinear.native_form`); a dense one runs as
+    `F.linear` does."""
+    if type(linear) is nn.Linear:
+        bias = linear.bias if linear.bias is not None else linear.weight.new_empty(0)
+        return [linear.weight, linear.weight.new_empty(0), bias], [0, 0, linear.out_features], math.inf
+    form = getattr(linear, "native_form", None)
+    return form() if form is not None else None
 
 
 class Absent(nn.Module):
@@ -190,6 +240,7 @@ class LlamaForCausalLM(nn.Module):
             mlp.native = on and fused and mlp.down_proj.in_features % 16 == 0
             for norm in (layer.input_layernorm, layer.post_attention_layernorm):
                 norm.use_native(on and fused)
+            layer.plan_native_step(on)
         if hasattr(self.model, "norm"):
             self.model.norm.use_native(on)
 

@@ -5,6 +5,7 @@ import torch
 from torch import nn
 
 ROWS_PER_CHUNK = 2048  # quantize big matrices (a 49k-row lm_head) in slices: float temporaries stay small
+_NATIVE_DTYPES = (torch.float32, torch.bfloat16)  # what the native kernels take and give back
 
 
 def by_rows(fn, w: torch.Tensor, rows: int | None = None) -> tuple[torch.Tensor, ...]:
@@ -26,11 +27,20 @@ class QuantizedLinear(nn.Module):
     bias_in_matmul = False  # the native kernels add the bias themselves
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.bias_in_matmul and x.dtype in _NATIVE_DTYPES and x.is_contiguous():
+            # our kernels: rows in x's dtype in, rows in x's dtype out, the bias added inside; a decode step makes
+            # hundreds of these calls, so no cast and no copy (the general path below costs ~4 us more per call)
+            return self._matmul(x.view(-1, self.in_features)).view(*x.shape[:-1], self.out_features)
         shape = x.shape
         y = self._matmul(x.reshape(-1, self.in_features)).to(x.dtype)  # [M, N]
         if self.bias is not None and not self.bias_in_matmul:
             y = y + self.bias.to(x.dtype)
         return y.reshape(*shape[:-1], self.out_features)
+
+    def native_form(self) -> tuple[list[torch.Tensor], list[int], float] | None:
+        """How our fused decode layer (`kernels.native().decode_layer`) runs this linear: ([t0, t1, bias], [kind,
+        group, out_features], the most rows it holds for), or None when no native kernel runs it."""
+        return None
 
     def _native_bias(self) -> None:
         """Gives the native kernels the bias as they take it (float32), once."""
@@ -40,7 +50,7 @@ class QuantizedLinear(nn.Module):
     @staticmethod
     def _native_input(x: torch.Tensor) -> torch.Tensor:
         """Activations as the native kernels take them: contiguous float32 or bfloat16."""
-        if x.dtype not in (torch.float32, torch.bfloat16):
+        if x.dtype not in _NATIVE_DTYPES:
             x = x.float()
         return x.contiguous()
 

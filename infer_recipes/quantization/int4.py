@@ -6,6 +6,8 @@ map onto it exactly too, so those blocks can run without going through float.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 from .. import kernels
@@ -78,6 +80,12 @@ class Int4Linear(QuantizedLinear):
         # the packed layout is the kernel's own; reading it back through the kernel is exact for an identity input
         return torch.ops.aten._weight_int4pack_mm_for_cpu(eye, self.packed, self.group_size,
                                                          self.scales_zeros).t().to(dtype)
+
+    def native_form(self):
+        if not self.native:
+            return None
+        bias = self.bias32 if self.bias32 is not None else self.packed.new_empty(0, dtype=torch.float32)
+        return [self.packed, self.scales_zeros, bias], [4, self.group_size, self.out_features], math.inf
 
     def _matmul(self, x: torch.Tensor) -> torch.Tensor:
         if self.native:

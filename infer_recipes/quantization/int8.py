@@ -5,6 +5,8 @@ activations are cast to bfloat16 for the matmul and the result cast back.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 from .. import kernels
@@ -72,6 +74,12 @@ class Int8Linear(QuantizedLinear):
     def dequantize(self, dtype=torch.float32) -> torch.Tensor:
         q, s = self.rows()
         return (q.float() * s[:, None]).to(dtype)
+
+    def native_form(self):
+        if not self.native:
+            return None
+        bias = self.bias32 if self.bias32 is not None else self.packed.new_empty(0, dtype=torch.float32)
+        return [self.packed, self.scales, bias], [8, 0, self.out_features], math.inf
 
     def _matmul(self, x: torch.Tensor) -> torch.Tensor:
         if self.native:

@@ -63,6 +63,10 @@ class PhaseLinear(QuantizedLinear):
         """The form a call of `rows` rows leaves unread (what a memory roofline must not count)."""
         return [self.large if self.form(rows) is self.small else self.small]
 
+    def native_form(self):
+        form = self.small.native_form()  # the decode form, as long as a step's rows stay within the limit
+        return form and (form[0], form[1], min(form[2], self.limit))
+
     def _matmul(self, x: torch.Tensor) -> torch.Tensor:
         return self.form(x.shape[0])._matmul(x)
 

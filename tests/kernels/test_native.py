@@ -158,6 +158,54 @@ def test_engine_on_native_kernels_agrees_with_torch_kernels(model, scheme):
     assert _greedy_agreement(ours, theirs, PROMPTS, 12) >= 0.9
 
 
+
+@needs_native
+@pytest.mark.parametrize("model,switches", [
+    ("smollm2-135m-instruct", dict(quantization="int4-w8a8")),  # the int4 form of a PhaseLinear, float32
+    ("smollm2-135m-instruct", dict(dtype="bfloat16")),  # dense weights
+    # int4 and int8 forms, q/k/v biases, keys scaled before an int8 pool
+    ("qwen2.5-coder-0.5b-instruct", dict(quantization="gguf", kv_cache_dtype="int8")),
+])
+def test_a_decode_layer_in_one_call_computes_exactly_what_its_parts_do(model, switches, monkeypatch):
+    """`decode_layer` runs a decode step's layer in one call: the same kernels in the same order, so the same
+    numbers to the last bit (tokens and log-probabilities of a batch), and it is what decode steps run; a hook on
+    a linear sends the steps back through the modules, which call it."""
+    from infer_recipes import LLM
+    from infer_recipes.config import SamplingParams
+    from infer_recipes.models.llama import LlamaDecoderLayer
+
+    smollm2_gguf() if model.startswith("smollm2") else qwen_gguf(model)
+    llm = LLM(model, device="cpu", progress=False, prefix_caching=False, **switches)
+    layers = [m for m in llm.model.modules() if isinstance(m, LlamaDecoderLayer)]
+    assert layers and all(layer.native_step is not None for layer in layers)
+    real, calls = kernels.native(), []
+
+    class Counting:
+        def __getattr__(self, name):
+            return getattr(real, name)
+
+        def decode_layer(self, *args):
+            calls.append(1)
+            return real.decode_layer(*args)
+
+    monkeypatch.setattr(kernels, "native", Counting)
+    params = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True, logprobs=2)
+    fast = llm.generate(PROMPTS[:4], params)
+    assert len(calls) >= 15 * len(layers)  # every decode step (a prompt's first token comes from its prefill)
+    steps = [layer.native_step for layer in layers]
+    for layer in layers:
+        layer.native_step = None
+    parts = llm.generate(PROMPTS[:4], params)
+    for a, b in zip(fast, parts):
+        assert a.token_ids == b.token_ids and a.logprobs == b.logprobs and a.top_logprobs == b.top_logprobs
+    for layer, step in zip(layers, steps):
+        layer.native_step = step
+    seen = []
+    layers[0].self_attn.o_proj.register_forward_hook(lambda *_: seen.append(1))
+    calls.clear()
+    llm.generate(PROMPTS[:1], SamplingParams(max_tokens=4, temperature=0, ignore_eos=True))
+    assert len(seen) == 4 and len(calls) == 3 * (len(layers) - 1)  # layer 0 through its modules
+
 def test_torch_kernels_when_asked():
     """`kernels: torch` (and any device but the CPU) never asks for the extension."""
     assert not kernels.wanted("torch", torch.device("cpu"))

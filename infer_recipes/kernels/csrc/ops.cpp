@@ -333,6 +333,49 @@ torch::Tensor silu_mul(const torch::Tensor& gate_up) {
 
 }  // namespace
 
+// y = x W^T (+ bias) for one linear of a decoder layer as `decode_layer` is handed it: kind 0 a dense weight (t0,
+// through at::linear), 4 our int4 layout (t0 packed, t1 scales and zeros, `group`), 8 our int8 layout (t0 packed, t1
+// scales); `bias` empty for none
+torch::Tensor layer_linear(const torch::Tensor& x, int64_t kind, const torch::Tensor& t0, const torch::Tensor& t1,
+                           const torch::Tensor& bias, int64_t group, int64_t N) {
+  const c10::optional<torch::Tensor> b = bias.numel() ? c10::optional<torch::Tensor>(bias) : c10::nullopt;
+  if (kind == 4) return int4_linear(x, t0, t1, group, N, b);
+  if (kind == 8) return int8_linear(x, t0, t1, N, b);
+  TORCH_CHECK(kind == 0, "unknown linear kind ", kind);
+  return at::linear(x, t0, b);
+}
+
+// One fused decoder layer's decode step in one call: the same kernels in the same order as the Python layer
+// (models/llama.py) runs them, without a Python call and a dispatch between each. x [N, hidden] (one token per
+// sequence), residual the running sum before it (none for the first layer). linears: 4 x (t0, t1, bias) for qkv,
+// o, gate_up, down; spec: 4 x (kind, group, N) (see layer_linear). Returns (h, residual) as the layer does.
+std::vector<torch::Tensor> decode_layer(const torch::Tensor& x, const c10::optional<torch::Tensor>& residual,
+                                        const torch::Tensor& cos, const torch::Tensor& sin,
+                                        const torch::Tensor& norm_in, const torch::Tensor& norm_post, double eps,
+                                        const std::vector<torch::Tensor>& linears, const std::vector<int64_t>& spec,
+                                        const c10::optional<torch::Tensor>& qk_scale, int64_t H, int64_t Hkv,
+                                        torch::Tensor& k_cache, torch::Tensor& v_cache, const torch::Tensor& slots,
+                                        const c10::optional<torch::Tensor>& k_scale,
+                                        const c10::optional<torch::Tensor>& v_scale, const torch::Tensor& blocks,
+                                        const torch::Tensor& lens, double scale) {
+  RECORD_FUNCTION("infer_recipes::decode_layer", c10::ArrayRef<const c10::IValue>{});  // named in torch.profiler
+  TORCH_CHECK(linears.size() == 12 && spec.size() == 12, "four linears: (t0, t1, bias) and (kind, group, N) each");
+  auto linear = [&](const torch::Tensor& in, int i) {
+    return layer_linear(in, spec[3 * i], linears[3 * i], linears[3 * i + 1], linears[3 * i + 2], spec[3 * i + 1],
+                        spec[3 * i + 2]);
+  };
+  const int64_t N = x.size(0), D = k_cache.size(3);
+  auto normed = rms_norm(x, residual, norm_in, eps);
+  auto qkv = linear(normed[0], 0);
+  if (qk_scale) qkv.narrow(1, 0, (H + Hkv) * D).mul_(*qk_scale);  // before RoPE: the scaling commutes with it
+  rope_cache(qkv, cos, sin, H, Hkv, k_cache, v_cache, slots, k_scale, v_scale);
+  auto attn = torch::empty({N, H, D}, x.options());
+  decode_attention(qkv.narrow(1, 0, H * D).view({N, H, D}), k_cache, v_cache, blocks, lens, scale, attn, k_scale,
+                   v_scale, 0);
+  auto post = rms_norm(linear(attn.view({N, H * D}), 1), normed[1], norm_post, eps);
+  return {linear(silu_mul(linear(post[0], 2)), 3), post[1]};
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("cpu_ok", &cpu_ok, "whether this CPU runs the kernels (AVX2 with FMA and F16C at least)");
   m.def("isa", [] { return std::string(isa_name(current)); }, "the instruction set the kernels use now");
@@ -348,4 +391,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("qkv"), py::arg("cos"), py::arg("sin"), py::arg("H"), py::arg("Hkv"), py::arg("k_cache"),
         py::arg("v_cache"), py::arg("slots"), py::arg("k_scale") = py::none(), py::arg("v_scale") = py::none());
   m.def("silu_mul", &silu_mul, "silu(gate) * up of a fused gate_up output");
+  m.def("decode_layer", &decode_layer, "one fused decoder layer's decode step (norms, linears, rotary and the cache "
+        "write, attention, silu-and-mul) in one call");
 }
