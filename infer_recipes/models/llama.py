@@ -149,7 +149,6 @@ class LlamaDecoderLayer(nn.Module):
         h, residual = self.post_attention_layernorm.forward_with_residual(h, residual)
         return self.mlp(h), residual
 
-
     def plan_native_step(self, on: bool) -> None:
         """Whether decode steps run the whole layer in one call of our kernels (`decode_layer`): the same kernels
         in the same order as `forward` runs them (the same numbers), without ~10 Python calls and dispatches
