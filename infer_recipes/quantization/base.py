@@ -1,6 +1,8 @@
 """What every quantized linear shares: flattening to [M, K], the bias, and the way back to the input dtype."""
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -41,6 +43,11 @@ class QuantizedLinear(nn.Module):
         """How our fused decode layer (`kernels.native().decode_layer`) runs this linear: ([t0, t1, bias], [kind,
         group, out_features], the most rows it holds for), or None when no native kernel runs it."""
         return None
+
+    def _native_form(self, kind: int, t0: torch.Tensor, t1: torch.Tensor, group: int = 0):
+        """`native_form` of a native layout (kind 4 or 8), with the bias the kernels take (empty for none)."""
+        bias = self.bias32 if self.bias32 is not None else t0.new_empty(0, dtype=torch.float32)
+        return [t0, t1, bias], [kind, group, self.out_features], math.inf
 
     def _native_bias(self) -> None:
         """Gives the native kernels the bias as they take it (float32), once."""

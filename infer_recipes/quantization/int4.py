@@ -6,8 +6,6 @@ map onto it exactly too, so those blocks can run without going through float.
 """
 from __future__ import annotations
 
-import math
-
 import torch
 
 from .. import kernels
@@ -82,10 +80,7 @@ class Int4Linear(QuantizedLinear):
                                                          self.scales_zeros).t().to(dtype)
 
     def native_form(self):
-        if not self.native:
-            return None
-        bias = self.bias32 if self.bias32 is not None else self.packed.new_empty(0, dtype=torch.float32)
-        return [self.packed, self.scales_zeros, bias], [4, self.group_size, self.out_features], math.inf
+        return self._native_form(4, self.packed, self.scales_zeros, self.group_size) if self.native else None
 
     def _matmul(self, x: torch.Tensor) -> torch.Tensor:
         if self.native:

@@ -5,8 +5,6 @@ activations are cast to bfloat16 for the matmul and the result cast back.
 """
 from __future__ import annotations
 
-import math
-
 import torch
 
 from .. import kernels
@@ -76,10 +74,7 @@ class Int8Linear(QuantizedLinear):
         return (q.float() * s[:, None]).to(dtype)
 
     def native_form(self):
-        if not self.native:
-            return None
-        bias = self.bias32 if self.bias32 is not None else self.packed.new_empty(0, dtype=torch.float32)
-        return [self.packed, self.scales, bias], [8, 0, self.out_features], math.inf
+        return self._native_form(8, self.packed, self.scales) if self.native else None
 
     def _matmul(self, x: torch.Tensor) -> torch.Tensor:
         if self.native:

@@ -19,7 +19,7 @@ struct AttentionArgs {
   const float* v_scale = nullptr;
   // split-K: each (sequence, K/V head) reads its keys in `splits` consecutive ranges, so a batch with fewer
   // (sequence, head) pairs than threads still keeps every thread busy; each range leaves its running softmax state
-  // (PARTIAL floats per task) in `partial`, and a second pass (`combine`) merges them into out
+  // (`partial_floats` per task) in `partial`, and a second pass (`combine`) merges them into out
   int64_t splits = 1;
   float* partial = nullptr;
   bool combine = false;
