@@ -15,7 +15,7 @@ from . import kernels
 from .bench import roofline
 from .bench.engines import EngineSpec, OurEngine
 from .bench.prompts import load_prompt_set
-from .config import SamplingParams
+from .config import EngineConfig, SamplingParams
 from .device import synchronize
 from .errors import InferRecipesError
 
@@ -49,7 +49,11 @@ def run(model: str, options: dict, phase: str, batch: int, input_len: int, steps
         raise InferRecipesError("--batch-size, --input-len, --steps and --top must be positive")
     prompt_set = load_prompt_set(prompts_spec)
     machine = roofline.measure_machine(_device(options), quick=True) if roofline_on else None
-    max_len = input_len + 2 * steps + 2
+    # chunked prefill starts the sequences of a batch some steps apart: the first ones are that many tokens ahead, so
+    # each gets room for that lead on top of the timed steps, and no sequence finishes while steps are timed
+    budget = options.get("max_num_batched_tokens") or EngineConfig.max_num_batched_tokens
+    lead = -(-batch * input_len // budget) + 1 if phase == "decode" else 0
+    max_len = input_len + 2 * steps + lead + 2
     eng = OurEngine(EngineSpec("ours", "ours", model, options), batch, max_len, progress)
     llm, engine, device = eng.llm, eng.llm.engine, eng.device
     prompts = prompt_set.prompts(llm.tokenizer, input_len, batch)
@@ -86,9 +90,10 @@ def run(model: str, options: dict, phase: str, batch: int, input_len: int, steps
         flops = tokens * roofline.matmul_flops_per_token(cfg, input_len / 2)
         unit = f"prefill of {batch} x {input_len} tokens"
     else:
-        params = SamplingParams(max_tokens=2 * steps + 1, temperature=0.0, ignore_eos=True)
+        params = SamplingParams(max_tokens=2 * steps + lead + 1, temperature=0.0, ignore_eos=True)
         ids = [engine.add_request(p, params) for p in prompts]
         started: set[str] = set()
+        finished = 0
 
         def prefilled() -> bool:
             for out in engine.step():
@@ -96,12 +101,20 @@ def run(model: str, options: dict, phase: str, batch: int, input_len: int, steps
                     started.add(out.request_id)
             return len(started) == len(ids)
 
+        def decode_step() -> None:
+            nonlocal finished
+            finished += sum(out.finished for out in engine.step())
+
         while not prefilled():
             pass
-        times = [timed(engine.step) for _ in range(steps)]
+        times = [timed(decode_step) for _ in range(steps)]
         with profile(activities=activities, record_shapes=False) as prof:
-            profiled = [timed(engine.step) for _ in range(steps)]
-        _steps_until(engine, lambda: not engine.has_unfinished_requests())
+            profiled = [timed(decode_step) for _ in range(steps)]
+        if finished:
+            raise InferRecipesError(f"{finished} of {batch} sequences finished while decode steps were timed (a "
+                                    f"prefill budget below the one assumed): the steps would not be of batch {batch}")
+        for request_id in ids:
+            engine.abort_request(request_id)
         context = input_len + 1 + steps
         bytes_moved = roofline.decode_bytes(eng.weight_bytes_read(batch), eng.kv_bytes_per_token(), batch, context, 0)
         flops = batch * roofline.matmul_flops_per_token(cfg, context)

@@ -324,6 +324,17 @@ def test_profile_top_ops_trace_and_verdict(tmp_path, prompts_file, phase, capsys
     assert json.loads((out / "profile.json").read_text())["top_ops"] == ops
 
 
+def test_a_decode_profile_times_steps_of_the_whole_batch_when_prefill_is_chunked(prompts_file):
+    """A small prefill budget starts the batch's sequences steps apart, the first ones tokens ahead: the profile
+    gives every sequence room for that lead, so none finishes while steps are timed (it refuses to report steps
+    of a smaller batch), and ends the requests after."""
+    from infer_recipes import profile
+
+    result = profile.run(TINY, {"device": "cpu", "max_num_batched_tokens": 8}, "decode", 4, 24, 3, prompts_file,
+                         top=3, roofline_on=False, progress=False)
+    assert result["batch"] == 4 and len(result["times"]) == len(result["profiled_times"]) == 3
+
+
 @pytest.mark.skipif(not kernels.available(), reason="the native kernels do not run here")
 def test_profile_names_our_kernels_and_counts_fewer_calls(prompts_file, capsys):
     """The kernels are recorded under their own names (a profile that hid them would blame the aten ops around
