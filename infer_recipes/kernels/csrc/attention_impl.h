@@ -6,7 +6,9 @@
 //
 // The query heads of a group are handled up to GB at a time with their sums in registers (`scores`, `values`,
 // instantiated per count), not in memory: with a count known only at run time the compiler kept them on the stack
-// and every multiply-add loaded and stored its sum. A sequence's keys may be split into ranges read by different
+// and every multiply-add loaded and stored its sum. Scores go four keys at a time, their sums reduced together
+// (V::hsum4: a third of the shuffles of one reduction per key); values four vectors of a row at a time, so each
+// weight is broadcast once for them. A sequence's keys may be split into ranges read by different
 // threads (split-K, attention.h), whose states `combine` merges.
 #pragma once
 #include <cmath>
@@ -18,7 +20,7 @@ namespace ir {
 namespace {
 
 constexpr int MAX_G = 16, MAX_D = 256;  // query heads per K/V head and head_dim at most (ops.cpp checks)
-constexpr int GB = 8;                   // query heads whose sums are held in registers at once
+constexpr int GB = 4;                   // query heads whose sums are held in registers at once (4 vectors each)
 
 // the softmax state of one (sequence, K/V head) over the keys read so far, per query head of the group: the
 // largest score m, the sum of exp(score - m) l, the exp-weighted sum of the value rows acc
@@ -32,7 +34,22 @@ template <typename V, int NG, typename C>
 inline void scores(const float (*qf)[MAX_D], const C* const* kp, const float* ks, int64_t n, int64_t D,
                    float (*sc)[V::N]) {
   using F = typename V::F;
-  for (int64_t j = 0; j < n; ++j) {
+  int64_t j = 0;
+  for (; j + 4 <= n; j += 4) {  // four keys at a time, their sums reduced together
+    F s[NG][4];
+    for (int i = 0; i < NG; ++i)
+      for (int r = 0; r < 4; ++r) s[i][r] = V::zero();
+    for (int64_t d = 0; d < D; d += V::N) {
+      for (int r = 0; r < 4; ++r) {
+        const F k = V::load(kp[j + r] + d);
+        for (int i = 0; i < NG; ++i) s[i][r] = V::fmadd(V::load(qf[i] + d), k, s[i][r]);
+      }
+    }
+    const __m128 scale = _mm_loadu_ps(ks + j);
+    for (int i = 0; i < NG; ++i)
+      _mm_storeu_ps(sc[i] + j, _mm_mul_ps(V::hsum4(s[i][0], s[i][1], s[i][2], s[i][3]), scale));
+  }
+  for (; j < n; ++j) {
     F s[NG];
     for (int i = 0; i < NG; ++i) s[i] = V::zero();
     for (int64_t d = 0; d < D; d += V::N) {
@@ -47,7 +64,24 @@ inline void scores(const float (*qf)[MAX_D], const C* const* kp, const float* ks
 template <typename V, int NG, typename C>
 inline void values(float (*acc)[MAX_D], const float (*pv)[V::N], const C* const* vp, int64_t n, int64_t D) {
   using F = typename V::F;
-  for (int64_t d = 0; d < D; d += V::N) {
+  constexpr int DB = 4;  // vectors of a row at a time: NG x DB sums in registers, each weight broadcast once for DB
+  int64_t d = 0;
+  for (; d + DB * V::N <= D; d += DB * V::N) {
+    F r[NG][DB];
+    for (int i = 0; i < NG; ++i)
+      for (int c = 0; c < DB; ++c) r[i][c] = V::load(acc[i] + d + c * V::N);
+    for (int64_t j = 0; j < n; ++j) {
+      F v[DB];
+      for (int c = 0; c < DB; ++c) v[c] = V::load(vp[j] + d + c * V::N);
+      for (int i = 0; i < NG; ++i) {
+        const F w = V::set1(pv[i][j]);
+        for (int c = 0; c < DB; ++c) r[i][c] = V::fmadd(w, v[c], r[i][c]);
+      }
+    }
+    for (int i = 0; i < NG; ++i)
+      for (int c = 0; c < DB; ++c) V::store(acc[i] + d + c * V::N, r[i][c]);
+  }
+  for (; d < D; d += V::N) {
     F r[NG];
     for (int i = 0; i < NG; ++i) r[i] = V::load(acc[i] + d);
     for (int64_t j = 0; j < n; ++j) {
@@ -66,10 +100,6 @@ inline void scores_n(int64_t ng, const float (*qf)[MAX_D], const C* const* kp, c
     case 1: return scores<V, 1>(qf, kp, ks, n, D, sc);
     case 2: return scores<V, 2>(qf, kp, ks, n, D, sc);
     case 3: return scores<V, 3>(qf, kp, ks, n, D, sc);
-    case 4: return scores<V, 4>(qf, kp, ks, n, D, sc);
-    case 5: return scores<V, 5>(qf, kp, ks, n, D, sc);
-    case 6: return scores<V, 6>(qf, kp, ks, n, D, sc);
-    case 7: return scores<V, 7>(qf, kp, ks, n, D, sc);
     default: return scores<V, GB>(qf, kp, ks, n, D, sc);
   }
 }
@@ -81,10 +111,6 @@ inline void values_n(int64_t ng, float (*acc)[MAX_D], const float (*pv)[V::N], c
     case 1: return values<V, 1>(acc, pv, vp, n, D);
     case 2: return values<V, 2>(acc, pv, vp, n, D);
     case 3: return values<V, 3>(acc, pv, vp, n, D);
-    case 4: return values<V, 4>(acc, pv, vp, n, D);
-    case 5: return values<V, 5>(acc, pv, vp, n, D);
-    case 6: return values<V, 6>(acc, pv, vp, n, D);
-    case 7: return values<V, 7>(acc, pv, vp, n, D);
     default: return values<V, GB>(acc, pv, vp, n, D);
   }
 }
