@@ -74,58 +74,6 @@ void int4_tile(const QuantizedRows& x, int64_t m0, const uint8_t* w, const uint1
   store_rows<Vec16>(out, nullptr, bias, y, bf16, m0, N, n0);
 }
 
-// Two tiles (32 output rows) against MB activation rows: each broadcast of four activation bytes feeds both tiles'
-// products, and each activation block's scale and sums are read once for both. For several rows, where the products
-// (not the weights' bytes) set the pace and a single tile spent as many instructions broadcasting as multiplying.
-template <int MB, int GROUP>
-void int4_tile2(const QuantizedRows& x, int64_t m0, const uint8_t* w, const uint16_t* sz, int64_t tile_bytes,
-                int64_t tile_sz, const float* bias, void* y, bool bf16, int64_t N, int64_t n0) {
-  constexpr int chunks = GROUP / 8, group = GROUP;
-  const int64_t G = x.K / group;
-  const __m512i low4 = _mm512_set1_epi8(0x0F);
-  __m512 out[2][MB];
-  for (int k = 0; k < 2; ++k)
-    for (int m = 0; m < MB; ++m) out[k][m] = _mm512_setzero_ps();
-  for (int64_t g = 0; g < G; ++g) {
-    __m512i acc[2][MB];
-    for (int k = 0; k < 2; ++k)
-      for (int m = 0; m < MB; ++m) acc[k][m] = _mm512_setzero_si512();
-    const uint8_t* wg = w + g * chunks * 64;
-#pragma GCC unroll 16
-    for (int c = 0; c < chunks; ++c) {
-      const __m512i v0 = _mm512_loadu_si512(wg + c * 64), v1 = _mm512_loadu_si512(wg + tile_bytes + c * 64);
-      const __m512i lo0 = _mm512_and_si512(v0, low4), hi0 = _mm512_and_si512(_mm512_srli_epi16(v0, 4), low4);
-      const __m512i lo1 = _mm512_and_si512(v1, low4), hi1 = _mm512_and_si512(_mm512_srli_epi16(v1, 4), low4);
-      const int8_t* xp = x.q + m0 * x.K + g * group + c * 8;
-      for (int m = 0; m < MB; ++m) {
-        const __m512i a = bcast4(xp + m * x.K), b = bcast4(xp + m * x.K + 4);
-        acc[0][m] = _mm512_dpbusd_epi32(acc[0][m], lo0, a);
-        acc[1][m] = _mm512_dpbusd_epi32(acc[1][m], lo1, a);
-        acc[0][m] = _mm512_dpbusd_epi32(acc[0][m], hi0, b);
-        acc[1][m] = _mm512_dpbusd_epi32(acc[1][m], hi1, b);
-      }
-    }
-    __m512 S[2], Z[2];
-    for (int k = 0; k < 2; ++k) {
-      const uint16_t* s = sz + k * tile_sz + g * 32;
-      S[k] = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(s)));
-      Z[k] = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(s + 16)));
-    }
-    for (int m = 0; m < MB; ++m) {
-      const int64_t i = (m0 + m) * G + g;
-      const __m512i off = _mm512_set1_epi32(8 * x.qsum[i]);
-      const __m512 d = _mm512_set1_ps(x.d[i]), xs = _mm512_set1_ps(x.xsum[i]);
-      for (int k = 0; k < 2; ++k) {
-        const __m512 a = _mm512_cvtepi32_ps(_mm512_sub_epi32(acc[k][m], off));
-        out[k][m] = _mm512_fmadd_ps(a, _mm512_mul_ps(S[k], d), out[k][m]);
-        out[k][m] = _mm512_fmadd_ps(Z[k], xs, out[k][m]);
-      }
-    }
-  }
-  store_rows<Vec16>(out[0], nullptr, bias, y, bf16, m0, N, n0);
-  store_rows<Vec16>(out[1], nullptr, bias, y, bf16, m0, N, n0 + 16);
-}
-
 template <int MB>
 void int8_tile(const QuantizedRows& x, int64_t m0, const uint8_t* w, const float* scales, const float* bias,
                void* y, bool bf16, int64_t N, int64_t n0) {
@@ -154,25 +102,11 @@ void int8_tile(const QuantizedRows& x, int64_t m0, const uint8_t* w, const float
 }
 
 constexpr int MAX_MB = 6;  // activation rows per pass over a tile: the accumulators must stay in registers
-constexpr int MAX_MB2 = 4;  // and over a pair of tiles (2 x 2 x MAX_MB2 accumulators and sums)
 
 void int4_tiles(const QuantizedRows& x, const uint8_t* packed, const uint16_t* sz, int64_t group, int64_t N,
                 const float* bias, void* y, bool bf16_out, int64_t t0, int64_t t1) {
   const int64_t tile_bytes = 16 * x.K / 2, tile_sz = 2 * 16 * (x.K / group);
-  int64_t t = t0;
-  if (x.M >= 2) {  // pairs of tiles, passes of up to MAX_MB2 rows
-    for (; t + 2 <= t1; t += 2) {
-      const uint8_t* w = packed + t * tile_bytes;
-      const uint16_t* s = sz + t * tile_sz;
-      by_rows<MAX_MB2>(x.M, [&](auto mb, int64_t m0) {
-        constexpr int MB = decltype(mb)::value;
-        if (group == 32) int4_tile2<MB, 32>(x, m0, w, s, tile_bytes, tile_sz, bias, y, bf16_out, N, t * 16);
-        else if (group == 64) int4_tile2<MB, 64>(x, m0, w, s, tile_bytes, tile_sz, bias, y, bf16_out, N, t * 16);
-        else int4_tile2<MB, 128>(x, m0, w, s, tile_bytes, tile_sz, bias, y, bf16_out, N, t * 16);
-      });
-    }
-  }
-  for (; t < t1; ++t) {
+  for (int64_t t = t0; t < t1; ++t) {
     const uint8_t* w = packed + t * tile_bytes;
     const uint16_t* s = sz + t * tile_sz;
     by_rows<MAX_MB>(x.M, [&](auto mb, int64_t m0) {
