@@ -1,6 +1,8 @@
 """Two ways of running one loaded model's decode, side by side in one process, rounds alternating, so the machine's
 drift stays out of the ratio. Decode tokens/s over all sequences (the time of a one-token request subtracted: the
-prompts' blocks are cached after the first round, so that is the prefill), and how many greedy outputs agree.
+prompts' blocks are cached after the first round, so that is the prefill), the ratio of each round's pair and
+their median (the figure to quote: the machine's drift moves both of a pair alike), and how many greedy outputs
+agree.
 
     python benchmarks/decode_ab.py layer --model smollm2-135m-instruct --quantization int4 --dtype bfloat16 --batch 1
     git worktree add /tmp/old HEAD~1
@@ -127,9 +129,10 @@ def main() -> None:
     same = sum(x == y for x, y in zip(tokens[a], tokens[b]))
     print(f"{args.model} {args.quantization} {args.dtype} (KV {args.kv_cache_dtype}), batch {args.batch}, "
           f"{args.input_len} + {args.output_len}, {args.threads} threads")
+    ratios = [x / y for x, y in zip(rates[a], rates[b])]
     print(f"decode tok/s: {a} {statistics.median(rates[a]):.1f}, {b} {statistics.median(rates[b]):.1f} (medians of "
-          f"{args.rounds}); {a} / {b} per round {', '.join(f'{x / y:.2f}x' for x, y in zip(rates[a], rates[b]))}; "
-          f"greedy outputs identical {same}/{args.batch}")
+          f"{args.rounds}); {a} / {b} per round {', '.join(f'{r:.2f}x' for r in ratios)}, median "
+          f"{statistics.median(ratios):.2f}x; greedy outputs identical {same}/{args.batch}")
 
 
 if __name__ == "__main__":

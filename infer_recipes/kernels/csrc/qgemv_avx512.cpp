@@ -20,6 +20,11 @@ inline __m512i bcast4(const int8_t* p) {
   return _mm512_set1_epi32(v);
 }
 
+// Weight bytes asked for ahead of the ones read, by the first pass over a tile when there are several activation
+// rows: that pass multiplies long enough per byte that the hardware prefetcher alone leaves it waiting on memory
+// (measured: 1.06-1.14x per call cold at 16 rows; at 1 row no gain, so that loop is left as it was).
+constexpr int PREFETCH = 4096;
+
 // Independent accumulators per activation row: one VNNI product waits ~5 cycles for the previous one into the
 // same register, so a single row needs several chains to keep loads streaming.
 template <int MB>
@@ -52,6 +57,7 @@ void int4_tile(const QuantizedRows& x, int64_t m0, const uint8_t* w, const uint1
     const uint8_t* wg = w + g * chunks * 64;
 #pragma GCC unroll 16
     for (int c = 0; c < chunks; ++c) {
+      if (m0 == 0 && x.M > 1) __builtin_prefetch(wg + c * 64 + PREFETCH, 0, 3);
       const __m512i v = _mm512_loadu_si512(wg + c * 64);
       const __m512i lo = _mm512_and_si512(v, low4);
       const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), low4);
@@ -88,6 +94,7 @@ void int8_tile(const QuantizedRows& x, int64_t m0, const uint8_t* w, const float
     const int8_t* xp = x.q + m0 * x.K + b * 32;
 #pragma GCC unroll 8
     for (int c = 0; c < 8; ++c) {
+      if (m0 == 0 && x.M > 1) __builtin_prefetch(wb + c * 64 + PREFETCH, 0, 3);
       const __m512i v = _mm512_loadu_si512(wb + c * 64);
       for (int m = 0; m < MB; ++m)
         acc[m][c % NA] = _mm512_dpbusd_epi32(acc[m][c % NA], v, bcast4(xp + m * x.K + c * 4));
