@@ -38,7 +38,7 @@ def main() -> None:
             times = []
             for _ in range(args.runs):
                 start = time.perf_counter()
-                runner.run("execute", [StepSeq(list(range(7, 7 + tokens)), 512, tables[i], True)
+                runner.run("execute", [StepSeq(list(range(7, 7 + tokens)), 512, tables[i], True, tokens - 1)
                                        for i in range(batch)])
                 times.append(time.perf_counter() - start)
             ms = statistics.median(times) * 1000

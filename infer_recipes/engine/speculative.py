@@ -109,7 +109,7 @@ class DraftModel:
         if not work:
             return
         # first step: each request's uncomputed tokens (at least its last), one guess each
-        steps = [StepSeq(r.tokens(len(s.ids), r.num_tokens - len(s.ids)), len(s.ids), s.table, True)
+        steps = [StepSeq(r.tokens(len(s.ids), r.num_tokens - len(s.ids)), len(s.ids), s.table, True, decode=True)
                  for r, s, _ in work]
         for (r, s, _), seq in zip(work, steps):
             s.ids += seq.token_ids

@@ -36,6 +36,7 @@ class StepSeq:
     block_table: list[int]  # blocks holding positions [0, start + len(token_ids)) (empty without a KV cache)
     sample: bool  # return logits for the last token
     draft: int = 0  # speculative decoding: the last `draft` token_ids are proposals, scored and verified too
+    decode: bool = False  # tokens after a context run as decode rows (a draft model catching up: `_decode_rows`)
 
 
 class ModelRunner:
@@ -144,7 +145,7 @@ class ModelRunner:
             return run_stage(self.model, self.world, [(tokens, positions, meta, scored)], None, None, len(scored),
                              self.dtype, self.device)
         seqs = payload
-        order = sorted(range(len(seqs)), key=lambda i: not (self.kv_cache and len(seqs[i].token_ids) == 1))
+        order = sorted(range(len(seqs)), key=lambda i: not self._decode_rows(seqs[i]))
         ordered = [seqs[i] for i in order]
         batches = []
         for part in micro_batches(ordered, stages(self.world, self.model)):
@@ -159,6 +160,16 @@ class ModelRunner:
         return run_stage(self.model, self.world, batches, self.cache.layers if self.cache else None, given,
                          len(rows), self.dtype, self.device)
 
+    def _decode_rows(self, s: StepSeq) -> bool:
+        """Whether the sequence's tokens go through attention as decode rows: one token, a last token and its draft,
+        or tokens marked `decode` (a draft model catching up on the tokens its target kept). Row i reads the pool
+        up to its own position (a step writes every row's keys and values before attention reads), so these take
+        the decode path (its kernels, a layer in one call) and read the blocks in place instead of gathering the
+        context, and a draft is scored with the kernels decoding scores with. Other runs after a context (the
+        uncached tail of a cached prompt) stay prefills: quantized kernels round differently at prefill sizes,
+        and a cached prompt must give what the uncached one gives."""
+        return self.kv_cache and (len(s.token_ids) == 1 or (s.start > 0 and (s.draft > 0 or s.decode)))
+
     def _inputs(self, seqs: list[StepSeq]):
         """(tokens [1, N], positions [1, N], PagedMetadata) for sequences already ordered decodes first."""
         bs = self.block_size
@@ -171,8 +182,8 @@ class ModelRunner:
             if self.kv_cache:
                 t = s.block_table
                 slots += [t[p // bs] * bs + p % bs for p in range(s.start, s.start + n)]
-            if self.kv_cache and n == 1:
-                decodes.append((s.block_table, s.start + 1))
+            if self._decode_rows(s):
+                decodes += [(s.block_table, s.start + i + 1) for i in range(n)]
             else:
                 prefills.append((at, n, s.start + n, s.block_table))
         dev = self.device

@@ -217,3 +217,41 @@ def test_verify_greedy_with_penalties_sees_the_kept_guesses():
     params = SamplingParams(temperature=0.0, frequency_penalty=2.0)
     picks = verify(logits, [2, 2], SampleRequest(params, None, ()))
     assert [p.token for p in picks] == [2, 0]  # 2 kept, then 2 costs 1 - 2 < 0: the argmax moves to id 0
+
+
+@pytest.mark.parametrize("kernels", ["native", "torch"])
+def test_a_draft_is_scored_as_decoding_scores_it(smollm, kernels, monkeypatch):
+    """A step with guesses runs them as decode rows (each reading the pool up to its own position), so its logits
+    are those of decoding the same tokens one step at a time, within float reordering, and every layer takes the
+    decode path: with our kernels, one `decode_layer` call per layer for the whole draft."""
+    from infer_recipes import kernels as native_kernels
+    from infer_recipes.runner import StepSeq
+
+    llm = _smollm(kernels=kernels, prefix_caching=False)
+    runner, layers = llm.engine.runner, llm.model_config.num_layers
+    ids = llm.tokenizer.encode(PROMPTS[1])
+    table = list(range((len(ids) + 8) // runner.block_size + 1))
+    guesses = llm.tokenizer.encode(" height * depth")[:4]
+    last = runner.run("execute", [StepSeq(ids, 0, table, True)]).argmax(-1).tolist()
+    one_by_one = torch.cat([runner.run("execute", [StepSeq([t], len(ids) + i, table, True)])
+                            for i, t in enumerate(last + guesses)])
+    calls = []
+    if kernels == "native":
+        real = native_kernels.native()
+
+        class Counting:
+            def __getattr__(self, name):
+                return getattr(real, name)
+
+            def decode_layer(self, *args):
+                calls.append(1)
+                return real.decode_layer(*args)
+
+        monkeypatch.setattr(native_kernels, "native", Counting)
+    seq = StepSeq(last + guesses, len(ids), table, True, draft=len(guesses))
+    assert runner._inputs([seq])[2].parts.num_decodes == len(guesses) + 1
+    at_once = runner.run("execute", [seq])
+    assert at_once.shape == one_by_one.shape
+    torch.testing.assert_close(at_once, one_by_one, atol=2e-4, rtol=1e-4)
+    assert torch.equal(at_once.argmax(-1), one_by_one.argmax(-1))
+    assert len(calls) == (layers if kernels == "native" else 0)
