@@ -117,7 +117,7 @@ class EngineConfig:
     # proposes num_speculative_tokens tokens per step, which the model verifies in one step; greedy outputs are
     # unchanged, sampled ones keep the model's distribution. None: off
     speculative_model: str | None = None
-    num_speculative_tokens: int | None = None  # None: 3 (prompt lookup) or 2 (a draft model), measured best here
+    num_speculative_tokens: int | None = None  # None: 5 (prompt lookup) or 3 (a draft model), measured best here
     speculative_quantization: str | None = None  # the draft model's scheme; None: the model's own
     # positions of decoding sequences a step verifies at most (their last tokens and guesses): guesses go to the
     # first sequences while they fit. None: num_speculative_tokens + 1, one fully guessed sequence (on a 2-core
@@ -194,7 +194,7 @@ def speculative_tokens(cfg: "EngineConfig") -> int:
     """Guesses per step: as set, or the default measured best for the kind of proposer."""
     if cfg.num_speculative_tokens is not None:
         return cfg.num_speculative_tokens
-    return 3 if cfg.speculative_model == "ngram" else 2
+    return 5 if cfg.speculative_model == "ngram" else 3
 
 
 def speculative_rows(cfg: "EngineConfig") -> int:

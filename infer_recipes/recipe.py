@@ -79,7 +79,7 @@ SCHEMA: dict[str, dict[str, tuple]] = {
         "kernels": ((str,), KERNELS, "quantized linears on our own CPU kernels (native, where they run) or torch's"),
         "speculative_model": ((str, type(None)), None, "speculative decoding: ngram (prompt lookup) or a draft "
                               "model with the same tokenizer"),
-        "num_speculative_tokens": ((int, type(None)), None, "guesses per step (null: 3 for ngram, 2 for a model)"),
+        "num_speculative_tokens": ((int, type(None)), None, "guesses per step (null: 5 for ngram, 3 for a model)"),
         "speculative_quantization": ((str, type(None)), ("none",) + tuple(q for q in QUANTIZATIONS if q),
                                      "the draft model's scheme (null: the model's)"),
         "speculative_max_rows": ((int, type(None)), None, "decoding positions a step verifies at most (null: "

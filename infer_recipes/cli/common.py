@@ -57,7 +57,7 @@ def _add_switch_args(p: argparse.ArgumentParser) -> None:
                    help="speculative decoding: 'ngram' (prompt lookup) or a smaller model with the same tokenizer "
                         "(path or alias); greedy outputs are unchanged")
     g.add_argument("--num-speculative-tokens", type=int, default=None,
-                   help="guesses per step (default 3 for ngram, 2 for a draft model)")
+                   help="guesses per step (default 5 for ngram, 3 for a draft model)")
     g.add_argument("--speculative-quantization", default=None, choices=["none", *(q for q in QUANTIZATIONS if q)],
                    help="the draft model's scheme (default: the model's)")
     g.add_argument("--speculative-max-rows", type=int, default=None,
