@@ -119,8 +119,8 @@ class EngineConfig:
     speculative_model: str | None = None
     num_speculative_tokens: int | None = None  # None: 5 (prompt lookup) or 3 (a draft model), measured best here
     speculative_quantization: str | None = None  # the draft model's scheme; None: the model's own
-    # positions of decoding sequences a step verifies at most (their last tokens and guesses): guesses go to the
-    # first sequences while they fit. None: num_speculative_tokens + 1, one fully guessed sequence (on a 2-core
+    # positions of decoding sequences a step verifies at most (their last tokens and guesses): the spare rows are
+    # split evenly over them. None: num_speculative_tokens + 1, one fully guessed sequence (on a 2-core
     # CPU a step of more rows costs more than the guesses yield; a GPU can take far more)
     speculative_max_rows: int | None = None
     # across devices (torch.distributed, launched by torchrun): ranks = tensor x pipeline parallel size

@@ -13,7 +13,7 @@ bound it, so every kept guess is a token for free.
 
 A step verifies at most `rows` positions of decoding sequences (each its last token plus its guesses): where
 computing more rows at once costs more than their expected yield (a batch of decodes on a CPU: see the README's
-measurements), guesses go to the first sequences only, and a full batch decodes plainly.
+measurements), the spare rows are split evenly over the decoding sequences, and a full batch decodes plainly.
 """
 from __future__ import annotations
 
@@ -30,16 +30,18 @@ def ration(requests: Iterable[Request], k: int, rows: int, guess: Callable[[Requ
     """Clears every request's draft, then offers each decoding request (one token left to compute) as many
     guesses as it can use, `guess(request, want)`, which returns how many it took: at most k, never a token past
     max_tokens or the context (a step keeps up to guesses + 1 tokens), and within the `rows` a step verifies
-    (each decoding request's last token, then the guesses, first come first served)."""
+    (each decoding request's last token, then the guesses). The spare rows are split evenly over the requests
+    still to be offered (what one leaves goes to the next): a first guess is kept more often than a later one,
+    so two sequences with two guesses each keep more than one with four."""
     decodes = []
     for r in requests:
         r.draft = []
         if r.num_tokens - r.num_computed_tokens == 1:
             decodes.append(r)
     spare = rows - len(decodes)
-    for r in decodes:
+    for i, r in enumerate(decodes):
         left = min(r.params.max_tokens - len(r.output_ids), r.max_len - r.num_tokens)
-        want = min(k, left - 1, spare)
+        want = min(k, left - 1, -(-spare // (len(decodes) - i)))
         if want > 0:
             spare -= guess(r, want)
 

@@ -169,6 +169,29 @@ def test_prompt_lookup_finds_the_latest_continuation():
     assert r.draft == []
 
 
+
+def test_spare_rows_are_split_evenly():
+    """A first guess is kept more often than a later one: spare rows go round the decoding requests, and what one
+    cannot use goes to the next, never past k or the rows."""
+    from infer_recipes.engine.speculative import ration
+
+    class R:
+        max_len, params, output_ids, num_tokens, num_computed_tokens = 100, SamplingParams(max_tokens=50), [], 10, 9
+
+        def __init__(self, can: int):
+            self.can = can
+
+    def guess(r, want):
+        r.draft = [7] * min(want, r.can)
+        return len(r.draft)
+
+    for rows, k, cans, want in [(6, 5, (9, 9), [2, 2]), (6, 5, (9, 9, 9), [1, 1, 1]), (6, 5, (0, 9), [0, 4]),
+                                (6, 5, (1, 9, 9), [1, 1, 1]), (4, 3, (9,), [3]), (8, 5, (9, 9), [3, 3]),
+                                (6, 5, (9, 9, 9, 9, 9, 9), [0] * 6), (10, 5, (9, 1, 9), [3, 1, 3])]:
+        requests = [R(c) for c in cans]
+        ration(requests, k, rows, guess)
+        assert [len(r.draft) for r in requests] == want, (rows, k, cans)
+
 def test_guesses_share_the_rows_of_a_step(smollm):
     llm = _smollm(speculative_model="ngram", num_speculative_tokens=3)  # rows: 4
     engine = llm.engine
