@@ -82,19 +82,24 @@ class _Drafting:
     table: list[int] = field(default_factory=list)  # the draft's KV blocks for this request
     ids: list[int] = field(default_factory=list)  # the tokens whose keys and values those blocks hold
     real: int = 0  # how many of `ids` are the request's own tokens (the rest were guesses)
+    names: list[bytes] = field(default_factory=list)  # prefix caching: the chain of its blocks' names
+    named: int = 0  # how many of its blocks are named
 
 
 class DraftModel:
     """A smaller model guessing greedily for a bigger one (same tokenizer). Its KV cache follows each request:
     guesses the target rejected are dropped from it, the tokens the target added are computed in the next
-    proposal's first step (with the request's last token), then k - 1 single-token steps."""
+    proposal's first step (with the request's last token), then k - 1 single-token steps. Its pool caches
+    prefixes as the target's does (full blocks of a request's own tokens, named by their tokens), so a prompt
+    that repeats an earlier one's beginning (the instruction and demonstrations of QA requests, a conversation
+    so far) is not prefilled again by the draft either; exactness is not at stake, the target verifies."""
 
     _GREEDY = SamplingParams(temperature=0.0)
 
     def __init__(self, runner: ModelRunner, k: int, rows: int):
         self.runner, self.k, self.rows = runner, k, rows
         num_blocks = runner.cache.num_blocks if runner.cache is not None else 1
-        self.pool = BlockPool(num_blocks, runner.block_size)
+        self.pool = BlockPool(num_blocks, runner.block_size, caching=True)
         self._state: dict[str, _Drafting] = {}
 
     def propose(self, requests: Iterable[Request]) -> None:
@@ -110,11 +115,13 @@ class DraftModel:
         ration(requests, self.k, self.rows, take)
         if not work:
             return
-        # first step: each request's uncomputed tokens (at least its last), one guess each
-        steps = [StepSeq(r.tokens(len(s.ids), r.num_tokens - len(s.ids)), len(s.ids), s.table, True, decode=True)
-                 for r, s, _ in work]
-        for (r, s, _), seq in zip(work, steps):
-            s.ids += seq.token_ids
+        # first step: each request's uncomputed tokens (at least its last), one guess each; a short run as decode
+        # rows (a prompt's uncached part as a prefill)
+        steps = []
+        for r, s, _ in work:
+            tokens = r.tokens(len(s.ids), r.num_tokens - len(s.ids))
+            steps.append(StepSeq(tokens, len(s.ids), s.table, True, decode=len(tokens) <= self.k + 1))
+            s.ids += tokens
             s.real = len(s.ids)
         for i in range(max(w for _, _, w in work)):
             picks = self.runner.execute(steps, [SampleRequest(self._GREEDY, None, ())] * len(steps))
@@ -124,6 +131,8 @@ class DraftModel:
                     r.draft = []
                     self.forget(r.request_id)
                     continue
+                if i == 0:  # the request's own tokens are computed now: their full blocks can serve later prompts
+                    s.named = self.pool.name_full_blocks(s.table, s.ids, s.names, s.named, s.real)
                 r.draft.append(pick.token)
                 if len(r.draft) < want:
                     steps.append(StepSeq([pick.token], len(s.ids), s.table, True))
@@ -136,7 +145,14 @@ class DraftModel:
     def _catch_up(self, r: Request, want: int) -> _Drafting | None:
         """The request's drafting state with guesses the target rejected dropped and blocks for this proposal;
         None (and its blocks freed) when the draft pool has too few."""
-        s = self._state.setdefault(r.request_id, _Drafting())
+        s = self._state.get(r.request_id)
+        if s is None:  # a new request: its longest cached prefix first
+            s = self._state[r.request_id] = _Drafting()
+            s.table = self.pool.match(r.tokens(0, r.num_tokens), s.names)
+            self.pool.hold(s.table)
+            s.ids = r.tokens(0, len(s.table) * self.pool.block_size)
+            s.real, s.named = len(s.ids), len(s.table)
+            self.pool.count_lookup(r.num_tokens, s.real)
         keep = s.real
         for a, b in zip(s.ids[s.real:], r.tokens(s.real, min(len(s.ids), r.num_tokens - 1) - s.real)):
             if a != b:

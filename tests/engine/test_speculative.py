@@ -92,12 +92,19 @@ def test_aborts_free_every_block(lookup):
 def test_draft_model_greedy_is_the_model_s_own(smollm):
     # the pair of the issue: SmolLM2 int4 drafting for SmolLM2 (float32 here, as `smollm` is)
     llm = _smollm(speculative_model="smollm2-135m-instruct", speculative_quantization="int4")
+    draft = llm.engine.proposer
     want = [o.token_ids for o in smollm.generate(PROMPTS, GREEDY)]
     assert [o.token_ids for o in llm.generate(PROMPTS, GREEDY)] == want
+    assert [o.token_ids for o in llm.generate(PROMPTS[2:], GREEDY)] == want[2:]  # two: rows left for guesses
+    starts, execute = [], draft.runner.execute
+    draft.runner.execute = lambda seqs, sampling: starts.append([s.start for s in seqs]) or execute(seqs, sampling)
     assert [o.token_ids for o in llm.generate(PROMPTS[2:], GREEDY)] == want[2:]
+    del draft.runner.execute
+    # prompts the draft has drafted for: their full blocks come from its prefix cache, only the rest is computed
+    bs = draft.pool.block_size
+    assert starts[0] == [(len(llm.tokenizer.encode(p)) - 1) // bs * bs for p in PROMPTS[2:]]
     stats = llm.engine.stats()
     assert stats["spec_accepted_tokens"] > stats["spec_draft_tokens"] / 2  # a close draft: most guesses kept
-    draft = llm.engine.proposer
     abort_midway(llm.engine, PROMPTS, GREEDY, steps=4)
     assert draft.pool.num_free == draft.pool.num_blocks and not draft._state
 
