@@ -46,7 +46,9 @@ class Run:
     small_answers: dict[str, str] = field(default_factory=dict)  # cascade: question id -> the small model's own
     # answer, escalated or not
     parts: list["Run"] = field(default_factory=list)  # both models together: each model's own run
-    model_bytes: int | None = None  # weights + peak KV blocks in use
+    weight_bytes: int | None = None  # the weights alone
+    model_bytes: int | None = None  # weights + peak KV blocks in use (sampled as outputs arrive: timing decides it
+    # to a block or two, as it decides which requests overlap)
     peak_bytes: int | None = None  # process (or accelerator) peak during the phase
 
 
@@ -146,7 +148,8 @@ def compare(specs: list[ModelSpec], examples: list[QAExample], task: str, lang: 
                 run = await _answer_all(entry, examples, prompts[entry.spec.name], lang, batch_size, max_tokens,
                                         bar, kv)
             bar.close()
-            run.model_bytes, run.peak_bytes = weights[entry.spec.name] + kv.bytes, peak.peak
+            run.weight_bytes, run.peak_bytes = weights[entry.spec.name], peak.peak
+            run.model_bytes = run.weight_bytes + kv.bytes
             return run
 
         async def both() -> Run:
@@ -162,7 +165,9 @@ def compare(specs: list[ModelSpec], examples: list[QAExample], task: str, lang: 
                                time.perf_counter() - start, parts=list(runs))
             bar.close()
             for run, entry, kv in zip(runs, entries, kvs):
-                run.model_bytes = weights[entry.spec.name] + kv.bytes
+                run.weight_bytes = weights[entry.spec.name]
+                run.model_bytes = run.weight_bytes + kv.bytes
+            together.weight_bytes = sum(run.weight_bytes for run in runs)
             together.model_bytes = sum(run.model_bytes for run in runs)
             together.peak_bytes = peak.peak
             return together
@@ -231,7 +236,8 @@ def _row(run: Run, task: str, examples: list[QAExample]) -> dict:
     row = {"name": run.name, "answers": len(run.results), "seconds": run.seconds,
            "questions_per_s": len(run.results) / run.seconds if run.seconds > 0 else None,
            "latency_mean_s": lat["mean"], "latency_p99_s": lat["p99"], "exact": metrics["exact"],
-           "f1": metrics["f1"], "model_bytes": run.model_bytes, "peak_bytes": run.peak_bytes,
+           "f1": metrics["f1"], "weight_bytes": run.weight_bytes, "model_bytes": run.model_bytes,
+           "peak_bytes": run.peak_bytes,
            "generated_tokens": sum(r.generated_tokens for r in run.results)}
     if run.answered_by:
         counts: dict[str, int] = {}
