@@ -92,3 +92,21 @@ def abort_midway(engine, prompts, params, steps: int) -> None:
         engine.abort_request(request_id)
     assert not engine.has_unfinished_requests()
     assert engine.block_pool.num_free == engine.block_pool.num_blocks
+
+
+def count_decode_layer_calls(monkeypatch) -> list[int]:
+    """Wraps our extension so every `decode_layer` call appends to the returned list (the rest passes through)."""
+    from infer_recipes import kernels
+
+    real, calls = kernels.native(), []
+
+    class Counting:
+        def __getattr__(self, name):
+            return getattr(real, name)
+
+        def decode_layer(self, *args):
+            calls.append(1)
+            return real.decode_layer(*args)
+
+    monkeypatch.setattr(kernels, "native", Counting)
+    return calls

@@ -11,7 +11,7 @@ from infer_recipes.config import ConfigError, EngineConfig
 from infer_recipes.engine.speculative import PromptLookup
 from infer_recipes.errors import InferRecipesError
 from infer_recipes.runner.sampling import SampleRequest, verify
-from tests.conftest import abort_midway, qwen_gguf
+from tests.conftest import abort_midway, count_decode_layer_calls, qwen_gguf
 
 # prompts whose continuations copy from them (where guesses are kept) and one that does not
 PROMPTS = [
@@ -254,7 +254,6 @@ def test_a_draft_is_scored_as_decoding_scores_it(smollm, kernels, monkeypatch):
     """A step with guesses runs them as decode rows (each reading the pool up to its own position), so its logits
     are those of decoding the same tokens one step at a time, within float reordering, and every layer takes the
     decode path: with our kernels, one `decode_layer` call per layer for the whole draft."""
-    from infer_recipes import kernels as native_kernels
     from infer_recipes.runner import StepSeq
 
     llm = _smollm(kernels=kernels, prefix_caching=False)
@@ -265,19 +264,7 @@ def test_a_draft_is_scored_as_decoding_scores_it(smollm, kernels, monkeypatch):
     last = runner.run("execute", [StepSeq(ids, 0, table, True)]).argmax(-1).tolist()
     one_by_one = torch.cat([runner.run("execute", [StepSeq([t], len(ids) + i, table, True)])
                             for i, t in enumerate(last + guesses)])
-    calls = []
-    if kernels == "native":
-        real = native_kernels.native()
-
-        class Counting:
-            def __getattr__(self, name):
-                return getattr(real, name)
-
-            def decode_layer(self, *args):
-                calls.append(1)
-                return real.decode_layer(*args)
-
-        monkeypatch.setattr(native_kernels, "native", Counting)
+    calls = count_decode_layer_calls(monkeypatch) if kernels == "native" else []
     seq = StepSeq(last + guesses, len(ids), table, True, draft=len(guesses))
     assert runner._inputs([seq])[2].parts.num_decodes == len(guesses) + 1
     at_once = runner.run("execute", [seq])

@@ -11,7 +11,7 @@ from infer_recipes.kernels import layout
 from infer_recipes.quantization.embedding import Int8Embedding
 from infer_recipes.quantization.int4 import Int4Linear
 from infer_recipes.quantization.int8 import Int8Linear
-from tests.conftest import data_path, qwen_gguf, smollm2_gguf
+from tests.conftest import count_decode_layer_calls, data_path, qwen_gguf, smollm2_gguf
 
 needs_native = pytest.mark.skipif(not kernels.available(), reason=f"{kernels.reason()}")
 ISAS = kernels.native().isas() if kernels.available() else []
@@ -178,17 +178,7 @@ def test_a_decode_layer_in_one_call_computes_exactly_what_its_parts_do(model, sw
     llm = LLM(model, device="cpu", progress=False, prefix_caching=False, **switches)
     layers = [m for m in llm.model.modules() if isinstance(m, LlamaDecoderLayer)]
     assert layers and all(layer.native_step is not None for layer in layers)
-    real, calls = kernels.native(), []
-
-    class Counting:
-        def __getattr__(self, name):
-            return getattr(real, name)
-
-        def decode_layer(self, *args):
-            calls.append(1)
-            return real.decode_layer(*args)
-
-    monkeypatch.setattr(kernels, "native", Counting)
+    calls = count_decode_layer_calls(monkeypatch)
     params = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True, logprobs=2)
     fast = llm.generate(PROMPTS[:4], params)
     assert len(calls) >= 15 * len(layers)  # every decode step (a prompt's first token comes from its prefill)
