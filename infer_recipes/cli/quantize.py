@@ -18,7 +18,8 @@ def cmd_quantize(args) -> int:
     _set_threads(args)
     report = quantize_checkpoint(args.model, args.scheme, args.calibrate, args.out, samples=args.samples,
                                  seq_len=args.seq_len, group_size=args.group_size,
-                                 skip=tuple(args.quantization_skip or ()), progress=_progress())
+                                 skip=tuple(args.quantization_skip or ()), progress=_progress(),
+                                 use_gptq=args.gptq)
     if args.json:
         print(json.dumps(report))
         return 0
@@ -29,6 +30,13 @@ def cmd_quantize(args) -> int:
     for kind, row in report["by_kind"].items():
         print(f"| {kind} | {row['median_alpha']:.1f} | {row['error_ratio']:.3f} |")
     print(f"| all | | {err['scaled'] / max(err['unscaled'], 1e-30):.3f} |")
+    if "gptq" in report:
+        g = report["gptq"]
+        print("| linear | GPTQ output error / round-to-nearest's |\n| --- | ---: |")
+        for kind, ratio in g["by_kind"].items():
+            print(f"| {kind} | {ratio:.3f} |")
+        e = g["output_error"]
+        print(f"| all {g['linears']} | {e['gptq'] / max(e['round_to_nearest'], 1e-30):.3f} |")
     print(f"wrote {args.out}: load it as --model {args.out} (it runs as {report['scheme']} unless --quantization "
           "names another)")
     return 0
@@ -66,7 +74,8 @@ def cmd_tune(args) -> int:
 
 def register(sub) -> None:
     p = sub.add_parser("quantize", help="calibrate a model for a scheme (SmoothQuant for w8a8, activation-aware "
-                       "scaling for int4 / int8) and save it as a checkpoint that loads directly",
+                       "scaling for int4 / int8, then GPTQ for int4 with --gptq) and save it as a checkpoint that "
+                       "loads directly",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", "-m", default=DEFAULT_MODEL, help="a model directory, .gguf file or alias")
     p.add_argument("--scheme", required=True, choices=["w8a8", "int4", "int8"])
@@ -75,6 +84,9 @@ def register(sub) -> None:
     p.add_argument("--samples", type=int, default=32, help="windows of the text run through the model")
     p.add_argument("--seq-len", type=int, default=512, help="tokens per window")
     p.add_argument("--group-size", type=int, default=32, choices=GROUP_SIZES, help="int4 group size")
+    p.add_argument("--gptq", action=argparse.BooleanOptionalAction, default=False,
+                   help="int4: after the scaling, round the decoder linears with GPTQ (each column's error "
+                   "corrected on the columns after it) and save the codes")
     p.add_argument("--quantization-skip", action="append", default=None, metavar="PATTERN",
                    help="modules kept in float (repeatable), e.g. lm_head")
     p.add_argument("--out", required=True, metavar="DIR", help="the checkpoint directory to write")

@@ -91,7 +91,7 @@ def candidates(model: str, source_kind: str, half_dtypes: tuple[str, ...],
     out.append(Candidate("int4, float lm_head", model, {"quantization": "int4", "quantization_skip": ["lm_head"]}))
     if source_kind == "gguf":
         out.append(Candidate("gguf", model, {"quantization": "gguf"}))
-    out += [Candidate(f"{s} calibrated", path) for s, path in calibrated.items()]
+    out += [Candidate(f"{s} calibrated" + (" (GPTQ)" if s == "int4" else ""), path) for s, path in calibrated.items()]
     return out
 
 
@@ -177,11 +177,13 @@ def tune(model: str, settings: Settings, calibrate: str | None = None, calibrate
                                     "calibrated rows would be scored on what they were fitted to")
         for scheme in CALIBRATED:
             out = os.path.join(calibrated_dir or ".", f"{source.name}-{scheme}-calibrated")
-            if made_from(out, model, scheme, calibrate, CALIBRATION_SAMPLES):
+            gptq = scheme == "int4"  # int4 is rounded by GPTQ after its scaling
+            if made_from(out, model, scheme, calibrate, CALIBRATION_SAMPLES, use_gptq=gptq):
                 log(f"{scheme} calibrated on {calibrate}: reusing {out}")
             else:
                 log(f"calibrating {scheme} on {calibrate} -> {out}")
-                quantize_checkpoint(model, scheme, calibrate, out, CALIBRATION_SAMPLES, progress=progress)
+                quantize_checkpoint(model, scheme, calibrate, out, CALIBRATION_SAMPLES, progress=progress,
+                                    use_gptq=gptq)
             calibrated[scheme] = os.path.abspath(out)
     max_len = max(settings.window + 1, settings.input_len + settings.output_len)  # a scored window needs room
     cell = Cell(settings.batch, settings.input_len, settings.output_len)

@@ -119,3 +119,31 @@ def read_quantization(directory: str) -> dict | None:
     if not isinstance(raw, dict) or not isinstance(raw.get("scheme"), str):
         raise ModelSourceError(f"{path} names no scheme: write it again with `infer-recipes quantize`")
     return raw
+
+
+class SavedCodes:
+    """A checkpoint's saved int4 codes (GPTQ's, `infer-recipes quantize --gptq`): per checkpoint linear name
+    (`model.layers.0.self_attn.q_proj`) its packed codes [N, K / 2] (uint8, two per byte), scales and zeros
+    [N, K / group], read lazily from the file quantization.json names."""
+
+    def __init__(self, directory: str, saved: dict):
+        self.path = os.path.join(directory, saved["int4_codes"])
+        self.group_size = int(saved.get("group_size", 32))
+        if not os.path.isfile(self.path):
+            raise ModelSourceError(f"{self.path} (the int4 codes {QUANTIZATION_FILE} names) is missing: write the "
+                                   "checkpoint again with `infer-recipes quantize`")
+        with safe_open(self.path, framework="pt") as f:
+            self.names = set(f.keys())
+
+    def get(self, name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        keys = [f"{name}.{k}" for k in ("qweight", "scales", "zeros")]
+        if not all(k in self.names for k in keys):
+            return None
+        with safe_open(self.path, framework="pt") as f:
+            return tuple(f.get_tensor(k) for k in keys)
+
+
+def saved_codes(directory: str) -> SavedCodes | None:
+    """The int4 codes of a calibrated checkpoint in `directory`, or None when it saved none."""
+    saved = read_quantization(directory)
+    return SavedCodes(directory, saved) if saved and saved.get("int4_codes") else None

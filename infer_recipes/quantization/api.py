@@ -157,6 +157,33 @@ def quantize_gguf(model: nn.Module, blocks_for, skip=(), progress: bool = True, 
     return report
 
 
+def quantize_codes(model: nn.Module, codes_for, group_size: int, skip=(), root: str = "", native: bool = False
+                   ) -> int:
+    """Int4Linears built from saved codes (a GPTQ checkpoint's), for every Linear under `root` whose checkpoint
+    parts all have them; the others are left for `quantize`. codes_for(checkpoint linear name) -> (packed codes
+    [N, K / 2], scales, zeros [N, K / group]) | None. Returns how many Linears it built."""
+    from .gptq import unpack
+
+    built = 0
+    for name, module in _linear_targets(model, skip, root):
+        parts = [codes_for(s.removesuffix(".weight")) for s in gguf_sources(name)]
+        if any(p is None for p in parts):
+            continue
+        q = torch.cat([unpack(p[0]) for p in parts])
+        scales, zeros = (torch.cat([p[i].float() for p in parts]) for i in (1, 2))
+        groups = (module.out_features, module.in_features // group_size)
+        if q.shape != (module.out_features, module.in_features) or scales.shape != groups or zeros.shape != groups:
+            raise InferRecipesError(f"the saved int4 codes of {name} have shape {tuple(q.shape)}, the model's "
+                                    f"weight {(module.out_features, module.in_features)}: the checkpoint is "
+                                    "corrupt; write it again with `infer-recipes quantize`")
+        parent_name, _, leaf = name.rpartition(".")
+        with torch.no_grad():
+            linear = Int4Linear(q, scales, zeros, group_size, module.bias, native)
+        setattr(model.get_submodule(parent_name) if parent_name else model, leaf, linear)
+        built += 1
+    return built
+
+
 def gguf_embedding(model: nn.Module, blocks, dtype: torch.dtype) -> bool:
     """The embedding table as int8 rows straight from its GGUF blocks (any quantized type). Returns whether it
     did (a float table in the file stays float)."""

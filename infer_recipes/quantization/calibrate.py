@@ -13,9 +13,9 @@ from the activations into the weights. Two published choices of s, per group of 
 
 a is chosen per group from a grid over [0, 1] by the output error ||y_quantized - X W^T||^2 of the scheme's own
 rounding (the very functions its modules quantize with) on activation rows sampled from the calibration text;
-a = 0 is no scaling, so a group's error on those rows never grows. Not done here: AWQ's weight-clipping search,
-GPTQ, and scaling v_proj into o_proj (with grouped-query attention one v row feeds several heads' o_proj columns,
-so their factors would have to be shared).
+a = 0 is no scaling, so a group's error on those rows never grows. GPTQ, which may follow for int4, is
+`quantization.gptq`. Not done: AWQ's weight-clipping search, and scaling v_proj into o_proj (with grouped-query
+attention one v row feeds several heads' o_proj columns, so their factors would have to be shared).
 
 Plain torch on an unfused model (`fusion=False`: q/k/v and gate/up as separate linears, checkpoint names)."""
 from __future__ import annotations

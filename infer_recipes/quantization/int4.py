@@ -55,14 +55,23 @@ class Int4Linear(QuantizedLinear):
 
         def rows(w):
             w = w.float().view(w.shape[0], K // group_size, group_size)
-            lo, hi = w.amin(dim=-1), w.amax(dim=-1)
-            # quantize against the scale and zero as the kernel holds them (bfloat16), not as computed
-            scales = representable_scale((hi - lo) / 15.0, ACT_DTYPE)
-            zeros = (lo + 8 * scales).to(ACT_DTYPE).float()
-            q = torch.round((w - (zeros - 8 * scales)[..., None]) / scales[..., None]).clamp(0, 15)
-            return q.view(-1, K).to(torch.uint8), scales, zeros
+            scales, zeros = Int4Linear.grid(w)
+            return Int4Linear.codes(w, scales[..., None], zeros[..., None]).view(-1, K), scales, zeros
 
         return by_rows(rows, weight)
+
+    @staticmethod
+    def grid(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Min-max scale and zero of each group along the last dimension of float `w`, rounded to what the kernel
+        holds (bfloat16): a weight is then quantized against the values it is computed with."""
+        lo, hi = w.amin(dim=-1), w.amax(dim=-1)
+        scales = representable_scale((hi - lo) / 15.0, ACT_DTYPE)
+        return scales, (lo + 8 * scales).to(ACT_DTYPE).float()
+
+    @staticmethod
+    def codes(w: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor) -> torch.Tensor:
+        """q in [0, 15] (uint8) nearest to `w` on the grid (q - 8) * scale + zero."""
+        return torch.round((w - (zeros - 8 * scales)) / scales).clamp(0, 15).to(torch.uint8)
 
     @classmethod
     def fake(cls, weight: torch.Tensor, group_size: int) -> torch.Tensor:

@@ -25,13 +25,13 @@ from ..errors import InferRecipesError
 from ..layers.attention import key_scales
 from ..layers.parallel import Shard, check_split, stage_layers
 from ..loading import ModelSource, load_model, resolve_model_source
-from ..loading.hf import read_quantization
+from ..loading.hf import read_quantization, saved_codes
 from ..loading.gguf import quantized_blocks, release_blocks, tensor_shapes, tensor_types
 from ..loading.weights import drop_metadata, read_config, release_loader_memory
 from ..models.llama import WHOLE, LlamaForCausalLM, shard_range
 from ..quantization import quantize
 from ..quantization.api import (BYTES_PER_WEIGHT, EMBEDDING, check_scheme, gguf_embedding, gguf_module,
-                                gguf_sources, quantize_embedding, quantize_gguf, skipped)
+                                gguf_sources, quantize_codes, quantize_embedding, quantize_gguf, skipped)
 from ..quantization.gguf import kernel_for
 from . import converted
 from .kv_cache import kv_bytes_per_token, kv_element_size, kv_pool_blocks, kv_storage_dtype
@@ -124,6 +124,8 @@ def build(bp: Blueprint, num_blocks: int, shard: Shard = Shard(), world: Paralle
         converted.save(cached_at, model)
     if cfg.quantization == "gguf" and progress:
         print(f"GGUF blocks kept: {model.load_report}", file=sys.stderr)
+    elif model.load_report and progress:
+        print(model.load_report, file=sys.stderr)
     # eager only: inside a compiled graph each call would be a graph break
     model.use_native_kernels(cfg.kv_cache and not cfg.compile and kernels.wanted(cfg.kernels, bp.device), bp.dtype)
     if cfg.kernels == "native" and bp.device.type == "cpu" and kernels.reason() and progress:
@@ -205,7 +207,7 @@ def _convert(bp: Blueprint, shard: Shard, progress: bool) -> LlamaForCausalLM:
     """The model read from its source, fused and quantized unit by unit as it loads."""
     cfg = bp.engine_config
     # a split model takes the float detour: a rank's slice can cut through blocks
-    optimizer = _UnitOptimizer(bp, keep_blocks=shard == Shard())
+    optimizer = _UnitOptimizer(bp, keep_blocks=shard == Shard(), whole_linears=shard.tp_size == 1)
     model = load_model(bp.source, bp.dtype, bp.device, max_positions=bp.max_model_len, progress=progress,
                        config=bp.model_config, on_loaded=optimizer, shard=shard,
                        keep_quantized=optimizer.kept.__contains__)
@@ -241,8 +243,15 @@ class _UnitOptimizer:
     """Fusion and quantization of one unit (a decoder layer, the embedding, the lm_head) as soon as the loader
     has filled it (load_model's `on_loaded`)."""
 
-    def __init__(self, bp: Blueprint, keep_blocks: bool):
+    def __init__(self, bp: Blueprint, keep_blocks: bool, whole_linears: bool = True):
         self.bp = bp
+        cfg = bp.engine_config
+        # a GPTQ checkpoint's int4 codes, used where the model runs the int4 scheme of the group size they were
+        # made for, in whole linears (a tensor-parallel slice rounds the saved weights to nearest instead)
+        codes = saved_codes(bp.source.location) if bp.source.kind == "hf" and cfg.quantization == "int4" else None
+        self.codes = codes if codes and codes.group_size == cfg.group_size and whole_linears else None
+        self.codes_unused = codes is not None and self.codes is None
+        self.codes_built = 0
         # tensors whose modules are built from their GGUF blocks (the loader never dequantizes them)
         self.kept: set[str] = self._kept_in_blocks() if keep_blocks and bp.engine_config.quantization == "gguf" \
             else set()
@@ -294,11 +303,20 @@ class _UnitOptimizer:
                 if name.startswith(root + "."):
                     release_blocks(self.bp.source.location, name)
         elif cfg.quantization:
+            if self.codes is not None:
+                self.codes_built += quantize_codes(model, self.codes.get, cfg.group_size, cfg.quantization_skip,
+                                                   root, self.native)
             quantize(model, cfg.quantization, cfg.quantization_skip, cfg.group_size, progress=False, root=root,
                      native=self.native)
 
     def report(self) -> str:
-        """What each GGUF tensor type became, e.g. `Q4_K -> int4 x 168, Q6_K -> int8 x 29`."""
+        """What each GGUF tensor type became, e.g. `Q4_K -> int4 x 168, Q6_K -> int8 x 29`; how many linears a
+        GPTQ checkpoint's codes built."""
+        if self.codes_built:
+            return f"GPTQ int4 codes -> int4 x {self.codes_built}, the rest rounded to nearest"
+        if self.codes_unused:
+            return (f"the checkpoint's GPTQ codes (group size {self.bp.engine_config.group_size} asked, or a "
+                    "tensor-parallel slice) not used: its saved weights rounded to nearest")
         return ", ".join(f"{qtype} -> {kernel} x {n}" for (qtype, kernel), n in sorted(self.gguf_report.items()))
 
     def _gguf_blocks(self, name: str, shard: Shard):
