@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 from infer_recipes import LLM
 from infer_recipes.checkpoint import made_from
 from infer_recipes.cli import main
-from infer_recipes.quantization.gptq import gptq, output_error, pack, unpack
+from infer_recipes.quantization.gptq import cross_entropy, gptq, output_error, pack, round_head, unpack
 from infer_recipes.quantization.int4 import Int4Linear, _expand
 
 
@@ -94,3 +94,27 @@ def test_a_gptq_checkpoint_loads_the_codes_it_chose(smollm, tmp_path, capsys):
     # and it still answers like the model it came from
     ids = smollm.tokenizer.encode("The capital of France is Paris, and the capital of Italy is")
     assert smollm.logits(ids)[-1].argmax().item() in q.logits(ids)[-1].topk(3).indices.tolist()
+
+
+def test_the_head_keeps_gptq_only_where_it_predicts_held_out_windows_better():
+    g = torch.Generator().manual_seed(2)
+    vocab, k, rows = 64, 96, 40
+    w = torch.randn(vocab, k, generator=g) * 0.1
+    basis = torch.randn(6, k, generator=g)
+    windows = [torch.randn(rows, 6, generator=g) @ basis + 0.05 * torch.randn(rows, k, generator=g)
+               for _ in range(8)]
+    nearest = Int4Linear.quantize(w, 32)
+    fit = torch.cat(windows[:6])  # three quarters: the last two windows are only judged on
+    fitted = gptq(w, fit.t() @ fit / len(fit), 32)
+    held = torch.cat(windows[6:])
+    # next tokens the float head predicts: GPTQ's head, nearer the float one, predicts them better; those the
+    # round-to-nearest head itself predicts: it wins
+    for labels, want in (((held @ w.t()).argmax(-1), fitted), ((held @ _expand(*nearest, 32).t()).argmax(-1), nearest)):
+        targets = torch.cat([torch.full((6 * rows,), -100), labels])  # no next token known in the fit windows
+        gptq_better = (cross_entropy(held, _expand(*fitted, 32), labels)
+                       < cross_entropy(held, _expand(*nearest, 32), labels))
+        assert gptq_better == (want is fitted)
+        got = round_head(w, windows, targets, 32, nearest)
+        assert all(torch.equal(a, b) for a, b in zip(got, want))
+    # one window: nothing to hold out, so round-to-nearest
+    assert round_head(w, windows[:1], targets[:rows], 32, nearest) is nearest
