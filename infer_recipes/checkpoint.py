@@ -95,7 +95,8 @@ def quantize_checkpoint(model: str, scheme: str, calibration: str, out: str, sam
                         group_size: int = 32, skip: tuple[str, ...] = (), progress: bool = True,
                         use_gptq: bool = False) -> dict:
     """Calibrates `model` for `scheme` on the text file `calibration` and writes the checkpoint to `out`;
-    `use_gptq` (int4 only): after the scaling, GPTQ rounds the decoder linears and their codes are saved.
+    `use_gptq` (int4 only): after the scaling, GPTQ rounds the decoder linears and the lm_head and
+    their codes are saved.
     Returns the report quantization.json holds."""
     from .engine.llm import LLM
 

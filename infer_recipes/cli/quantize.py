@@ -85,8 +85,8 @@ def register(sub) -> None:
     p.add_argument("--seq-len", type=int, default=512, help="tokens per window")
     p.add_argument("--group-size", type=int, default=32, choices=GROUP_SIZES, help="int4 group size")
     p.add_argument("--gptq", action=argparse.BooleanOptionalAction, default=False,
-                   help="int4: after the scaling, round the decoder linears with GPTQ (each column's error "
-                   "corrected on the columns after it) and save the codes")
+                   help="int4: after the scaling, round the decoder linears and the lm_head with GPTQ (each "
+                   "column's error corrected on the columns after it) and save the codes")
     p.add_argument("--quantization-skip", action="append", default=None, metavar="PATTERN",
                    help="modules kept in float (repeatable), e.g. lm_head")
     p.add_argument("--out", required=True, metavar="DIR", help="the checkpoint directory to write")

@@ -250,7 +250,10 @@ class _UnitOptimizer:
         # made for, in whole linears (a tensor-parallel slice rounds the saved weights to nearest instead)
         codes = saved_codes(bp.source.location) if bp.source.kind == "hf" and cfg.quantization == "int4" else None
         self.codes = codes if codes and codes.group_size == cfg.group_size and whole_linears else None
-        self.codes_unused = codes is not None and self.codes is None
+        # why a checkpoint's codes go unused ("" when they are used or there are none)
+        self.codes_unused = "" if codes is None or self.codes is not None else (
+            f"made for group size {codes.group_size}, {cfg.group_size} asked" if codes.group_size != cfg.group_size
+            else "a tensor-parallel slice cannot use a whole linear's codes")
         self.codes_built = 0
         # tensors whose modules are built from their GGUF blocks (the loader never dequantizes them)
         self.kept: set[str] = self._kept_in_blocks() if keep_blocks and bp.engine_config.quantization == "gguf" \
@@ -315,8 +318,8 @@ class _UnitOptimizer:
         if self.codes_built:
             return f"GPTQ int4 codes -> int4 x {self.codes_built}, the rest rounded to nearest"
         if self.codes_unused:
-            return (f"the checkpoint's GPTQ codes (group size {self.bp.engine_config.group_size} asked, or a "
-                    "tensor-parallel slice) not used: its saved weights rounded to nearest")
+            return (f"the checkpoint's GPTQ codes not used ({self.codes_unused}): its saved weights rounded to "
+                    "nearest")
         return ", ".join(f"{qtype} -> {kernel} x {n}" for (qtype, kernel), n in sorted(self.gguf_report.items()))
 
     def _gguf_blocks(self, name: str, shard: Shard):

@@ -16,22 +16,24 @@ from infer_recipes.quantization.gptq import cross_entropy, gptq, output_error, p
 from infer_recipes.quantization.int4 import Int4Linear, _expand
 
 
-def test_with_uncorrelated_inputs_gptq_is_round_to_nearest():
+@pytest.mark.parametrize("act_order", [True, False])
+def test_with_uncorrelated_inputs_gptq_is_round_to_nearest(act_order):
     g = torch.Generator().manual_seed(0)
     w = torch.randn(96, 256, generator=g) * 0.05
-    for got, want in zip(gptq(w, torch.eye(256) * 3.0, 32), Int4Linear.quantize(w, 32)):
+    for got, want in zip(gptq(w, torch.eye(256) * 3.0, 32, act_order=act_order), Int4Linear.quantize(w, 32)):
         assert torch.equal(got, want)
 
 
+@pytest.mark.parametrize("act_order", [True, False])
 @pytest.mark.parametrize("group_size", [32, 64, 128])
-def test_gptq_cuts_the_output_error_of_correlated_inputs(group_size):
+def test_gptq_cuts_the_output_error_of_correlated_inputs(group_size, act_order):
     g = torch.Generator().manual_seed(1)
     n, k = 80, 384
     w = torch.randn(n, k, generator=g) * 0.05
     x = torch.randn(2048, 24, generator=g) @ torch.randn(24, k, generator=g) + 0.2 * torch.randn(2048, k, generator=g)
     x[:, 7] = 0  # a channel the text never moves
     h = x.t() @ x / x.shape[0]
-    q, scales, zeros = gptq(w, h, group_size)
+    q, scales, zeros = gptq(w, h, group_size, act_order=act_order)
     assert q.dtype == torch.uint8 and int(q.max()) <= 15 and scales.shape == (n, k // group_size)
     assert torch.equal(scales.to(torch.bfloat16).float(), scales)  # on the grid the kernel holds
     ours = output_error(w, _expand(q, scales, zeros, group_size), h)
@@ -90,7 +92,7 @@ def test_a_gptq_checkpoint_loads_the_codes_it_chose(smollm, tmp_path, capsys):
     assert not torch.equal(flat.model.lm_head.weight, chosen("lm_head").to(torch.bfloat16).float())
     # another group size cannot use them: the saved weights are rounded to nearest, and the load says so
     g64 = LLM(str(out), group_size=64, progress=False)
-    assert "not used" in g64.model.load_report and g64.model.lm_head.group_size == 64
+    assert "not used (made for group size 32, 64 asked)" in g64.model.load_report and g64.model.lm_head.group_size == 64
     # and it still answers like the model it came from
     ids = smollm.tokenizer.encode("The capital of France is Paris, and the capital of Italy is")
     assert smollm.logits(ids)[-1].argmax().item() in q.logits(ids)[-1].topk(3).indices.tolist()
