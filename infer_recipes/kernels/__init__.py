@@ -25,9 +25,9 @@ import torch
 from ..config import cache_dir
 
 SOURCES = ("ops.cpp", "qgemv_avx512.cpp", "attention_avx512.cpp", "elementwise_avx512.cpp", "qgemv_avx2.cpp",
-           "attention_avx2.cpp", "elementwise_avx2.cpp")
-HEADERS = ("qgemv.h", "attention.h", "elementwise.h", "qgemv_impl.h", "attention_impl.h", "elementwise_impl.h", "vec.h",
-           "vec8.h", "vec_math.h")
+           "attention_avx2.cpp", "elementwise_avx2.cpp", "convert.cpp")
+HEADERS = ("convert.h", "qgemv.h", "attention.h", "elementwise.h", "qgemv_impl.h", "attention_impl.h",
+           "elementwise_impl.h", "vec.h", "vec8.h", "vec_math.h")
 CFLAGS = ("-O3", "-std=c++17", "-fopenmp")  # OpenMP: ATen's parallel_for is a header template, serial without it
 _why: list[str] = []
 

@@ -11,6 +11,7 @@ from tqdm import tqdm
 
 from ..config import GROUP_SIZES
 from ..errors import InferRecipesError
+from ..kernels import layout
 from . import gguf as gguf_q
 from .embedding import Int8Embedding
 from .int4 import Int4Linear
@@ -124,13 +125,41 @@ def gguf_linear(found: list[tuple[str, object]], in_features: int, bias, native:
                 ) -> tuple[nn.Module, str]:
     """One Linear from the GGUF blocks of its parts: int4 when every part is a 4-bit type, else int8 per row."""
     kinds = {gguf_q.kernel_for(qtype) for qtype, _ in found}
+    native_form = _gguf_native(found, in_features, bias, kinds, native)
+    if native_form is not None:
+        return native_form
     if kinds == {"int4"}:
-        parts = [gguf_q.int4_parts(qtype, blocks, blocks.shape[0], in_features) for qtype, blocks in found]
+        parts = [gguf_q.int4_parts(qtype, blocks, blocks.shape[0], in_features, native) for qtype, blocks in found]
         q, scales, zeros = (torch.cat([p[i] for p in parts]) for i in range(3))
         return Int4Linear(q, scales, zeros, 32, bias, native), "int4"
-    parts = [gguf_q.int8_parts(qtype, blocks, blocks.shape[0], in_features) for qtype, blocks in found]
+    parts = [gguf_q.int8_parts(qtype, blocks, blocks.shape[0], in_features, native) for qtype, blocks in found]
     return Int8Linear.from_parts(torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]), bias,
                                  native), "int8"
+
+
+def _gguf_native(found, in_features: int, bias, kinds: set, native: bool) -> tuple[nn.Module, str] | None:
+    """gguf_linear straight from the blocks into the native kernels' layouts, where the extension converts every
+    part's type and the parts' tiles of 16 rows concatenate (all but the last part whole tiles)."""
+    if not native or any(blocks.shape[0] % layout.TILE for _, blocks in found[:-1]):
+        return None
+    rows = sum(blocks.shape[0] for _, blocks in found)
+    if kinds == {"int4"}:
+        parts = [gguf_q.int4_packed(qtype, blocks, blocks.shape[0], in_features, native) for qtype, blocks in found]
+        if any(p is None for p in parts):
+            return None
+        packed, sz = (_joined([p[i] for p in parts]) for i in range(2))
+        return Int4Linear.from_native(packed, sz, rows, in_features, 32, bias), "int4"
+    if in_features % 32:  # the native int8 kernel's block
+        return None
+    parts = [gguf_q.int8_packed(qtype, blocks, blocks.shape[0], in_features, native) for qtype, blocks in found]
+    if any(p is None for p in parts):
+        return None
+    packed, scales = (_joined([p[i] for p in parts]) for i in range(2))
+    return Int8Linear.from_native(packed, scales, rows, in_features, bias), "int8"
+
+
+def _joined(parts: list[torch.Tensor]) -> torch.Tensor:
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
 def quantize_gguf(model: nn.Module, blocks_for, skip=(), progress: bool = True, root: str = "",
@@ -184,12 +213,12 @@ def quantize_codes(model: nn.Module, codes_for, group_size: int, skip=(), root: 
     return built
 
 
-def gguf_embedding(model: nn.Module, blocks, dtype: torch.dtype) -> bool:
+def gguf_embedding(model: nn.Module, blocks, dtype: torch.dtype, native: bool = False) -> bool:
     """The embedding table as int8 rows straight from its GGUF blocks (any quantized type). Returns whether it
     did (a float table in the file stays float)."""
     if blocks is None or gguf_q.kernel_for(blocks[0]) is None:
         return False
     emb = model.get_submodule(EMBEDDING)
-    q, s = gguf_q.int8_parts(blocks[0], blocks[1], blocks[1].shape[0], emb.embedding_dim)
+    q, s = gguf_q.int8_parts(blocks[0], blocks[1], blocks[1].shape[0], emb.embedding_dim, native)
     model.model.embed_tokens = Int8Embedding(q, s.to(torch.bfloat16), dtype)
     return True

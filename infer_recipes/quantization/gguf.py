@@ -6,10 +6,15 @@
 - Every other quantized type (Q5_0, Q5_1, Q6_K, Q8_0, ...) becomes int8 per output row: the rows are dequantized
   a slice at a time by `gguf` and requantized, so float temporaries stay at one slice.
 
+Q4_K, Q5_0, Q6_K and Q8_0 convert in the native extension where the engine runs it (`native`: the same values,
+in one parallel pass over the blocks; the numpy/torch code here stays as the reference and the fallback).
+
 The int8 form is also the common ground when a fused module's parts differ (Q4_K q/k with a Q6_K v): int4 cannot
 hold 6-bit values, int8 holds 4-bit ones to within half an 8-bit step of each row's range.
 """
 from __future__ import annotations
+
+import warnings
 
 import numpy as np
 import torch
@@ -17,6 +22,23 @@ import torch
 INT4_TYPES = ("Q4_0", "Q4_1", "Q4_K")
 FLOAT_TYPES = ("F32", "F16", "BF16", "F64")
 ROWS = 1024  # rows dequantized at a time on the int8 path
+NATIVE_INT8 = ("Q4_K", "Q5_0", "Q6_K", "Q8_0")  # the int8 path's types the extension converts
+
+
+def _extension(native: bool):
+    if not native:
+        return None
+    from .. import kernels
+
+    return kernels.native()
+
+
+def _as_tensor(raw: np.ndarray) -> torch.Tensor:
+    """uint8 blocks as a tensor without a copy: they are read-only pages of the mapped file, which the native
+    conversion only reads (hence no warning about writing to them)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.from_numpy(np.ascontiguousarray(raw))
 
 
 def kernel_for(qtype: str) -> str | None:
@@ -26,9 +48,13 @@ def kernel_for(qtype: str) -> str | None:
     return "int4" if qtype in INT4_TYPES else "int8"
 
 
-def int4_parts(qtype: str, blocks: np.ndarray, rows: int, cols: int):
+def int4_parts(qtype: str, blocks: np.ndarray, rows: int, cols: int, native: bool = False):
     """(q [N, K] uint8 in [0, 15], scales [N, K/32], zeros [N, K/32]) float32, with W = (q - 8) * scale + zero."""
     raw = np.asarray(blocks).reshape(rows, -1)
+    ext = _extension(native)
+    if qtype == "Q4_K" and ext is not None:
+        q, scale, zero = ext.gguf_q4k(_as_tensor(raw), rows, cols)
+        return q, scale, zero
     if qtype == "Q4_K":
         return _q4_k(raw, rows, cols)
     raw = raw.reshape(rows, cols // 32, -1)
@@ -62,10 +88,17 @@ def _q4_k(raw: np.ndarray, rows: int, cols: int):
     return q, torch.from_numpy(scale.reshape(rows, -1)), torch.from_numpy(zero.reshape(rows, -1))
 
 
-def int8_parts(qtype: str, blocks: np.ndarray, rows: int, cols: int) -> tuple[torch.Tensor, torch.Tensor]:
+def int8_parts(qtype: str, blocks: np.ndarray, rows: int, cols: int, native: bool = False
+               ) -> tuple[torch.Tensor, torch.Tensor]:
     """(q [N, K] int8, scales [N] float32): symmetric per row, against the scales the int8 kernel holds. A slice
     of rows at a time, in place: float temporaries stay at one slice."""
     from .int8 import ACT_DTYPE, representable_scale
+
+    ext = _extension(native)
+    if ext is not None and qtype in NATIVE_INT8:
+        raw = _as_tensor(np.asarray(blocks).reshape(rows, -1))
+        s = _row_scales(ext, raw, qtype, cols)
+        return ext.gguf_int8(raw, qtype, cols, s), s
 
     q = torch.empty(rows, cols, dtype=torch.int8)
     s = torch.empty(rows, dtype=torch.float32)
@@ -75,6 +108,32 @@ def int8_parts(qtype: str, blocks: np.ndarray, rows: int, cols: int) -> tuple[to
         q[i:i + ROWS] = w.div_(scale[:, None]).round_().clamp_(-127, 127)
         s[i:i + ROWS] = scale
     return q, s
+
+
+def _row_scales(ext, raw: torch.Tensor, qtype: str, cols: int) -> torch.Tensor:
+    from .int8 import ACT_DTYPE, representable_scale
+
+    return representable_scale(ext.gguf_row_amax(raw, qtype, cols) / 127.0, ACT_DTYPE)
+
+
+def int4_packed(qtype: str, blocks: np.ndarray, rows: int, cols: int, native: bool):
+    """Q4_K blocks straight into the native int4 layout, (packed, scales and zeros): what Int4Linear(native)
+    holds for int4_parts' values, in one pass with no [N, K] temporary. None where there is no such path."""
+    ext = _extension(native)
+    if ext is None or qtype != "Q4_K":
+        return None
+    packed, sz = ext.gguf_q4k_packed(_as_tensor(np.asarray(blocks).reshape(rows, -1)), cols)
+    return packed, sz
+
+
+def int8_packed(qtype: str, blocks: np.ndarray, rows: int, cols: int, native: bool):
+    """int8_parts straight into the native int8 layout: (packed, scales [N]). None where there is no such path."""
+    ext = _extension(native)
+    if ext is None or qtype not in NATIVE_INT8 or cols % 4:
+        return None
+    raw = _as_tensor(np.asarray(blocks).reshape(rows, -1))
+    s = _row_scales(ext, raw, qtype, cols)
+    return ext.gguf_int8(raw, qtype, cols, s, packed=True), s
 
 
 def dequantize_rows(qtype: str, blocks: np.ndarray, cols: int) -> torch.Tensor:

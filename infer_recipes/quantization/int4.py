@@ -30,16 +30,29 @@ class Int4Linear(QuantizedLinear):
         self.group_size = group_size
         self.native = native and kernels.available()
         if self.native:
-            packed, sz = layout.pack_int4(q, scales, zeros, group_size)
-            self.register_buffer("packed", packed)
-            self.register_buffer("scales_zeros", sz)
-            self._native_bias()
+            self._hold_native(*layout.pack_int4(q, scales, zeros, group_size))
             return
         # the packing wants int32 input: slice by rows (the packed layout is row-major, so slices concatenate)
         packed = by_rows(lambda r: (torch.ops.aten._convert_weight_to_int4pack_for_cpu(r.to(torch.int32), 2),), q)[0]
         self.register_buffer("packed", packed)
         sz = torch.stack([scales.float(), zeros.float()], dim=-1).transpose(0, 1).contiguous()  # [K/g, N, 2]
         self.register_buffer("scales_zeros", sz.to(ACT_DTYPE))
+
+    @classmethod
+    def from_native(cls, packed: torch.Tensor, scales_zeros: torch.Tensor, out_features: int, in_features: int,
+                    group_size: int, bias: torch.Tensor | None = None) -> Int4Linear:
+        """Already in our kernel's layout (`layout.pack_int4`), as GGUF blocks convert at load; the caller has
+        checked that the kernels run here."""
+        self = cls.__new__(cls)
+        QuantizedLinear.__init__(self, in_features, out_features, bias)
+        self.group_size, self.native = group_size, True
+        self._hold_native(packed, scales_zeros)
+        return self
+
+    def _hold_native(self, packed: torch.Tensor, scales_zeros: torch.Tensor) -> None:
+        self.register_buffer("packed", packed)
+        self.register_buffer("scales_zeros", scales_zeros)
+        self._native_bias()
 
     @classmethod
     def from_float(cls, weight: torch.Tensor, bias: torch.Tensor | None = None, group_size: int = 32,

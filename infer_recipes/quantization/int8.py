@@ -42,6 +42,19 @@ class Int8Linear(QuantizedLinear):
         self._hold(q, scales, native)
         return self
 
+    @classmethod
+    def from_native(cls, packed: torch.Tensor, scales: torch.Tensor, out_features: int, in_features: int,
+                    bias: torch.Tensor | None = None) -> Int8Linear:
+        """Already in our kernel's layout (`layout.pack_int8`) with row scales [N] representable in the kernel's
+        dtype, as GGUF blocks convert at load; the caller has checked that the kernels run here."""
+        self = cls.__new__(cls)
+        QuantizedLinear.__init__(self, in_features, out_features, bias)
+        self.native = True
+        self.register_buffer("packed", packed)
+        self.register_buffer("scales", layout.pad_scales(scales.to(ACT_DTYPE), out_features))
+        self._native_bias()
+        return self
+
     def _hold(self, q: torch.Tensor, scales: torch.Tensor, native: bool) -> None:
         self.native = native and q.shape[1] % 32 == 0 and kernels.available()
         if self.native:

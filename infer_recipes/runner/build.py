@@ -287,7 +287,8 @@ class _UnitOptimizer:
             if model.config.tie_word_embeddings and model.shard.last_stage:
                 self._quantize(model, "lm_head")  # from the table's blocks: the table itself may stay in them
             blocks = self._gguf_blocks("model.embed_tokens.weight", model.shard)
-            if not skipped(EMBEDDING, cfg.quantization_skip) and gguf_embedding(model, blocks, self.bp.dtype):
+            if not skipped(EMBEDDING, cfg.quantization_skip) and \
+                    gguf_embedding(model, blocks, self.bp.dtype, self.native):
                 self.gguf_report[(blocks[0], "int8 table")] += 1
                 release_blocks(self.bp.source.location, "model.embed_tokens.weight")
         elif unit == "model.embed_tokens" and cfg.quantization:

@@ -41,13 +41,13 @@ def _files(location: str) -> list[Path]:
 
 @functools.lru_cache(maxsize=1)
 def _code_digest() -> str:
-    """A digest of the code that computes converted weights (loaders, quantizers, model, layers): a cache written
-    by other code is never read back."""
+    """A digest of the code that computes converted weights (loaders, quantizers, model, layers, and the kernels'
+    C++, which converts GGUF blocks): a cache written by other code is never read back."""
     root = Path(__file__).resolve().parents[1]
     h = hashlib.sha256()
     for folder in ("loading", "quantization", "models", "layers", "kernels"):
-        for file in sorted((root / folder).glob("*.py")):
-            h.update(file.name.encode() + file.read_bytes())
+        for file in sorted(f for f in (root / folder).rglob("*") if f.suffix in (".py", ".cpp", ".h")):
+            h.update(str(file.relative_to(root)).encode() + file.read_bytes())
     return h.hexdigest()[:16]
 
 

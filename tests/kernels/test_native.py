@@ -50,6 +50,24 @@ SHAPES = [(37, 64), (100, 256), (16, 384), (33, 576), (129, 1536)]
 
 
 @needs_native
+@pytest.mark.parametrize("N,K", SHAPES)
+def test_native_packing_writes_the_bytes_of_the_torch_reference(N, K):
+    """The extension packs at load (convert.cpp); the torch permutes are its reference, padded last tile included."""
+    g = torch.Generator().manual_seed(N * K)
+    for group in (32, 64, 128):
+        if K % group:
+            continue
+        q = torch.randint(0, 16, (N, K), dtype=torch.uint8, generator=g)
+        s, z = torch.rand(N, K // group, generator=g) * 0.02, torch.randn(N, K // group, generator=g) * 0.05
+        for got, want in zip(layout.pack_int4(q, s, z, group), layout.pack_int4_reference(q, s, z, group)):
+            assert got.dtype == want.dtype and torch.equal(got, want)
+    q8 = torch.randint(-127, 128, (N, K), dtype=torch.int8, generator=g)
+    s8 = torch.rand(N, generator=g)
+    for got, want in zip(layout.pack_int8(q8, s8), layout.pack_int8_reference(q8, s8)):
+        assert got.dtype == want.dtype and torch.equal(got, want)
+
+
+@needs_native
 @pytest.mark.parametrize("N,K,group", [(n, k, g) for n, k in SHAPES for g in (32, 64, 128) if k % g == 0])
 def test_int4_kernel_matches_its_math(N, K, group, isa):
     """Odd row counts (a padded last tile), every group size, M = 1..16 (every register-blocking remainder),

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import torch
 
+from infer_recipes import kernels
 from infer_recipes.quantization.gguf import int4_parts, int8_parts
 from infer_recipes.quantization.int4 import Int4Linear
 from infer_recipes.quantization.int8 import Int8Linear, Int8MinMaxLinear
@@ -130,6 +131,53 @@ def test_gguf_blocks_onto_int8_rows_within_half_a_step(qtype):
     assert q.dtype == torch.int8 and s.shape == (40,)
     step = ref.abs().amax(dim=1, keepdim=True) / 127
     assert ((q.float() * s[:, None] - ref).abs() <= step * 0.5 * (1 + 2 * BF16_EPS) + 1e-7).all()
+
+
+@pytest.mark.skipif(not kernels.available(), reason=f"{kernels.reason()}")
+@pytest.mark.parametrize("qtype", ["Q4_K", "Q5_0", "Q8_0", "Q6_K"])
+def test_native_gguf_conversion_gives_the_values_of_the_reference(qtype):
+    """The extension converts blocks at load; numpy/torch's conversion is its reference: the same values, exactly
+    (odd row counts: the threads' row ranges; a few rows at a huge scale, one at zero)."""
+    g = np.random.default_rng(4)
+    w = (g.standard_normal((37, 512)) * 0.05).astype(np.float32)
+    w[3] *= 1000
+    w[5] = 0
+    blocks = _gguf_blocks(qtype, w, g)
+    blocks.flags.writeable = False  # as the mapped file's pages are
+    pairs = [(int8_parts(qtype, blocks, 37, 512, native=True), int8_parts(qtype, blocks, 37, 512))]
+    if qtype == "Q4_K":  # on its own: the int4 form; in a fused module with wider parts: int8 rows
+        pairs.append((int4_parts(qtype, blocks, 37, 512, native=True), int4_parts(qtype, blocks, 37, 512)))
+    for got, want in pairs:
+        for a, b in zip(got, want):
+            assert a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)
+
+
+@pytest.mark.skipif(not kernels.available(), reason=f"{kernels.reason()}")
+@pytest.mark.parametrize("parts", [[("Q4_K", 32), ("Q4_K", 21)], [("Q4_K", 16), ("Q6_K", 37)], [("Q8_0", 19)],
+                                   [("Q5_0", 32), ("Q5_0", 16), ("Q6_K", 5)], [("Q4_K", 20), ("Q4_K", 16)]])
+def test_gguf_linears_packed_straight_from_the_blocks_hold_what_packing_their_values_holds(parts):
+    """GGUF linears are packed into the native layouts straight from the blocks, part by part (tiles of 16 rows
+    concatenate; a part that ends inside a tile, not the last, takes the path through [N, K] values): the same
+    bytes as packing the values the reference conversion gives."""
+    from infer_recipes.quantization.api import gguf_linear
+
+    g = np.random.default_rng(5)
+    found = [(t, _gguf_blocks(t, (g.standard_normal((n, 512)) * 0.05).astype(np.float32), g)) for t, n in parts]
+    bias = torch.randn(sum(n for _, n in parts))
+    got, kind = gguf_linear(found, 512, bias, native=True)
+    n = got.out_features
+    if kind == "int4":
+        values = [int4_parts(t, b, b.shape[0], 512) for t, b in found]
+        want = Int4Linear(*(torch.cat([v[i] for v in values]) for i in range(3)), 32, bias, native=True)
+    else:
+        values = [int8_parts(t, b, b.shape[0], 512) for t, b in found]
+        want = Int8Linear.from_parts(torch.cat([v[0] for v in values]), torch.cat([v[1] for v in values]), bias,
+                                     native=True)
+    assert kind == ("int4" if {t for t, _ in parts} == {"Q4_K"} else "int8") and n == bias.numel()
+    mine, theirs = dict(got.named_buffers()), dict(want.named_buffers())
+    assert mine.keys() == theirs.keys()
+    for name, buf in theirs.items():
+        assert mine[name].dtype == buf.dtype and torch.equal(mine[name], buf), name
 
 
 def test_a_fused_module_of_mixed_gguf_types_becomes_int8():

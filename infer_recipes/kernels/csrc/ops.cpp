@@ -7,6 +7,7 @@
 #include <cmath>
 
 #include "attention.h"
+#include "convert.h"
 #include "elementwise.h"
 #include "qgemv.h"
 
@@ -393,4 +394,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("silu_mul", &silu_mul, "silu(gate) * up of a fused gate_up output");
   m.def("decode_layer", &decode_layer, "one fused decoder layer's decode step (norms, linears, rotary and the cache "
         "write, attention, silu-and-mul) in one call");
+  m.def("gguf_q4k", &ir::gguf_q4k, "Q4_K blocks -> (q uint8, scale, zero float32 per 32)");
+  m.def("gguf_q4k_packed", &ir::gguf_q4k_packed, "Q4_K blocks -> the native int4 layout (packed, sz)");
+  m.def("gguf_row_amax", &ir::gguf_row_amax, "max |w| per row of Q4_K, Q5_0, Q6_K or Q8_0 blocks");
+  m.def("gguf_int8", &ir::gguf_int8, "Q4_K, Q5_0, Q6_K or Q8_0 rows as int8 against per-row scales (packed: in "
+        "the native int8 layout)", py::arg("blocks"), py::arg("qtype"), py::arg("cols"), py::arg("scales"),
+        py::arg("packed") = false);
+  m.def("pack_int4", &ir::pack_int4, "q, scales, zeros -> the native int4 layout (packed, float16 scales/zeros)");
+  m.def("pack_int8", &ir::pack_int8, "int8 q -> the native int8 layout");
 }
