@@ -200,7 +200,10 @@ class LlamaModel(nn.Module):
         super().__init__()
         vocab = shard.vocab(config.vocab_size)
         if shard.first_stage or (shard.last_stage and config.tie_word_embeddings):  # a tied lm_head needs it
-            self.embed_tokens = nn.Embedding(vocab[1] - vocab[0], config.hidden_size)
+            # no random initialisation: a loader fills every weight (and normal_ on the meta device would import
+            # torch._dynamo, 1.5 s of a cold start)
+            rows = vocab[1] - vocab[0]
+            self.embed_tokens = nn.Embedding(rows, config.hidden_size, _weight=torch.empty(rows, config.hidden_size))
         local = shard.layer_range(config.num_layers)
         self.layers = nn.ModuleList(LlamaDecoderLayer(config, shard) if i in local else Absent()
                                     for i in range(config.num_layers))
@@ -288,10 +291,17 @@ def _merged_linear(parts: list[nn.Linear]) -> nn.Linear:
     has_bias = parts[0].bias is not None
     with torch.device(parts[0].weight.device):
         merged = nn.Linear(parts[0].in_features, out, bias=has_bias, dtype=parts[0].weight.dtype)
-    merged.weight = nn.Parameter(torch.cat([p.weight.detach() for p in parts]), requires_grad=False)
+    merged.weight = nn.Parameter(_rows_joined([p.weight.detach() for p in parts]), requires_grad=False)
     if has_bias:
-        merged.bias = nn.Parameter(torch.cat([p.bias.detach() for p in parts]), requires_grad=False)
+        merged.bias = nn.Parameter(_rows_joined([p.bias.detach() for p in parts]), requires_grad=False)
     return merged
+
+
+def _rows_joined(ts: list[torch.Tensor]) -> torch.Tensor:
+    if ts[0].is_meta:  # weights kept in GGUF blocks, replaced later: only the shape counts, and cat on the meta
+        # device runs through Python references that import torch._dynamo (1.5 s of a cold start)
+        return torch.empty(sum(t.shape[0] for t in ts), *ts[0].shape[1:], dtype=ts[0].dtype, device="meta")
+    return torch.cat(ts)
 
 
 # how each checkpoint tensor splits: column-parallel (dim 0, by heads or columns), row-parallel (dim 1)
