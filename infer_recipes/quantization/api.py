@@ -13,7 +13,7 @@ from ..config import GROUP_SIZES
 from ..errors import InferRecipesError
 from ..kernels import layout
 from . import gguf as gguf_q
-from .embedding import Int8Embedding
+from .embedding import GGUFEmbedding, Int8Embedding
 from .int4 import Int4Linear
 from .int8 import Int8Linear, Int8MinMaxLinear
 from .w8a8 import PhaseLinear, W8A8Linear
@@ -214,11 +214,10 @@ def quantize_codes(model: nn.Module, codes_for, group_size: int, skip=(), root: 
 
 
 def gguf_embedding(model: nn.Module, blocks, dtype: torch.dtype, native: bool = False) -> bool:
-    """The embedding table as int8 rows straight from its GGUF blocks (any quantized type). Returns whether it
-    did (a float table in the file stays float)."""
+    """The embedding table left in its GGUF blocks (any quantized type), rows dequantized as they are looked up.
+    Returns whether it did (a float table in the file stays float)."""
     if blocks is None or gguf_q.kernel_for(blocks[0]) is None:
         return False
     emb = model.get_submodule(EMBEDDING)
-    q, s = gguf_q.int8_parts(blocks[0], blocks[1], blocks[1].shape[0], emb.embedding_dim, native)
-    model.model.embed_tokens = Int8Embedding(q, s.to(torch.bfloat16), dtype)
+    model.model.embed_tokens = GGUFEmbedding(blocks[0], blocks[1], emb.embedding_dim, dtype, native)
     return True

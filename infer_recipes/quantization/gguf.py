@@ -22,7 +22,7 @@ import torch
 INT4_TYPES = ("Q4_0", "Q4_1", "Q4_K")
 FLOAT_TYPES = ("F32", "F16", "BF16", "F64")
 ROWS = 1024  # rows dequantized at a time on the int8 path
-NATIVE_INT8 = ("Q4_K", "Q5_0", "Q6_K", "Q8_0")  # the int8 path's types the extension converts
+NATIVE_INT8 = ("Q4_K", "Q5_0", "Q6_K", "Q8_0")  # the types the extension dequantizes
 
 
 def _extension(native: bool):
@@ -134,6 +134,15 @@ def int8_packed(qtype: str, blocks: np.ndarray, rows: int, cols: int, native: bo
     raw = _as_tensor(np.asarray(blocks).reshape(rows, -1))
     s = _row_scales(ext, raw, qtype, cols)
     return ext.gguf_int8(raw, qtype, cols, s, packed=True), s
+
+
+def dequantize(qtype: str, blocks: torch.Tensor, cols: int, native: bool = False) -> torch.Tensor:
+    """float32 rows of uint8 blocks [N, bytes]: in the extension where it runs and has the type, else
+    `dequantize_rows` (the same values)."""
+    ext = _extension(native)
+    if ext is not None and qtype in NATIVE_INT8:
+        return ext.gguf_dequantize(blocks.contiguous(), qtype, cols)
+    return dequantize_rows(qtype, blocks.numpy(), cols)
 
 
 def dequantize_rows(qtype: str, blocks: np.ndarray, cols: int) -> torch.Tensor:

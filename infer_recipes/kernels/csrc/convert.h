@@ -13,6 +13,8 @@ namespace ir {
 std::vector<torch::Tensor> gguf_q4k(const torch::Tensor& blocks, int64_t rows, int64_t cols);
 // The same, straight into the native int4 layout (kernels/layout.py pack_int4): (packed, scales and zeros).
 std::vector<torch::Tensor> gguf_q4k_packed(const torch::Tensor& blocks, int64_t cols);
+// Rows of Q4_K, Q5_0, Q6_K or Q8_0 blocks [N, bytes] as float32 [N, K] (Q4_K through its exact int4 form).
+torch::Tensor gguf_dequantize(const torch::Tensor& blocks, const std::string& qtype, int64_t cols);
 // The largest |w| of each row of Q4_K, Q5_0, Q6_K or Q8_0 blocks [N, bytes] -> [N] float32.
 torch::Tensor gguf_row_amax(const torch::Tensor& blocks, const std::string& qtype, int64_t cols);
 // The same rows as int8 against per-row scales: q = clamp(round(w / scale), -127, 127) -> [N, K] int8, or with

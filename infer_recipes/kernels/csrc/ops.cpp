@@ -396,6 +396,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "write, attention, silu-and-mul) in one call");
   m.def("gguf_q4k", &ir::gguf_q4k, "Q4_K blocks -> (q uint8, scale, zero float32 per 32)");
   m.def("gguf_q4k_packed", &ir::gguf_q4k_packed, "Q4_K blocks -> the native int4 layout (packed, sz)");
+  m.def("gguf_dequantize", &ir::gguf_dequantize, "Q4_K, Q5_0, Q6_K or Q8_0 rows as float32");
   m.def("gguf_row_amax", &ir::gguf_row_amax, "max |w| per row of Q4_K, Q5_0, Q6_K or Q8_0 blocks");
   m.def("gguf_int8", &ir::gguf_int8, "Q4_K, Q5_0, Q6_K or Q8_0 rows as int8 against per-row scales (packed: in "
         "the native int8 layout)", py::arg("blocks"), py::arg("qtype"), py::arg("cols"), py::arg("scales"),
