@@ -3,7 +3,9 @@
 Each load runs in a fresh child process (imports done before the clock starts; peak RSS is the child's whole
 life), engines alternating round by round; the median of the rounds is reported. The converted-weights cache
 is measured both ways: cold (converted from the file, as a first load) and warm (memory-mapped, as every later
-load and every reload after the model pool evicted the model).
+load and every reload after the model pool evicted the model). `gguf-torch cold` converts without our C++
+extension (`kernels: torch`: numpy and torch compute the same weights, for torch's kernels). Peak RSS is in MiB
+(the file's size too, to compare with it).
 
     python benchmarks/load_time.py --model qwen2.5-coder-1.5b-instruct --rounds 3
 """
@@ -31,8 +33,9 @@ if kind == "llama.cpp":
 else:
     from infer_recipes import LLM, SamplingParams
     start = time.perf_counter()
-    opts = {"bf16": dict(dtype="bfloat16"), "fp32": dict(dtype="float32")}.get(kind) or \
-        dict(dtype="bfloat16", quantization=kind.split()[0])
+    opts = {"bf16": dict(dtype="bfloat16"), "fp32": dict(dtype="float32"),
+            "gguf-torch": dict(dtype="bfloat16", quantization="gguf", kernels="torch")}.get(kind) or \
+        dict(dtype="bfloat16", quantization=kind)
     llm = LLM(model, device="cpu", progress=False, max_model_len=2048, **opts)
     llm.generate([[1, 2, 3]], SamplingParams(max_tokens=1))  # ready: one token through the model
 seconds = time.perf_counter() - start
@@ -51,10 +54,12 @@ def main() -> None:
     ap.add_argument("--model", default="qwen2.5-coder-1.5b-instruct")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--engines", nargs="+", default=["llama.cpp", "gguf cold", "gguf cached", "bf16"])
+    ap.add_argument("--engines", nargs="+",
+                    default=["llama.cpp", "gguf cold", "gguf cached", "gguf-torch cold", "bf16"])
     args = ap.parse_args()
     base = dict(os.environ)
     envs = {"gguf cold": {**base, "INFER_RECIPES_CONVERTED_CACHE": "0"},
+            "gguf-torch cold": {**base, "INFER_RECIPES_CONVERTED_CACHE": "0"},
             "gguf cached": {**base, "INFER_RECIPES_CONVERTED_CACHE": "1"}}  # the user's cache directory
     if "gguf cached" in args.engines:
         run("gguf", args.model, args.threads, envs["gguf cached"])  # fills the cache
@@ -65,11 +70,16 @@ def main() -> None:
                                        args.threads, envs.get(engine, base)))
             print(f"round {r + 1} {engine}: {results[engine][-1]}", file=sys.stderr, flush=True)
     ref = statistics.median(x["seconds"] for x in results[args.engines[0]])
-    print(f"| engine | ready s (median of {args.rounds}) | vs {args.engines[0]} | peak RSS MB |")
-    print("| --- | ---: | ---: | ---: |")
+    from infer_recipes.loading.source import resolve_model_source
+
+    size = os.path.getsize(resolve_model_source(args.model).location) / 2**20
+    print(f"| engine | ready s (median of {args.rounds}) | vs {args.engines[0]} | peak RSS MiB "
+          f"| x the file ({size:.0f} MiB) |")
+    print("| --- | ---: | ---: | ---: | ---: |")
     for engine, xs in results.items():
         s = statistics.median(x["seconds"] for x in xs)
-        print(f"| {engine} | {s:.2f} | {s / ref:.2f}x | {statistics.median(x['peak_rss_mb'] for x in xs):.0f} |")
+        peak = statistics.median(x["peak_rss_mb"] for x in xs)
+        print(f"| {engine} | {s:.2f} | {s / ref:.2f}x | {peak:.0f} | {peak / size:.2f}x |")
 
 
 if __name__ == "__main__":
