@@ -1,7 +1,8 @@
-// GGUF blocks and weight packing at load (convert.h). Plain C++, vectorized by the compiler for AVX2 (the
-// extension runs only where the CPU has it: ops.cpp's check) but not FMA, so every product and sum rounds as
-// numpy's and torch's do, and results equal the Python references exactly.
-#pragma GCC target("avx2")
+// GGUF blocks and weight packing at load (convert.h). The loops over bytes and floats are plain C++ compiled for
+// AVX2 (the extension runs only where the CPU has it: ops.cpp's check) but not FMA, so every product and sum
+// rounds as numpy's and torch's do and results equal the Python references exactly. Only those loops are: like
+// the *_avx2.cpp files, the torch code around them stays at the baseline instruction set (an inline function of
+// torch's compiled for AVX2 here could be the copy the whole extension links to).
 #include "convert.h"
 
 #include <ATen/Parallel.h>
@@ -23,6 +24,9 @@ float half_at(const uint8_t* p) {
 // One block's float32 values, as gguf's numpy dequantization computes them (Q4_K: as our exact int4 form
 // computes them, (q - 8) * scale + zero). Loops over whole runs of 16 or 32 so the compiler vectorizes them.
 using Dequantize = void (*)(const uint8_t* b, float* out);
+
+#pragma GCC push_options
+#pragma GCC target("avx2")
 
 void q4k_grid(const uint8_t* b, float* scale, float* zero) {  // the 8 sub-blocks' scale and zero
   const float d = half_at(b), dmin = half_at(b + 2);
@@ -83,6 +87,18 @@ void q6_k(const uint8_t* b, float* out) {  // two halves of 128: ql[64], qh[32] 
   }
 }
 
+uint32_t abs_max_bits(const float* w, int64_t n) {  // |w| as bits: non-negative floats order as their bits
+  uint32_t m = 0;
+  for (int64_t k = 0; k < n; ++k) {
+    uint32_t bits;
+    std::memcpy(&bits, w + k, 4);
+    m = std::max(m, bits & 0x7FFFFFFFu);
+  }
+  return m;
+}
+
+#pragma GCC pop_options
+
 struct Format {
   int64_t block, bytes;  // elements and bytes per block
   Dequantize dequantize;
@@ -108,6 +124,9 @@ Format checked(const torch::Tensor& blocks, const Format& fmt, const std::string
 void dequantize_row(const Format& fmt, const uint8_t* row, int64_t cols, float* w) {
   for (int64_t j = 0; j < cols / fmt.block; ++j) fmt.dequantize(row + j * fmt.bytes, w + j * fmt.block);
 }
+
+#pragma GCC push_options
+#pragma GCC target("avx2")
 
 // q = clamp(round(w / scale), -127, 127), rounding half to even as torch.round does; clamping before rounding
 // gives the same integers. By hand: the compiler leaves the clamp's comparisons scalar.
@@ -159,6 +178,8 @@ void pack_int8_tile(const int8_t* q, int valid, int64_t K, uint8_t* out) {  // [
       for (int kk = 0; kk < 4; ++kk)
         *out++ = i < valid ? static_cast<uint8_t>(q[i * K + k4 * 4 + kk] + 128) : 128;
 }
+
+#pragma GCC pop_options
 
 int valid_rows(int64_t t, int64_t N) { return static_cast<int>(std::min<int64_t>(16, N - t * 16)); }
 
@@ -224,12 +245,7 @@ torch::Tensor gguf_row_amax(const torch::Tensor& blocks, const std::string& qtyp
     std::vector<float> w(cols);
     for (int64_t r = r0; r < r1; ++r) {
       dequantize_row(fmt, base + r * row_bytes, cols, w.data());
-      uint32_t m = 0;  // |w| as bits: non-negative floats order as their bit patterns, and this max vectorizes
-      for (int64_t k = 0; k < cols; ++k) {
-        uint32_t bits;
-        std::memcpy(&bits, w.data() + k, 4);
-        m = std::max(m, bits & 0x7FFFFFFFu);
-      }
+      const uint32_t m = abs_max_bits(w.data(), cols);
       std::memcpy(out + r, &m, 4);
     }
   });
