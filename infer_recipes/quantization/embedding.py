@@ -56,7 +56,7 @@ class GGUFEmbedding(nn.Module):
         super().__init__()
         self.qtype, self.embedding_dim, self.dtype, self.native = qtype, embedding_dim, dtype, native
         self.num_embeddings = blocks.shape[0]
-        self.register_buffer("blocks", gguf_q._as_tensor(blocks))
+        self.register_buffer("blocks", gguf_q.as_tensor(blocks))
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         rows = gguf_q.dequantize(self.qtype, self.blocks[ids.reshape(-1)], self.embedding_dim, self.native)

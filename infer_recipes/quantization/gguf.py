@@ -22,7 +22,7 @@ import torch
 INT4_TYPES = ("Q4_0", "Q4_1", "Q4_K")
 FLOAT_TYPES = ("F32", "F16", "BF16", "F64")
 ROWS = 1024  # rows dequantized at a time on the int8 path
-NATIVE_INT8 = ("Q4_K", "Q5_0", "Q6_K", "Q8_0")  # the types the extension dequantizes
+NATIVE_TYPES = ("Q4_K", "Q5_0", "Q6_K", "Q8_0")  # the types the extension dequantizes
 
 
 def _extension(native: bool):
@@ -33,7 +33,7 @@ def _extension(native: bool):
     return kernels.native()
 
 
-def _as_tensor(raw: np.ndarray) -> torch.Tensor:
+def as_tensor(raw: np.ndarray) -> torch.Tensor:
     """uint8 blocks as a tensor without a copy: they are read-only pages of the mapped file, which the native
     conversion only reads (hence no warning about writing to them)."""
     with warnings.catch_warnings():
@@ -53,7 +53,7 @@ def int4_parts(qtype: str, blocks: np.ndarray, rows: int, cols: int, native: boo
     raw = np.asarray(blocks).reshape(rows, -1)
     ext = _extension(native)
     if qtype == "Q4_K" and ext is not None:
-        q, scale, zero = ext.gguf_q4k(_as_tensor(raw), rows, cols)
+        q, scale, zero = ext.gguf_q4k(as_tensor(raw), rows, cols)
         return q, scale, zero
     if qtype == "Q4_K":
         return _q4_k(raw, rows, cols)
@@ -92,28 +92,30 @@ def int8_parts(qtype: str, blocks: np.ndarray, rows: int, cols: int, native: boo
                ) -> tuple[torch.Tensor, torch.Tensor]:
     """(q [N, K] int8, scales [N] float32): symmetric per row, against the scales the int8 kernel holds. A slice
     of rows at a time, in place: float temporaries stay at one slice."""
-    from .int8 import ACT_DTYPE, representable_scale
-
     ext = _extension(native)
-    if ext is not None and qtype in NATIVE_INT8:
-        raw = _as_tensor(np.asarray(blocks).reshape(rows, -1))
-        s = _row_scales(ext, raw, qtype, cols)
-        return ext.gguf_int8(raw, qtype, cols, s), s
-
+    if ext is not None and qtype in NATIVE_TYPES:
+        return _native_int8(ext, qtype, blocks, rows, cols, packed=False)
     q = torch.empty(rows, cols, dtype=torch.int8)
     s = torch.empty(rows, dtype=torch.float32)
     for i in range(0, rows, ROWS):
         w = dequantize_rows(qtype, blocks[i:i + ROWS], cols)
-        scale = representable_scale(w.abs().amax(dim=1) / 127.0, ACT_DTYPE)
+        scale = _int8_scales(w.abs().amax(dim=1))
         q[i:i + ROWS] = w.div_(scale[:, None]).round_().clamp_(-127, 127)
         s[i:i + ROWS] = scale
     return q, s
 
 
-def _row_scales(ext, raw: torch.Tensor, qtype: str, cols: int) -> torch.Tensor:
+def _int8_scales(amax: torch.Tensor) -> torch.Tensor:
+    """Each row's int8 scale from its largest |w|, as the int8 kernel will hold it."""
     from .int8 import ACT_DTYPE, representable_scale
 
-    return representable_scale(ext.gguf_row_amax(raw, qtype, cols) / 127.0, ACT_DTYPE)
+    return representable_scale(amax / 127.0, ACT_DTYPE)
+
+
+def _native_int8(ext, qtype: str, blocks: np.ndarray, rows: int, cols: int, packed: bool):
+    raw = as_tensor(np.asarray(blocks).reshape(rows, -1))
+    s = _int8_scales(ext.gguf_row_amax(raw, qtype, cols))
+    return ext.gguf_int8(raw, qtype, cols, s, packed=packed), s
 
 
 def int4_packed(qtype: str, blocks: np.ndarray, rows: int, cols: int, native: bool):
@@ -122,25 +124,23 @@ def int4_packed(qtype: str, blocks: np.ndarray, rows: int, cols: int, native: bo
     ext = _extension(native)
     if ext is None or qtype != "Q4_K":
         return None
-    packed, sz = ext.gguf_q4k_packed(_as_tensor(np.asarray(blocks).reshape(rows, -1)), cols)
+    packed, sz = ext.gguf_q4k_packed(as_tensor(np.asarray(blocks).reshape(rows, -1)), cols)
     return packed, sz
 
 
 def int8_packed(qtype: str, blocks: np.ndarray, rows: int, cols: int, native: bool):
     """int8_parts straight into the native int8 layout: (packed, scales [N]). None where there is no such path."""
     ext = _extension(native)
-    if ext is None or qtype not in NATIVE_INT8 or cols % 4:
+    if ext is None or qtype not in NATIVE_TYPES or cols % 4:
         return None
-    raw = _as_tensor(np.asarray(blocks).reshape(rows, -1))
-    s = _row_scales(ext, raw, qtype, cols)
-    return ext.gguf_int8(raw, qtype, cols, s, packed=True), s
+    return _native_int8(ext, qtype, blocks, rows, cols, packed=True)
 
 
 def dequantize(qtype: str, blocks: torch.Tensor, cols: int, native: bool = False) -> torch.Tensor:
     """float32 rows of uint8 blocks [N, bytes]: in the extension where it runs and has the type, else
     `dequantize_rows` (the same values)."""
     ext = _extension(native)
-    if ext is not None and qtype in NATIVE_INT8:
+    if ext is not None and qtype in NATIVE_TYPES:
         return ext.gguf_dequantize(blocks.contiguous(), qtype, cols)
     return dequantize_rows(qtype, blocks.numpy(), cols)
 

@@ -50,21 +50,21 @@ class Int8Linear(QuantizedLinear):
         self = cls.__new__(cls)
         QuantizedLinear.__init__(self, in_features, out_features, bias)
         self.native = True
-        self.register_buffer("packed", packed)
-        self.register_buffer("scales", layout.pad_scales(scales.to(ACT_DTYPE), out_features))
-        self._native_bias()
+        self._hold_native(packed, layout.pad_scales(scales.to(ACT_DTYPE), out_features))
         return self
 
     def _hold(self, q: torch.Tensor, scales: torch.Tensor, native: bool) -> None:
         self.native = native and q.shape[1] % 32 == 0 and kernels.available()
         if self.native:
-            packed, s = layout.pack_int8(q, scales.to(ACT_DTYPE))  # the same scales torch's kernel would hold
-            self.register_buffer("packed", packed)
-            self.register_buffer("scales", s)
-            self._native_bias()
+            self._hold_native(*layout.pack_int8(q, scales.to(ACT_DTYPE)))  # the scales torch's kernel would hold
         else:
             self.register_buffer("qweight", q)  # [N, K] int8
             self.register_buffer("scales", scales.to(ACT_DTYPE))  # [N]
+
+    def _hold_native(self, packed: torch.Tensor, padded_scales: torch.Tensor) -> None:
+        self.register_buffer("packed", packed)
+        self.register_buffer("scales", padded_scales)
+        self._native_bias()
 
     def rows(self, ids: torch.Tensor | slice = slice(None)) -> tuple[torch.Tensor, torch.Tensor]:
         """(q int8 [R, K], scales [R] float32) of some weight rows: an int8 embedding table shares them."""
