@@ -258,7 +258,7 @@ def test_a_draft_is_scored_as_decoding_scores_it(smollm, kernels, monkeypatch):
     from infer_recipes import kernels as extension
     from infer_recipes.runner import StepSeq
 
-    native = kernels == "native" and extension.available()
+    native = extension.wanted(kernels, torch.device("cpu"))
     llm = _smollm(kernels=kernels, prefix_caching=False)
     runner, layers = llm.engine.runner, llm.model_config.num_layers
     ids = llm.tokenizer.encode(PROMPTS[1])
