@@ -43,7 +43,7 @@ def cmd_quantize(args) -> int:
 
 
 def cmd_tune(args) -> int:
-    from ..eval.tune import Settings, recipe_text, table, tune
+    from ..eval.tune import Settings, recipe_text, table, tune, why
 
     _set_threads(args)
     out = os.path.abspath(args.out)
@@ -67,8 +67,7 @@ def cmd_tune(args) -> int:
         print(json.dumps({**result, "recipe": out}))
         return 0
     print("\n".join(table(result)))
-    print(f"chosen: {result['chosen']} (fastest {result['objective']} within +{args.accuracy_budget:g} % "
-          f"perplexity); wrote {args.out}: run it with --recipe {args.out}")
+    print(f"{why(result)}; wrote {args.out}: run it with --recipe {args.out}")
     return 0
 
 

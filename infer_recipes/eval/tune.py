@@ -134,15 +134,22 @@ def paired_ratios(reference: dict, candidate: dict, objective: str) -> list[floa
     return [seconds(r) / seconds(c) for r, c in zip(reference["runs"], candidate["runs"])]
 
 
+def fastest(rows: list[dict], budget_pct: float, objective: str) -> dict:
+    """The timed row within the budget with the highest speed ratio to float32."""
+    key = f"{objective}_vs_float32"
+    fits = [r for r in rows if r.get(key) is not None and r["perplexity_change_pct"] <= budget_pct]
+    if not fits:
+        raise InferRecipesError("no configuration was timed within the budget, not even float32")
+    return max(fits, key=lambda r: r[key])
+
+
 def choose(rows: list[dict], budget_pct: float, objective: str) -> dict:
     """The timed row within the budget with the highest speed ratio to float32 (the float32 row's is 1). Rows
     the timing cannot tell from it are as fast: those within TIE of its ratio, and those whose best run pair beat
     its worst. The most accurate of them wins: no accuracy is spent on a gain the runs do not show."""
     key = f"{objective}_vs_float32"
     fits = [r for r in rows if r.get(key) is not None and r["perplexity_change_pct"] <= budget_pct]
-    if not fits:
-        raise InferRecipesError("no configuration was timed within the budget, not even float32")
-    best = max(fits, key=lambda r: r[key])
+    best = fastest(rows, budget_pct, objective)
     floor = min(best.get(f"{key}_runs") or [best[key]])
     tied = [r for r in fits if r[key] >= best[key] * (1 - TIE) or max(r.get(f"{key}_runs") or [r[key]]) >= floor]
     return min(tied, key=lambda r: r["perplexity_change_pct"])
@@ -254,6 +261,7 @@ def tune(model: str, settings: Settings, calibrate: str | None = None, calibrate
             "objective": settings.objective, "data": settings.data, "tokens": len(ids), "batch": settings.batch,
             "input_len": settings.input_len, "output_len": settings.output_len, "runs": settings.runs,
             "calibrate": calibrate, "rows": rows, "chosen": chosen["config"],
+            "fastest": fastest(rows, settings.budget_pct, settings.objective)["config"],
             "seconds": time.perf_counter() - start}
 
 
@@ -296,6 +304,15 @@ def table(result: dict) -> list[str]:
                      f"{num('decode_vs_float32', '.2f')} | {num('prefill_tokens_per_s', '.1f')} | "
                      f"{num('prefill_vs_float32', '.2f')} | {r['weight_bytes_per_decode_step'] / 1e6:.1f} |")
     return lines
+
+
+def why(result: dict) -> str:
+    """One line on why the chosen row won: it was the fastest, or the most accurate of those tied with it."""
+    within = f"within +{result['budget_pct']:g} % perplexity"
+    if result["chosen"] == result.get("fastest", result["chosen"]):
+        return f"chosen: {result['chosen']} (the fastest {result['objective']} {within})"
+    return (f"chosen: {result['chosen']} (the most accurate of the configurations {within} whose "
+            f"{result['objective']} speed the timed runs cannot tell from the fastest, {result['fastest']})")
 
 
 def recipe_text(result: dict, name: str) -> str:

@@ -11,7 +11,7 @@ from infer_recipes import LLM
 from infer_recipes.cli import main
 from infer_recipes.errors import InferRecipesError
 from infer_recipes.eval.perplexity import perplexity
-from infer_recipes.eval.tune import Settings, _decode_form, choose, recipe_text, table, tune
+from infer_recipes.eval.tune import Settings, _decode_form, choose, fastest, recipe_text, table, tune, why
 from infer_recipes.recipe import load_recipe, parse_recipe
 
 
@@ -38,6 +38,8 @@ def test_the_fastest_within_the_budget_wins_and_near_ties_go_to_the_more_accurat
     assert choose(rows[:3] + [fast], 1.0, "decode")["config"] == "fast"
     untimed = [{**r, "decode_vs_float32": None} for r in rows]
     with pytest.raises(InferRecipesError, match="no configuration"):
+        fastest(untimed, 1.0, "decode")
+    with pytest.raises(InferRecipesError, match="no configuration"):
         choose(untimed, 1.0, "decode")
 
 
@@ -50,6 +52,16 @@ def test_int4_w8a8_answers_for_its_int4_decode_form():
     _decode_form(kv, rows + [_row("int4 + int8 KV", 0.2, None, options={"quantization": "int4",
                                                                          "kv_cache_dtype": "int8"})])
     assert kv["perplexity_change_pct"] == 0.6 and "scored_as" not in kv  # its own figure is the worse here
+
+
+def test_the_chosen_line_says_whether_it_was_the_fastest_or_tied_with_it():
+    rows = [_row("float32", 0.0, 1.0, options={"dtype": "float32"}), _row("int8", 0.4, 1.8), _row("w8a8", 0.9, 1.83)]
+    result = {**_result(choose(rows, 1.0, "decode")["config"], rows), "fastest": fastest(rows, 1.0, "decode")["config"]}
+    assert why(result) == ("chosen: int8 (the most accurate of the configurations within +1 % perplexity whose decode "
+                           "speed the timed runs cannot tell from the fastest, w8a8)")
+    rows[1]["decode_vs_float32"] = 1.5
+    result = {**_result(choose(rows, 1.0, "decode")["config"], rows), "fastest": fastest(rows, 1.0, "decode")["config"]}
+    assert why(result) == "chosen: w8a8 (the fastest decode within +1 % perplexity)"
 
 
 def _result(chosen, rows):
