@@ -7,6 +7,11 @@ Each call runs cold: a read of 70 MB (about the int4 weights a SmolLM2 decode st
 the keys and values come from memory as in a decode step, not from the caches. Shapes: SmolLM2-135M (9 query /
 3 K/V heads of 64), Qwen2.5-Coder-0.5B (14 / 2 of 64) and 1.5B (12 / 2 of 128), in float32 and bfloat16 pools of
 16-token blocks in random order, at batch 1 and 8. The last column is the rate the kernel reads keys and values.
+
+    python benchmarks/attention.py --isas avx512-vnni avx512-bf16 --dtypes bfloat16 --batches 1 16
+
+compares two of the kernels' instruction sets instead (`use_isa` switched before each call), the second against
+the first: on a CPU with AVX512-BF16, a bfloat16 pool's dot products in bfloat16 against widening it to float32.
 """
 from __future__ import annotations
 
@@ -30,14 +35,19 @@ def main() -> None:
     p.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     p.add_argument("--lens", type=int, nargs="+", default=[512, 2048])
     p.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
+    p.add_argument("--isas", nargs=2, metavar=("A", "B"), help="two instruction sets of ours instead of torch and ours")
     args = p.parse_args()
     if not kernels.available():
         raise SystemExit(f"the native kernels do not run here: {kernels.reason()}")
+    ext = kernels.native()
+    if args.isas and not set(args.isas) <= set(ext.isas()):
+        raise SystemExit(f"this CPU runs {', '.join(ext.isas())}, not {' and '.join(args.isas)}")
+    names = args.isas or ["torch", "native"]
     torch.set_num_threads(args.threads)
     stream = torch.randn(70 << 18)  # 70 MB
     print(f"torch {torch.__version__}, {args.threads} threads, kernels {kernels.isa()}, median of {args.runs} "
           "alternating calls, each after a 70 MB stream\n")
-    print("| model | dtype | batch | keys | torch us | native us | speedup | native GB/s |")
+    print(f"| model | dtype | batch | keys | {names[0]} us | {names[1]} us | speedup | {names[1]} GB/s |")
     print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |")
     for name, (H, Hkv, D) in SHAPES.items():
         for dtype in (getattr(torch, d) for d in args.dtypes):
@@ -51,21 +61,26 @@ def main() -> None:
                     mask = (torch.arange(nb * BLOCK)[None] < lens[:, None]).view(B, 1, 1, -1)
                     q = torch.randn(B, H, D).to(dtype)
                     out = torch.empty_like(q)
-                    calls = {
-                        "torch": lambda: _blockwise_decode(q, k, v, blocks, mask, D ** -0.5),
-                        "native": lambda: kernels.native().decode_attention(q, k, v, blocks, lens, D ** -0.5, out),
-                    }
+                    calls = {"torch": lambda: _blockwise_decode(q, k, v, blocks, mask, D ** -0.5),
+                             "native": lambda: ext.decode_attention(q, k, v, blocks, lens, D ** -0.5, out)}
+                    if args.isas:  # the same call, the instruction set switched before it
+                        calls = dict.fromkeys(args.isas, calls["native"])
                     times = {n: [] for n in calls}
                     for _ in range(args.runs):
                         for n, f in calls.items():
+                            if args.isas:
+                                ext.use_isa(n)
                             stream.sum()
                             start = time.perf_counter()
                             f()
                             times[n].append(time.perf_counter() - start)
-                    t, nt = (statistics.median(times[n]) for n in ("torch", "native"))
+                    t, nt = (statistics.median(times[n]) for n in names)
                     gbs = 2 * k.element_size() * B * L * Hkv * D / nt / 1e9
                     print(f"| {name} | {str(dtype)[6:]} | {B} | {L} | {t * 1e6:.0f} | {nt * 1e6:.0f} | {t / nt:.2f}x "
                           f"| {gbs:.1f} |", flush=True)
+
+
+    ext.use_isa(ext.isas()[0])
 
 
 if __name__ == "__main__":

@@ -2,7 +2,8 @@
 quantized to int8 per block on the fly and integer dot products (AVX-512 VNNI, or AVX2's maddubs), the way
 llama.cpp reaches the memory roof; paged decode attention and the small fused operations of a decoder layer.
 Each kernel is written once over a vector type (`csrc/*_impl.h`; the integer dot products once per set) and
-compiled for AVX-512 and for AVX2; the extension runs the best set this CPU has (`isa()`).
+compiled for AVX-512 and for AVX2 (decode attention over a bfloat16 pool also for AVX-512 with BF16, whose dot
+products take bfloat16 pairs as they are); the extension runs the best set this CPU has (`isa()`).
 
 The extension is built just in time, at first use, against the installed torch (`torch.utils.cpp_extension`,
 gcc and ninja), and cached under `$INFER_RECIPES_CACHE/kernels/` by a key naming the sources, the torch version
@@ -24,8 +25,8 @@ import torch
 
 from ..config import cache_dir
 
-SOURCES = ("ops.cpp", "qgemv_avx512.cpp", "attention_avx512.cpp", "elementwise_avx512.cpp", "qgemv_avx2.cpp",
-           "attention_avx2.cpp", "elementwise_avx2.cpp", "convert.cpp")
+SOURCES = ("ops.cpp", "qgemv_avx512.cpp", "attention_avx512.cpp", "attention_avx512bf16.cpp", "elementwise_avx512.cpp",
+           "qgemv_avx2.cpp", "attention_avx2.cpp", "elementwise_avx2.cpp", "convert.cpp")
 HEADERS = ("convert.h", "qgemv.h", "attention.h", "elementwise.h", "qgemv_impl.h", "attention_impl.h",
            "elementwise_impl.h", "vec.h", "vec8.h", "vec_math.h")
 CFLAGS = ("-O3", "-std=c++17", "-fopenmp")  # OpenMP: ATen's parallel_for is a header template, serial without it
@@ -85,7 +86,8 @@ def available() -> bool:
 
 
 def isa() -> str | None:
-    """The instruction set the kernels run on here: "avx512-vnni" or "avx2" (None when they do not run)."""
+    """The instruction set the kernels run on here: "avx512-bf16" (AVX-512 VNNI and BF16), "avx512-vnni" or "avx2"
+    (None when they do not run)."""
     return native().isa() if available() else None
 
 

@@ -51,7 +51,8 @@ class PhaseLinear(QuantizedLinear):
         self.small, self.large = small, large
         self.bias = small.bias
         native = getattr(small, "native", False)
-        self.limit = (self.NATIVE_ROWS if kernels.isa() == "avx512-vnni" else math.inf) if native else self.ROWS
+        avx512 = (kernels.isa() or "").startswith("avx512")
+        self.limit = (self.NATIVE_ROWS if avx512 else math.inf) if native else self.ROWS
 
     def dequantize(self, dtype=torch.float32) -> torch.Tensor:
         return self.small.dequantize(dtype)

@@ -17,15 +17,26 @@ needs_native = pytest.mark.skipif(not kernels.available(), reason=f"{kernels.rea
 ISAS = kernels.native().isas() if kernels.available() else []
 
 
-@pytest.fixture(params=ISAS or [None])
-def isa(request):
-    """Each instruction set this CPU runs kernels for (an AVX-512 machine tests its AVX2 kernels too)."""
-    if request.param is None:
+def _use(name):
+    if name is None:
         pytest.skip(kernels.reason())
-    kernels.native().use_isa(request.param)
-    assert kernels.isa() == request.param
-    yield request.param
+    kernels.native().use_isa(name)
+    assert kernels.isa() == name
+    yield name
     kernels.native().use_isa(ISAS[0])
+
+
+@pytest.fixture(params=[i for i in ISAS if i != "avx512-bf16"] or [None])
+def isa(request):
+    """Each instruction set this CPU runs kernels for (an AVX-512 machine tests its AVX2 kernels too); avx512-bf16
+    runs avx512-vnni's kernels except decode attention, which `attention_isa` tests."""
+    yield from _use(request.param)
+
+
+@pytest.fixture(params=ISAS or [None])
+def attention_isa(request):
+    """Every instruction set, avx512-bf16 (its own decode attention) included."""
+    yield from _use(request.param)
 
 
 def _quantized_activations(x: torch.Tensor, block: int):
@@ -238,7 +249,7 @@ SPLITS = (0, 1, 3, 7)  # 0: the kernel's own choice; 7: most ranges of the short
 @pytest.mark.parametrize("H,Hkv,D", [(9, 3, 64), (14, 2, 64), (12, 2, 128), (4, 4, 32), (16, 1, 80)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("bs", [16, 8])
-def test_decode_attention_reads_paged_blocks_in_place(H, Hkv, D, dtype, bs, isa):
+def test_decode_attention_reads_paged_blocks_in_place(H, Hkv, D, dtype, bs, attention_isa):
     """Against the torch path on the same pool: block tables in any order with holes between them, lengths
     that end mid-block (and one of a single key), GQA ratios 1 to 16, each sequence's keys read whole or split
     into ranges that are merged after (split-K), with one sequence alone too (the split a batch of one takes).
@@ -266,7 +277,7 @@ def test_decode_attention_reads_paged_blocks_in_place(H, Hkv, D, dtype, bs, isa)
 @needs_native
 @pytest.mark.parametrize("H,Hkv,D", [(9, 3, 64), (14, 2, 64), (12, 2, 128), (16, 1, 80)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_decode_attention_reads_an_int8_pool_in_place(H, Hkv, D, dtype, isa):
+def test_decode_attention_reads_an_int8_pool_in_place(H, Hkv, D, dtype, attention_isa):
     """An int8 pool (a float32 scale per token and head) against the torch path over the same pool, which
     dequantizes the blocks it gathers, whole and split-K; and the kernel refuses a pool without its scales."""
     from infer_recipes.layers.attention import _blockwise_decode, quantize_kv

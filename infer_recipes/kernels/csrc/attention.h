@@ -34,5 +34,6 @@ inline int64_t partial_floats(int64_t G, int64_t D) { return G * (2 + D); }
 using DecodeAttention = void (*)(const AttentionArgs& a, int64_t task0, int64_t task1);
 extern const DecodeAttention decode_attention_avx512, decode_attention_avx2;
 extern const DecodeAttention decode_attention_int8_avx512, decode_attention_int8_avx2;
+extern const DecodeAttention decode_attention_avx512bf16;  // AVX512-BF16: a bfloat16 pool's scores as bf16 dot products
 
 }  // namespace ir

@@ -10,8 +10,15 @@
 // (V::hsum4: a third of the shuffles of one reduction per key); values four vectors of a row at a time, so each
 // weight is broadcast once for them. A sequence's keys may be split into ranges read by different
 // threads (split-K, attention.h), whose states `combine` merges.
+//
+// attention_avx512bf16.cpp compiles it once more with IR_BF16_DOT for CPUs with AVX512-BF16: there a bfloat16
+// pool's scores take q and the keys as bfloat16 pairs (exact products, float32 sums) and its values' weights are
+// rounded to bfloat16 and two keys' rows interleaved, so one instruction adds 32 products and no row is widened
+// to float32 first (scores_bf16, values_bf16). The rounded weights move an output by about one bfloat16 step, the
+// precision a bfloat16 model's output has anyway.
 #pragma once
 #include <cmath>
+#include <cstring>
 #include <type_traits>
 
 #include "attention.h"
@@ -104,6 +111,107 @@ inline void scores_n(int64_t ng, const float (*qf)[MAX_D], const C* const* kp, c
   }
 }
 
+#ifdef IR_BF16_DOT
+// scores() for a bfloat16 pool on a CPU with AVX512-BF16: sc[i][j] = (q_i . k_j) * scale with q_i in bfloat16 as it
+// came, 32 products a dot-product instruction (each product of two bfloat16 exact in float32, summed in float32),
+// so neither the keys nor q are widened to float32 first. D a multiple of 32.
+template <int NG>
+inline void scores_bf16(const uint16_t (*qb)[MAX_D], const uint16_t* const* kp, float scale, int64_t n, int64_t D,
+                        float (*sc)[16]) {
+  int64_t j = 0;
+  for (; j + 4 <= n; j += 4) {
+    __m512 s[NG][4];
+    for (int i = 0; i < NG; ++i)
+      for (int r = 0; r < 4; ++r) s[i][r] = _mm512_setzero_ps();
+    for (int64_t d = 0; d < D; d += 32) {
+      for (int r = 0; r < 4; ++r) {
+        const __m512bh k = (__m512bh)_mm512_loadu_si512(kp[j + r] + d);
+        for (int i = 0; i < NG; ++i) s[i][r] = _mm512_dpbf16_ps(s[i][r], (__m512bh)_mm512_loadu_si512(qb[i] + d), k);
+      }
+    }
+    for (int i = 0; i < NG; ++i)
+      _mm_storeu_ps(sc[i] + j, _mm_mul_ps(Vec16::hsum4(s[i][0], s[i][1], s[i][2], s[i][3]), _mm_set1_ps(scale)));
+  }
+  for (; j < n; ++j) {
+    __m512 s[NG];
+    for (int i = 0; i < NG; ++i) s[i] = _mm512_setzero_ps();
+    for (int64_t d = 0; d < D; d += 32) {
+      const __m512bh k = (__m512bh)_mm512_loadu_si512(kp[j] + d);
+      for (int i = 0; i < NG; ++i) s[i] = _mm512_dpbf16_ps(s[i], (__m512bh)_mm512_loadu_si512(qb[i] + d), k);
+    }
+    for (int i = 0; i < NG; ++i) sc[i][j] = Vec16::hsum(s[i]) * scale;
+  }
+}
+
+// values() for a bfloat16 pool with AVX512-BF16: acc[i] += sum_j w[i][j] v_j, the weights rounded to bfloat16
+// (pw: the chunk's weights, 16 per head), and two keys' rows interleaved so one dot-product instruction adds both
+// keys' products. acc is kept in the order the interleave leaves (per 32 elements: 0-3, 8-11, 16-19, 24-27, then
+// 4-7, 12-15, ...); unpermute() restores it once the keys are read. vp has an even count of valid rows (the
+// caller repeats the last: its weight is 0). DB blocks of 32 elements a pass, NG x 2 DB sums in registers.
+template <int NG, int DB>
+inline void values_bf16_pass(float (*acc)[MAX_D], const uint16_t (*pw)[16], const uint16_t* const* vp, int64_t n,
+                             int64_t d) {
+  __m512 r[NG][2 * DB];
+  for (int i = 0; i < NG; ++i)
+    for (int c = 0; c < 2 * DB; ++c) r[i][c] = _mm512_loadu_ps(acc[i] + d + 16 * c);
+  for (int64_t j = 0; j < n; j += 2) {
+    __m512bh v[2 * DB];
+    for (int c = 0; c < DB; ++c) {
+      const __m512i a = _mm512_loadu_si512(vp[j] + d + 32 * c), b = _mm512_loadu_si512(vp[j + 1] + d + 32 * c);
+      v[2 * c] = (__m512bh)_mm512_unpacklo_epi16(a, b);
+      v[2 * c + 1] = (__m512bh)_mm512_unpackhi_epi16(a, b);
+    }
+    for (int i = 0; i < NG; ++i) {
+      int32_t pair;
+      std::memcpy(&pair, pw[i] + j, 4);
+      const __m512bh w = (__m512bh)_mm512_set1_epi32(pair);
+      for (int c = 0; c < 2 * DB; ++c) r[i][c] = _mm512_dpbf16_ps(r[i][c], w, v[c]);
+    }
+  }
+  for (int i = 0; i < NG; ++i)
+    for (int c = 0; c < 2 * DB; ++c) _mm512_storeu_ps(acc[i] + d + 16 * c, r[i][c]);
+}
+
+template <int NG>
+inline void values_bf16(float (*acc)[MAX_D], const uint16_t (*pw)[16], const uint16_t* const* vp, int64_t n,
+                        int64_t D) {
+  int64_t d = 0;
+  for (; d + 64 <= D; d += 64) values_bf16_pass<NG, 2>(acc, pw, vp, n, d);
+  if (d < D) values_bf16_pass<NG, 1>(acc, pw, vp, n, d);
+}
+
+inline void values_bf16_n(int64_t ng, float (*acc)[MAX_D], const uint16_t (*pw)[16], const uint16_t* const* vp,
+                          int64_t n, int64_t D) {
+  switch (ng) {
+    case 1: return values_bf16<1>(acc, pw, vp, n, D);
+    case 2: return values_bf16<2>(acc, pw, vp, n, D);
+    case 3: return values_bf16<3>(acc, pw, vp, n, D);
+    default: return values_bf16<GB>(acc, pw, vp, n, D);
+  }
+}
+
+// acc back from values_bf16's order to the elements' own
+inline void unpermute(float* acc, int64_t D) {
+  const __m512i first = _mm512_setr_epi32(0, 1, 2, 3, 16, 17, 18, 19, 4, 5, 6, 7, 20, 21, 22, 23);
+  const __m512i second = _mm512_setr_epi32(8, 9, 10, 11, 24, 25, 26, 27, 12, 13, 14, 15, 28, 29, 30, 31);
+  for (int64_t d = 0; d < D; d += 32) {
+    const __m512 lo = _mm512_loadu_ps(acc + d), hi = _mm512_loadu_ps(acc + d + 16);
+    _mm512_storeu_ps(acc + d, _mm512_permutex2var_ps(lo, first, hi));
+    _mm512_storeu_ps(acc + d + 16, _mm512_permutex2var_ps(lo, second, hi));
+  }
+}
+
+inline void scores_bf16_n(int64_t ng, const uint16_t (*qb)[MAX_D], const uint16_t* const* kp, float scale, int64_t n,
+                          int64_t D, float (*sc)[16]) {
+  switch (ng) {
+    case 1: return scores_bf16<1>(qb, kp, scale, n, D, sc);
+    case 2: return scores_bf16<2>(qb, kp, scale, n, D, sc);
+    case 3: return scores_bf16<3>(qb, kp, scale, n, D, sc);
+    default: return scores_bf16<GB>(qb, kp, scale, n, D, sc);
+  }
+}
+#endif
+
 template <typename V, typename C>
 inline void values_n(int64_t ng, float (*acc)[MAX_D], const float (*pv)[V::N], const C* const* vp, int64_t n,
                      int64_t D) {
@@ -126,6 +234,14 @@ void attend(const AttentionArgs& a, int64_t b, int64_t h, int64_t p0, int64_t p1
   const C* vc = static_cast<const C*>(a.v_cache);
   const int64_t* table = a.blocks + b * a.blocks_per_row;
   alignas(64) float qf[MAX_G][MAX_D], sc[MAX_G][L], pv[MAX_G][L];
+#ifdef IR_BF16_DOT
+  // a bfloat16 pool with AVX512-BF16 (attention_avx512bf16.cpp): scores and values as bfloat16 dot products, q as
+  // it came (the keys' and values' pointers are then to bfloat16)
+  constexpr bool pool16 = std::is_same_v<C, uint16_t>;
+  const bool dot = pool16 && D % 32 == 0;
+  alignas(64) uint16_t qb[pool16 ? MAX_G : 1][MAX_D], pw[pool16 ? MAX_G : 1][L];
+  for (int64_t g = 0; dot && g < G; ++g) std::memcpy(qb[g], q + g * D, D * sizeof(uint16_t));
+#endif
   for (int64_t g = 0; g < G; ++g) {
     for (int64_t d = 0; d < D; d += L) {
       V::store(qf[g] + d, V::mul(V::load(q + g * D + d), V::set1(a.scale)));
@@ -136,39 +252,47 @@ void attend(const AttentionArgs& a, int64_t b, int64_t h, int64_t p0, int64_t p1
   }
   const C* kp[L];
   const C* vp[L];
+#ifdef IR_BF16_DOT
+  const uint16_t* const* kp16 = reinterpret_cast<const uint16_t* const*>(kp);
+  const uint16_t** vp16 = reinterpret_cast<const uint16_t**>(vp);
+#endif
   alignas(64) float ks[L], vs[L];  // the rows' scales (1 for a float pool, and past the last row of a chunk)
   for (int j = 0; j < L; ++j) ks[j] = vs[j] = 1.0f;
-  int64_t blk = p0 / a.block_size, off = p0 % a.block_size;  // where the next key lies: no division per key
-  const int64_t row_bytes = D * static_cast<int64_t>(sizeof(C));
+  const int64_t bs = a.block_size, row_bytes = D * static_cast<int64_t>(sizeof(C));
+  // the rows of keys [p, e) for this head, a run at a time: within a block they lie one after another in the pool
+  auto runs = [&](int64_t p, int64_t e, auto&& f) {
+    for (int64_t b2 = p / bs, o2 = p % bs; p < e; p += bs - o2, ++b2, o2 = 0)
+      f((table[b2] * a.Hkv + h) * bs + o2, (e - p < bs - o2 ? e - p : bs - o2));
+  };
   for (int64_t c0 = p0; c0 < p1; c0 += L) {
     const int64_t n = p1 - c0 < L ? p1 - c0 : L;
     // the next chunk's rows asked for now, into L2: a block's rows for one head are a few KB, and the hardware
     // prefetcher stops at each (cold from memory, as in a decode step that streamed the weights before, this reads
     // K and V as fast as torch's own sum over the same blocks)
-    for (int64_t j = 0, b2 = blk, o2 = off + n; j < L && c0 + n + j < p1; ++j, ++o2) {
-      if (o2 >= a.block_size) {
-        b2 += o2 / a.block_size;
-        o2 %= a.block_size;
-      }
-      const int64_t row = (table[b2] * a.Hkv + h) * a.block_size + o2;
+    for (int64_t j = 0, p = c0 + n; j < L && p < p1; ++j, ++p) {
+      const int64_t row = (table[p / bs] * a.Hkv + h) * bs + p % bs;
       for (int64_t byte = 0; byte < row_bytes; byte += 64) {
         __builtin_prefetch(reinterpret_cast<const char*>(kc + row * D) + byte, 0, 1);
         __builtin_prefetch(reinterpret_cast<const char*>(vc + row * D) + byte, 0, 1);
       }
     }
-    for (int64_t j = 0; j < n; ++j) {
-      const int64_t row = (table[blk] * a.Hkv + h) * a.block_size + off;
-      kp[j] = kc + row * D;
-      vp[j] = vc + row * D;
-      if (a.k_scale) {
-        ks[j] = a.k_scale[row];
-        vs[j] = a.v_scale[row];
+    int64_t j = 0;
+    runs(c0, c0 + n, [&](int64_t row, int64_t count) {
+      for (int64_t r = 0; r < count; ++r, ++j) {
+        kp[j] = kc + (row + r) * D;
+        vp[j] = vc + (row + r) * D;
+        if (a.k_scale) {
+          ks[j] = a.k_scale[row + r];
+          vs[j] = a.v_scale[row + r];
+        }
       }
-      if (++off == a.block_size) {
-        off = 0;
-        ++blk;
-      }
-    }
+    });
+#ifdef IR_BF16_DOT
+    if (dot)
+      for (int64_t g0 = 0; g0 < G; g0 += GB)
+        scores_bf16_n(G - g0 < GB ? G - g0 : GB, qb + g0, kp16, a.scale, n, D, sc + g0);
+    else
+#endif
     for (int64_t g0 = 0; g0 < G; g0 += GB) scores_n<V>(G - g0 < GB ? G - g0 : GB, qf + g0, kp, ks, n, D, sc + g0);
     for (int64_t g = 0; g < G; ++g) {
       const F s = V::load_first(sc[g], n, -INFINITY);  // lanes past the last key: -inf for the max
@@ -184,8 +308,22 @@ void attend(const AttentionArgs& a, int64_t b, int64_t h, int64_t p0, int64_t p1
         for (int64_t d = 0; d < D; d += L) V::store(st.acc[g] + d, V::mul(V::load(st.acc[g] + d), c));
       }
     }
+#ifdef IR_BF16_DOT
+    if (dot) {
+      for (int64_t g = 0; g < G; ++g)  // the weights in bfloat16 (round to nearest even), 16 a head
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(pw[g]), (__m256i)_mm512_cvtneps_pbh(V::load(pv[g])));
+      if (n % 2) vp16[n] = vp16[n - 1];  // an odd key's pair: any readable row, its weight is 0
+      for (int64_t g0 = 0; g0 < G; g0 += GB)
+        values_bf16_n(G - g0 < GB ? G - g0 : GB, st.acc + g0, pw + g0, vp16, n, D);
+      continue;
+    }
+#endif
     for (int64_t g0 = 0; g0 < G; g0 += GB) values_n<V>(G - g0 < GB ? G - g0 : GB, st.acc + g0, pv + g0, vp, n, D);
   }
+#ifdef IR_BF16_DOT
+  if (dot)
+    for (int64_t g = 0; g < G; ++g) unpermute(st.acc[g], D);
+#endif
 }
 
 // out[b, h's query heads] = acc / l (0 for a sequence without keys)

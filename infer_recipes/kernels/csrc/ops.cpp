@@ -14,8 +14,9 @@
 namespace {
 
 // The instruction sets with kernels, best first, and the one in use: the best this CPU runs, unless use_isa()
-// picked a lower one (tests run every set the CPU has).
-enum class Isa { none, avx2, avx512 };
+// picked a lower one (tests run every set the CPU has). avx512bf16 is avx512 plus AVX512-BF16, which only the
+// decode attention over a bfloat16 pool uses (attention_avx512bf16.cpp); the rest runs the avx512 kernels.
+enum class Isa { none, avx2, avx512, avx512bf16 };
 
 Isa best_isa() {
   static const Isa isa = [] {  // read once
@@ -25,38 +26,44 @@ Isa best_isa() {
     const bool avx512 = avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
                         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
                         __builtin_cpu_supports("avx512vnni");
-    return avx512 ? Isa::avx512 : avx2 ? Isa::avx2 : Isa::none;
+    const bool bf16 = avx512 && __builtin_cpu_supports("avx512bf16");
+    return bf16 ? Isa::avx512bf16 : avx512 ? Isa::avx512 : avx2 ? Isa::avx2 : Isa::none;
   }();
   return isa;
 }
 
 Isa current = best_isa();
 
-const char* isa_name(Isa isa) { return isa == Isa::avx512 ? "avx512-vnni" : isa == Isa::avx2 ? "avx2" : "none"; }
+const char* isa_name(Isa isa) {
+  return isa == Isa::avx512bf16 ? "avx512-bf16"
+         : isa == Isa::avx512   ? "avx512-vnni"
+         : isa == Isa::avx2     ? "avx2"
+                                : "none";
+}
 
 std::vector<std::string> isas() {  // those this CPU runs, best first
   std::vector<std::string> out;
-  for (Isa isa : {Isa::avx512, Isa::avx2})
+  for (Isa isa : {Isa::avx512bf16, Isa::avx512, Isa::avx2})
     if (best_isa() >= isa) out.emplace_back(isa_name(isa));
   return out;
 }
 
 void use_isa(const std::string& name) {
-  for (Isa isa : {Isa::avx512, Isa::avx2})
+  for (Isa isa : {Isa::avx512bf16, Isa::avx512, Isa::avx2})
     if (name == isa_name(isa)) {
       TORCH_CHECK(best_isa() >= isa, "this CPU does not run ", name);
       current = isa;
       return;
     }
-  TORCH_CHECK(false, "unknown instruction set ", name, " (avx512-vnni or avx2)");
+  TORCH_CHECK(false, "unknown instruction set ", name, " (avx512-bf16, avx512-vnni or avx2)");
 }
 
 bool cpu_ok() { return current != Isa::none; }
 #define CHECK_CPU() TORCH_CHECK(cpu_ok(), "this CPU lacks AVX2 with FMA and F16C, which the native kernels need")
 
-const ir::Qgemv& qgemv() { return current == Isa::avx512 ? ir::qgemv_avx512 : ir::qgemv_avx2; }
+const ir::Qgemv& qgemv() { return current >= Isa::avx512 ? ir::qgemv_avx512 : ir::qgemv_avx2; }
 const ir::Elementwise& elementwise() {
-  return current == Isa::avx512 ? ir::elementwise_avx512 : ir::elementwise_avx2;
+  return current >= Isa::avx512 ? ir::elementwise_avx512 : ir::elementwise_avx2;
 }
 
 struct Activations {
@@ -193,10 +200,11 @@ void decode_attention(const torch::Tensor& q, const torch::Tensor& k_cache, cons
   const int64_t* len = lens.data_ptr<int64_t>();
   const int64_t max_len = *std::max_element(len, len + B);
   TORCH_CHECK(max_len <= a.blocks_per_row * a.block_size, "a length exceeds its block table");
-  const ir::DecodeAttention fn = current == Isa::avx512 ? (int8 ? ir::decode_attention_int8_avx512
-                                                                : ir::decode_attention_avx512)
-                                                         : (int8 ? ir::decode_attention_int8_avx2
-                                                                 : ir::decode_attention_avx2);
+  const ir::DecodeAttention fn = current < Isa::avx512 ? (int8 ? ir::decode_attention_int8_avx2
+                                                               : ir::decode_attention_avx2)
+                                 : int8 ? ir::decode_attention_int8_avx512
+                                 : current == Isa::avx512bf16 ? ir::decode_attention_avx512bf16
+                                                              : ir::decode_attention_avx512;
   // fewer (sequence, K/V head) pairs than ~4 per thread (a batch of one: 2 or 3 pairs on 2 threads), and long
   // enough: each pair's keys split into ranges of at least 128 keys, merged after (`splits` > 0: that many)
   const int64_t pairs = B * Hkv, want = 4 * at::get_num_threads();
