@@ -134,13 +134,17 @@ def paired_ratios(reference: dict, candidate: dict, objective: str) -> list[floa
     return [seconds(r) / seconds(c) for r, c in zip(reference["runs"], candidate["runs"])]
 
 
-def fastest(rows: list[dict], budget_pct: float, objective: str) -> dict:
-    """The timed row within the budget with the highest speed ratio to float32."""
-    key = f"{objective}_vs_float32"
+def _timed_within(rows: list[dict], budget_pct: float, key: str) -> list[dict]:
     fits = [r for r in rows if r.get(key) is not None and r["perplexity_change_pct"] <= budget_pct]
     if not fits:
         raise InferRecipesError("no configuration was timed within the budget, not even float32")
-    return max(fits, key=lambda r: r[key])
+    return fits
+
+
+def fastest(rows: list[dict], budget_pct: float, objective: str) -> dict:
+    """The timed row within the budget with the highest speed ratio to float32."""
+    key = f"{objective}_vs_float32"
+    return max(_timed_within(rows, budget_pct, key), key=lambda r: r[key])
 
 
 def choose(rows: list[dict], budget_pct: float, objective: str) -> dict:
@@ -148,8 +152,8 @@ def choose(rows: list[dict], budget_pct: float, objective: str) -> dict:
     the timing cannot tell from it are as fast: those within TIE of its ratio, and those whose best run pair beat
     its worst. The most accurate of them wins: no accuracy is spent on a gain the runs do not show."""
     key = f"{objective}_vs_float32"
-    fits = [r for r in rows if r.get(key) is not None and r["perplexity_change_pct"] <= budget_pct]
-    best = fastest(rows, budget_pct, objective)
+    fits = _timed_within(rows, budget_pct, key)
+    best = max(fits, key=lambda r: r[key])
     floor = min(best.get(f"{key}_runs") or [best[key]])
     tied = [r for r in fits if r[key] >= best[key] * (1 - TIE) or max(r.get(f"{key}_runs") or [r[key]]) >= floor]
     return min(tied, key=lambda r: r["perplexity_change_pct"])
