@@ -54,7 +54,8 @@ def cmd_tune(args) -> int:
     os.makedirs(os.path.dirname(out), exist_ok=True)
     settings = Settings(args.accuracy_budget, args.data, args.tokens, args.window, args.window // 2,
                         batch=args.batch, input_len=args.input_len,
-                        output_len=args.output_len, runs=args.runs, objective=args.objective, device=args.device)
+                        output_len=args.output_len, runs=args.runs, objective=args.objective, device=args.device,
+                        check_data=args.check_data)
     result = tune(args.model, settings, args.calibrate, os.path.dirname(out), progress=_progress(),
                   log=lambda line: print(line, file=sys.stderr))
     name = f"{result['source']}/{os.path.splitext(os.path.basename(out))[0]}"
@@ -101,7 +102,12 @@ def register(sub) -> None:
                    help="the perplexity increase over float32 allowed, in percent (e.g. 1)")
     t.add_argument("--data", required=True, metavar="FILE",
                    help="the held-in text the perplexity is measured on (re-measure the result on other text)")
-    t.add_argument("--tokens", type=int, default=4096, help="tokens of --data scored per configuration")
+    t.add_argument("--check-data", default=None, metavar="FILE",
+                   help="a second text, unlike --data: the chosen configuration is scored on it too and, over the "
+                   "budget there, set aside and the choice made again (catches a calibration that fits one kind of "
+                   "text only)")
+    t.add_argument("--tokens", type=int, default=4096, help="tokens of --data (and --check-data) scored per "
+                   "configuration")
     t.add_argument("--window", type=int, default=1024, help="tokens per scored window (each advances by half)")
     t.add_argument("--calibrate", default=None, metavar="FILE",
                    help="also make and try calibrated w8a8 and int4 checkpoints (SmoothQuant / activation-aware) "

@@ -11,7 +11,11 @@
    (A B A B), so the drift of a shared machine hits both: decode and prefill tokens/s at the batch asked for, and
    each one's ratio to float32: the median over run pairs. Candidates over the budget are not timed.
 4. The highest ratio for the objective wins, or the most accurate of those the runs cannot tell from it (float32
-   itself when nothing else qualifies); `recipe_text` writes its recipe with the whole table as comments.
+   itself when nothing else qualifies).
+5. With a check text, the chosen row is scored again on it against float32 (the first `tokens` tokens of that
+   text); over the budget there, it is set aside and the choice made again, until one holds (float32 always does):
+   a calibrated checkpoint can fit the held-in text's kind of text and not another's.
+`recipe_text` writes the chosen recipe with the whole table as comments.
 """
 from __future__ import annotations
 
@@ -62,6 +66,7 @@ class Settings:
     warmup: int = 1
     objective: str = "decode"
     device: str = "auto"
+    check_data: str | None = None  # a second text the chosen row must also stay within the budget on
 
     def check(self) -> None:
         if not (self.budget_pct >= 0 and math.isfinite(self.budget_pct)):
@@ -79,6 +84,11 @@ class Settings:
         if self.objective not in OBJECTIVES:
             raise InferRecipesError(f"--objective: choose {' or '.join(OBJECTIVES)}, not {self.objective!r}")
         read_text(self.data)
+        if self.check_data is not None:
+            read_text(self.check_data)
+            if os.path.realpath(self.check_data) == os.path.realpath(self.data):
+                raise InferRecipesError("--check-data and --data are the same file: check on a second text, or the "
+                                        "check repeats the held-in score")
 
 
 def candidates(model: str, source_kind: str, half_dtypes: tuple[str, ...],
@@ -135,7 +145,8 @@ def paired_ratios(reference: dict, candidate: dict, objective: str) -> list[floa
 
 
 def _timed_within(rows: list[dict], budget_pct: float, key: str) -> list[dict]:
-    fits = [r for r in rows if r.get(key) is not None and r["perplexity_change_pct"] <= budget_pct]
+    fits = [r for r in rows if r.get(key) is not None and r["perplexity_change_pct"] <= budget_pct
+            and r.get("check_perplexity_change_pct", 0.0) <= budget_pct]
     if not fits:
         raise InferRecipesError("no configuration was timed within the budget, not even float32")
     return fits
@@ -157,6 +168,26 @@ def choose(rows: list[dict], budget_pct: float, objective: str) -> dict:
     floor = min(best.get(f"{key}_runs") or [best[key]])
     tied = [r for r in fits if r[key] >= best[key] * (1 - TIE) or max(r.get(f"{key}_runs") or [r[key]]) >= floor]
     return min(tied, key=lambda r: r["perplexity_change_pct"])
+
+
+def checked_choice(rows: list[dict], budget_pct: float, objective: str, check) -> dict:
+    """choose(), each choice scored by `check(row)` on the check text (it sets the row's
+    check_perplexity_change_pct); one over the budget there drops out of the choice (_timed_within), which is
+    made again. Ends: each round either holds or removes a row, and float32 holds (its change is 0)."""
+    while True:
+        row = choose(rows, budget_pct, objective)
+        if "check_perplexity_change_pct" not in row:
+            check(row)
+        if row["check_perplexity_change_pct"] <= budget_pct:
+            return row
+
+
+def _check_forms(row: dict) -> list[Candidate]:
+    """What a row is checked as: itself, and for int4-w8a8 its int4 decode form too (the worse counts)."""
+    own = Candidate(row["config"], row["model"], row["options"])
+    if row["options"].get("quantization") != "int4-w8a8":
+        return [own]
+    return [own, Candidate(f"{row['config']} (int4 form)", row["model"], {**row["options"], "quantization": "int4"})]
 
 
 def _prompts(text: str, data: str, tokenizer, length: int, count: int) -> list[list[int]]:
@@ -186,6 +217,9 @@ def tune(model: str, settings: Settings, calibrate: str | None = None, calibrate
         if os.path.realpath(calibrate) == os.path.realpath(settings.data):
             raise InferRecipesError("--calibrate and --data are the same file: calibrate on other text, or the "
                                     "calibrated rows would be scored on what they were fitted to")
+        if settings.check_data and os.path.realpath(calibrate) == os.path.realpath(settings.check_data):
+            raise InferRecipesError("--calibrate and --check-data are the same file: check on a text the calibration "
+                                    "did not see")
         for scheme in CALIBRATED:
             out = os.path.join(calibrated_dir or ".", f"{source.name}-{scheme}-calibrated")
             gptq = scheme == "int4"  # int4 is rounded by GPTQ after its scaling
@@ -260,11 +294,45 @@ def tune(model: str, settings: Settings, calibrate: str | None = None, calibrate
     for name, k in OBJECTIVES.items():  # float32's own speed: the median over every window it ran in
         ref[k] = statistics.median(t[k] for t in ref.get("timings", [])) if ref.get("timings") else None
         ref[f"{name}_vs_float32"] = 1.0
-    chosen = choose(rows, settings.budget_pct, settings.objective)
+    if settings.check_data:
+        check_ids = tokenizer.encode(read_text(settings.check_data))[:settings.tokens]
+        if len(check_ids) < 2:
+            raise InferRecipesError(f"{settings.check_data} has fewer than 2 tokens: give a longer check text")
+        check_ref = {}
+
+        def check(row: dict) -> None:
+            """Scores `row` (every form of it; the worse counts) and, the first time, float32 on the check text."""
+            if not check_ref:
+                check_ref["ppl"], check_ref["picks"] = score(reference.llm, check_ids, settings.window,
+                                                             settings.stride, progress, "float32 on the check text")
+                rows[0].update(check_perplexity=check_ref["ppl"], check_perplexity_change_pct=0.0,
+                               check_top1_agreement=1.0)
+            if row is rows[0]:
+                return
+            worst = None
+            for form in _check_forms(row):
+                engine = load(form)
+                ppl, picks = score(engine.llm, check_ids, settings.window, settings.stride, progress,
+                                   f"{form.label} on the check text")
+                del engine
+                release_memory()
+                if worst is None or ppl > worst[0]:
+                    worst = (ppl, (picks == check_ref["picks"]).float().mean().item())
+            row.update(check_perplexity=worst[0], check_perplexity_change_pct=100 * (worst[0] / check_ref["ppl"] - 1),
+                       check_top1_agreement=worst[1])
+            holds = row["check_perplexity_change_pct"] <= settings.budget_pct
+            log(f"{row['config']} on {settings.check_data}: perplexity {worst[0]:.3f} "
+                f"({row['check_perplexity_change_pct']:+.2f} % against float32's {check_ref['ppl']:.3f}): "
+                + ("holds" if holds else f"over the {settings.budget_pct:g} % budget, choosing again"))
+
+        chosen = checked_choice(rows, settings.budget_pct, settings.objective, check)
+    else:
+        check_ids, chosen = [], choose(rows, settings.budget_pct, settings.objective)
     return {"model": model, "source": source.name, "device": device.type, "budget_pct": settings.budget_pct,
             "objective": settings.objective, "data": settings.data, "tokens": len(ids), "batch": settings.batch,
             "input_len": settings.input_len, "output_len": settings.output_len, "runs": settings.runs,
-            "calibrate": calibrate, "rows": rows, "chosen": chosen["config"],
+            "calibrate": calibrate, "check_data": settings.check_data, "check_tokens": len(check_ids),
+            "rows": rows, "chosen": chosen["config"],
             "fastest": fastest(rows, settings.budget_pct, settings.objective)["config"],
             "seconds": time.perf_counter() - start}
 
@@ -291,19 +359,27 @@ def _line(row: dict, budget: float) -> str:
 
 
 def table(result: dict) -> list[str]:
-    """The markdown table of every row, the chosen one marked."""
-    lines = ["| config | perplexity | change | top-1 agreement | decode tok/s | x float32 | prefill tok/s | "
-             "x float32 | weight MB / step |", "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    """The markdown table of every row, the chosen one marked; with a check text, a column of the rows scored on it."""
+    checked = bool(result.get("check_data"))
+    extra = " check change |" if checked else ""
+    lines = ["| config | perplexity | change |" + extra + " top-1 agreement | decode tok/s | x float32 | "
+             "prefill tok/s | x float32 | weight MB / step |",
+             "| --- | ---: | ---: |" + " ---: |" * checked + " ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in result["rows"]:
         if "skipped" in r:
-            lines.append(f"| {r['config']} | not here: {r['skipped'][:80]} | | | | | | | |")
+            lines.append(f"| {r['config']} | not here: {r['skipped'][:80]} | |" + " |" * checked + " | | | | | |")
             continue
 
         def num(k: str, fmt: str) -> str:
             return format(r[k], fmt) if r.get(k) is not None else "not timed"
         mark = " (chosen)" if r["config"] == result["chosen"] else ""
         mark += f" [scored as {r['scored_as']}]" if r.get("scored_as") else ""
-        lines.append(f"| {r['config']}{mark} | {r['perplexity']:.3f} | {r['perplexity_change_pct']:+.2f} % | "
+        check = ""
+        if checked:
+            change = r.get("check_perplexity_change_pct")
+            check = " |" if change is None else \
+                f" {change:+.2f} %{' (over)' if change > result['budget_pct'] else ''} |"
+        lines.append(f"| {r['config']}{mark} | {r['perplexity']:.3f} | {r['perplexity_change_pct']:+.2f} % |{check} "
                      f"{r['top1_agreement']:.3f} | {num('decode_tokens_per_s', '.1f')} | "
                      f"{num('decode_vs_float32', '.2f')} | {num('prefill_tokens_per_s', '.1f')} | "
                      f"{num('prefill_vs_float32', '.2f')} | {r['weight_bytes_per_decode_step'] / 1e6:.1f} |")
@@ -313,10 +389,18 @@ def table(result: dict) -> list[str]:
 def why(result: dict) -> str:
     """One line on why the chosen row won: it was the fastest, or the most accurate of those tied with it."""
     within = f"within +{result['budget_pct']:g} % perplexity"
+    if result.get("check_data"):
+        within += " on both texts"
     if result["chosen"] == result.get("fastest", result["chosen"]):
-        return f"chosen: {result['chosen']} (the fastest {result['objective']} {within})"
-    return (f"chosen: {result['chosen']} (the most accurate of the configurations {within} whose "
-            f"{result['objective']} speed the timed runs cannot tell from the fastest, {result['fastest']})")
+        line = f"chosen: {result['chosen']} (the fastest {result['objective']} {within})"
+    else:
+        line = (f"chosen: {result['chosen']} (the most accurate of the configurations {within} whose "
+                f"{result['objective']} speed the timed runs cannot tell from the fastest, {result['fastest']})")
+    over = [r for r in result["rows"] if r.get("check_perplexity_change_pct", 0.0) > result["budget_pct"]]
+    if over:
+        line += (f"; over the budget on {os.path.basename(result['check_data'])}, so set aside: "
+                 + ", ".join(f"{r['config']} ({r['check_perplexity_change_pct']:+.2f} %)" for r in over))
+    return line
 
 
 def recipe_text(result: dict, name: str) -> str:
@@ -330,7 +414,9 @@ def recipe_text(result: dict, name: str) -> str:
     doc = {"name": name,
            "description": f"Chosen by `infer-recipes tune` ({result['objective']} speed at batch {result['batch']}, "
                           f"{result['input_len']}-token prompts, within +{result['budget_pct']:g} % perplexity of "
-                          f"float32 on {result['tokens']} tokens of {os.path.basename(result['data'])}): "
+                          f"float32 on {result['tokens']} tokens of {os.path.basename(result['data'])}"
+                          + (f" and {result['check_tokens']} of {os.path.basename(result['check_data'])}"
+                             if result.get("check_data") else "") + "): "
                           f"{row['config']}.",
            "model": {"name": row["model"], "dtype": options.pop("dtype", "float32"), "device": result["device"]}}
     if row["model"] == result["model"]:  # a calibrated checkpoint runs in its own scheme: nothing to state
@@ -339,7 +425,8 @@ def recipe_text(result: dict, name: str) -> str:
         doc["optimization"] = optimization
     doc["scheduler"] = {"max_batch_size": max(result["batch"], 8)}
     header = [f"# infer-recipes tune --model {result['model']} --accuracy-budget {result['budget_pct']:g} "
-              f"--data {result['data']} --batch {result['batch']}",
+              f"--data {result['data']} --batch {result['batch']}"
+              + (f" --check-data {result['check_data']}" if result.get("check_data") else ""),
               f"# every configuration tried on this host ({result['seconds']:.0f} s); decode and prefill timed "
               f"against float32, alternating, {result['runs']} runs each:", "#"]
     text = "\n".join(header + [f"# {line}" for line in table(result)]) + "\n" + \

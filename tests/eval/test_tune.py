@@ -11,7 +11,8 @@ from infer_recipes import LLM
 from infer_recipes.cli import main
 from infer_recipes.errors import InferRecipesError
 from infer_recipes.eval.perplexity import perplexity
-from infer_recipes.eval.tune import Settings, _decode_form, choose, fastest, recipe_text, table, tune, why
+from infer_recipes.eval.tune import (Settings, _check_forms, _decode_form, checked_choice, choose, fastest, recipe_text,
+                                     table, tune, why)
 from infer_recipes.recipe import load_recipe, parse_recipe
 
 
@@ -64,6 +65,38 @@ def test_the_chosen_line_says_whether_it_was_the_fastest_or_tied_with_it():
     assert why(result) == "chosen: w8a8 (the fastest decode within +1 % perplexity)"
 
 
+def test_a_choice_over_the_budget_on_the_check_text_is_set_aside_and_the_choice_made_again():
+    rows = [_row("float32", 0.0, 1.0, options={"dtype": "float32"}), _row("int4 calibrated", 0.9, 3.0),
+            _row("gguf", 0.2, 2.6), _row("int8", 0.4, 2.0), _row("over", 1.5, 4.0)]
+    on_check = {"float32": 0.0, "int4 calibrated": 1.7, "gguf": 0.3, "int8": 0.5}
+    checked = []
+
+    def check(row):
+        checked.append(row["config"])
+        row["check_perplexity_change_pct"] = on_check[row["config"]]
+
+    assert checked_choice(rows, 1.0, "decode", check)["config"] == "gguf"
+    assert checked == ["int4 calibrated", "gguf"]  # only the rows chosen are scored again; "over" never is
+    result = {**_result("gguf", rows), "check_data": "/data/check.txt", "check_tokens": 4096,
+              "fastest": fastest(rows, 1.0, "decode")["config"]}
+    assert result["fastest"] == "gguf"  # the row set aside is out of the fastest as well
+    assert why(result) == ("chosen: gguf (the fastest decode within +1 % perplexity on both texts); over the budget "
+                           "on check.txt, so set aside: int4 calibrated (+1.70 %)")
+    lines = table(result)
+    assert lines[0].startswith("| config | perplexity | change | check change | top-1")
+    assert "| int4 calibrated | 10.090 | +0.90 % | +1.70 % (over) | 0.990 |" in lines[3]
+    assert "| int8 | 10.040 | +0.40 % | |" in lines[5]  # not chosen, so not checked
+    # every row over the budget there: float32 holds (it is the reference) and is chosen
+    on_check.update(gguf=1.2, int8=1.1)
+    rows = [{k: v for k, v in r.items() if not k.startswith("check_")} for r in rows]
+    checked.clear()
+    assert checked_choice(rows, 1.0, "decode", check)["config"] == "float32"
+    assert checked == ["int4 calibrated", "gguf", "int8", "float32"]
+    # int4-w8a8 scores a text in its w8a8 form and decodes in int4: both are checked
+    forms = _check_forms(_row("int4-w8a8", 0.5, 2.0))
+    assert [f.options["quantization"] for f in forms] == ["int4-w8a8", "int4"]
+
+
 def _result(chosen, rows):
     return {"model": "m", "source": "m", "device": "cpu", "budget_pct": 1.0, "objective": "decode",
             "data": "held.txt", "tokens": 4096, "batch": 1, "input_len": 256, "output_len": 64, "runs": 3,
@@ -98,6 +131,13 @@ def test_bad_settings_are_refused_before_any_load(tmp_path):
         tune("synthetic:tiny-llama3", Settings(1, str(tmp_path / "missing.txt")))
     with pytest.raises(InferRecipesError, match="same file"):
         tune("synthetic:tiny-llama3", Settings(1, wiki), calibrate=wiki)
+    ptb = str(data_path("ptb/ptb.valid.txt"))
+    with pytest.raises(InferRecipesError, match="--check-data and --data are the same file"):
+        tune("synthetic:tiny-llama3", Settings(1, wiki, check_data=wiki))
+    with pytest.raises(InferRecipesError, match="--calibrate and --check-data are the same file"):
+        tune("synthetic:tiny-llama3", Settings(1, wiki, check_data=ptb), calibrate=ptb)
+    with pytest.raises(InferRecipesError, match="not found"):
+        tune("synthetic:tiny-llama3", Settings(1, wiki, check_data=str(tmp_path / "missing.txt")))
     assert main(["tune", "--model", "synthetic:tiny-llama3", "--accuracy-budget", "1", "--data", wiki,
                  "--out", str(tmp_path)]) == 2  # a directory, not a recipe file
 
@@ -107,7 +147,8 @@ def test_tune_writes_the_recipe_of_its_choice_and_its_perplexities_are_eval_perp
     out = tmp_path / "tuned.yaml"
     assert main(["tune", "--model", "synthetic:tiny-llama3", "--accuracy-budget", "0.05", "--data", wiki,
                  "--tokens", "300", "--window", "128", "--runs", "1", "--input-len", "16", "--output-len", "4",
-                 "--threads", "1", "--out", str(out), "--json"]) == 0
+                 "--threads", "1", "--check-data", str(data_path("ptb/ptb.valid.txt")), "--out", str(out),
+                 "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
     rows = {r["config"]: r for r in result["rows"]}
     assert rows["float32"]["perplexity_change_pct"] == 0 and rows["float32"]["top1_agreement"] == 1
@@ -115,6 +156,9 @@ def test_tune_writes_the_recipe_of_its_choice_and_its_perplexities_are_eval_perp
         assert (r.get("decode_vs_float32") is not None) == (r["perplexity_change_pct"] <= 0.05), r["config"]
     assert "int8 + int8 KV" in rows or rows["int8"]["perplexity_change_pct"] > 0.05
     chosen = rows[result["chosen"]]
+    assert chosen["check_perplexity_change_pct"] <= 0.05  # held on the check text too
+    assert all(r["check_perplexity_change_pct"] > 0.05 for r in rows.values()
+               if "check_perplexity" in r and r is not chosen and r["config"] != "float32")  # the others were set aside
     recipe = load_recipe(str(out))
     assert recipe.model == chosen["model"]
     for key, value in {"dtype": "float32", "quantization": None, **chosen["options"]}.items():
@@ -125,26 +169,42 @@ def test_tune_writes_the_recipe_of_its_choice_and_its_perplexities_are_eval_perp
     assert measured == pytest.approx(rows["int8"]["perplexity"], rel=1e-5)
 
 
-def test_a_candidate_failing_while_timed_costs_its_row_not_the_run(monkeypatch):
+def test_a_candidate_failing_while_timed_costs_its_row_not_the_run_and_the_choice_is_checked(monkeypatch):
     """A failure while a candidate is scored or timed (here: int8's timing, forced) is that row's "not here",
-    with its reason; the others are measured and the choice made among them."""
+    with its reason; the others are measured and the choice made among them. With a check text, the row chosen
+    (here int4 first, forced, as the speed ratios of a tiny model are a coin toss) is scored on it by the real
+    model: its perplexity there is `eval perplexity`'s, as is float32's."""
     from infer_recipes.bench.engines import Unsupported
     from infer_recipes.eval import tune as tune_module
 
-    real_race = tune_module.race
+    real_race, real_choose = tune_module.race, tune_module.choose
 
     def race(reference, engine, *args, **kwargs):
         if engine.spec.label == "int8":
             raise Unsupported("int8 cannot be timed here")
         return real_race(reference, engine, *args, **kwargs)
 
+    def choose(rows, budget_pct, objective):
+        fits = tune_module._timed_within(rows, budget_pct, f"{objective}_vs_float32")
+        return next((r for r in fits if r["config"] == "int4"), None) or real_choose(rows, budget_pct, objective)
+
     monkeypatch.setattr(tune_module, "race", race)
+    monkeypatch.setattr(tune_module, "choose", choose)
+    ptb = str(data_path("ptb/ptb.valid.txt"))
     settings = Settings(budget_pct=100.0, data=str(data_path("wikitext2/wiki.valid.tokens")), tokens=200, window=64,
-                        runs=1, input_len=8, output_len=2, device="cpu")
+                        runs=1, input_len=8, output_len=2, device="cpu", check_data=ptb)
     result = tune("synthetic:tiny-llama3", settings, progress=False, log=lambda line: None)
     rows = {r["config"]: r for r in result["rows"]}
     assert rows["int8"] == {"config": "int8", "model": "synthetic:tiny-llama3", "options": {"quantization": "int8"},
                             "skipped": "failed while measured: Unsupported: int8 cannot be timed here"}
     assert rows["int8 + int8 KV"]["decode_vs_float32"] is not None  # queued before the failure, measured after it
-    assert result["chosen"] != "int8" and rows[result["chosen"]]["decode_vs_float32"] is not None
     assert any(line.startswith("| int8 | not here: failed while measured") for line in table(result))
+    assert result["chosen"] == "int4" and result["check_tokens"] == 200
+    assert [r["config"] for r in result["rows"] if "check_perplexity" in r] == ["float32", "int4"]
+    for config, options in (("float32", {"dtype": "float32"}), ("int4", {"quantization": "int4"})):
+        llm = LLM("synthetic:tiny-llama3", max_model_len=1024, progress=False, **options)
+        measured = perplexity(llm, ptb, 200, window=64, stride=32, progress=False)["perplexity"]
+        assert measured == pytest.approx(rows[config]["check_perplexity"], rel=1e-5), config
+    change = 100 * (rows["int4"]["check_perplexity"] / rows["float32"]["check_perplexity"] - 1)
+    assert rows["int4"]["check_perplexity_change_pct"] == pytest.approx(change)
+    assert "--check-data " + ptb in recipe_text(result, "m/tuned")
