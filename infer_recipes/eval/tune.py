@@ -35,7 +35,7 @@ from ..bench.engines import EngineSpec, Timing, build
 from ..bench.latency import WARMUP_TOKENS, Cell, summarize
 from ..bench.prompts import PromptSet
 from ..errors import InferRecipesError
-from .perplexity import fitted, read_text, scored
+from .perplexity import fitted, read_text, scored, token_ids
 
 OBJECTIVES = {"decode": "decode_tokens_per_s", "prefill": "prefill_tokens_per_s"}
 SCHEMES = ("int8", "w8a8", "int4", "int4-w8a8")
@@ -190,6 +190,13 @@ def _check_forms(row: dict) -> list[Candidate]:
     return [own, Candidate(f"{row['config']} (int4 form)", row["model"], {**row["options"], "quantization": "int4"})]
 
 
+def _scorable(ids: list[int], path: str, what: str) -> list[int]:
+    """The tokens a text is scored on, refused when there is nothing to predict (a perplexity needs 2)."""
+    if len(ids) < 2:
+        raise InferRecipesError(f"{path} has fewer than 2 tokens: give a longer {what} text")
+    return ids
+
+
 def _prompts(text: str, data: str, tokenizer, length: int, count: int) -> list[list[int]]:
     """`count` prompts of `length` tokens cut from the held-in text (its paragraphs, or its lines)."""
     parts = [p.strip() for p in text.split("\n\n") if p.strip()]
@@ -240,9 +247,9 @@ def tune(model: str, settings: Settings, calibrate: str | None = None, calibrate
     reference = load(Candidate("float32", model, {"dtype": "float32"}))
     tokenizer = reference.tokenizer
     text = read_text(settings.data)
-    ids = tokenizer.encode(text)[:settings.tokens]
-    if len(ids) < 2:
-        raise InferRecipesError(f"{settings.data} has fewer than 2 tokens: give a longer held-in text")
+    ids = _scorable(tokenizer.encode(text)[:settings.tokens], settings.data, "held-in")
+    check_ids = _scorable(token_ids(reference.llm, settings.check_data, settings.tokens), settings.check_data,
+                          "check") if settings.check_data else []  # refused now, not after every candidate ran
     prompts = _prompts(text, settings.data, tokenizer, settings.input_len, settings.batch)
     ref_ppl, ref_picks = score(reference.llm, ids, settings.window, settings.stride, progress, "float32")
     rows = [{"config": "float32", "model": model, "options": {"dtype": "float32"}, "perplexity": ref_ppl,
@@ -295,9 +302,6 @@ def tune(model: str, settings: Settings, calibrate: str | None = None, calibrate
         ref[k] = statistics.median(t[k] for t in ref.get("timings", [])) if ref.get("timings") else None
         ref[f"{name}_vs_float32"] = 1.0
     if settings.check_data:
-        check_ids = tokenizer.encode(read_text(settings.check_data))[:settings.tokens]
-        if len(check_ids) < 2:
-            raise InferRecipesError(f"{settings.check_data} has fewer than 2 tokens: give a longer check text")
         check_ref = {}
 
         def check(row: dict) -> None:
@@ -309,25 +313,25 @@ def tune(model: str, settings: Settings, calibrate: str | None = None, calibrate
                                check_top1_agreement=1.0)
             if row is rows[0]:
                 return
-            worst = None
+            scores = []  # (perplexity, top-1 agreement) of each form
             for form in _check_forms(row):
                 engine = load(form)
                 ppl, picks = score(engine.llm, check_ids, settings.window, settings.stride, progress,
                                    f"{form.label} on the check text")
+                scores.append((ppl, (picks == check_ref["picks"]).float().mean().item()))
                 del engine
                 release_memory()
-                if worst is None or ppl > worst[0]:
-                    worst = (ppl, (picks == check_ref["picks"]).float().mean().item())
-            row.update(check_perplexity=worst[0], check_perplexity_change_pct=100 * (worst[0] / check_ref["ppl"] - 1),
-                       check_top1_agreement=worst[1])
+            ppl, agreement = max(scores)  # the worse form
+            row.update(check_perplexity=ppl, check_perplexity_change_pct=100 * (ppl / check_ref["ppl"] - 1),
+                       check_top1_agreement=agreement)
             holds = row["check_perplexity_change_pct"] <= settings.budget_pct
-            log(f"{row['config']} on {settings.check_data}: perplexity {worst[0]:.3f} "
+            log(f"{row['config']} on {settings.check_data}: perplexity {ppl:.3f} "
                 f"({row['check_perplexity_change_pct']:+.2f} % against float32's {check_ref['ppl']:.3f}): "
                 + ("holds" if holds else f"over the {settings.budget_pct:g} % budget, choosing again"))
 
         chosen = checked_choice(rows, settings.budget_pct, settings.objective, check)
     else:
-        check_ids, chosen = [], choose(rows, settings.budget_pct, settings.objective)
+        chosen = choose(rows, settings.budget_pct, settings.objective)
     return {"model": model, "source": source.name, "device": device.type, "budget_pct": settings.budget_pct,
             "objective": settings.objective, "data": settings.data, "tokens": len(ids), "batch": settings.batch,
             "input_len": settings.input_len, "output_len": settings.output_len, "runs": settings.runs,
