@@ -10,7 +10,10 @@ context length for the rotary tables), the torch version and CPU capability (the
 torch's own), and this format's version. A file that cannot be read back is deleted and the model converted again.
 
 It lives under `$INFER_RECIPES_CACHE/converted` (default `~/.cache/infer-recipes/converted`), about the size of the
-quantized weights per variant; `INFER_RECIPES_CONVERTED_CACHE=0` turns it off. The files are pickles: like any
+quantized weights per variant; `INFER_RECIPES_CONVERTED_CACHE=0` turns it off. Every change of code, switches or
+checkpoint is a new key, so the directory is bounded: `INFER_RECIPES_CONVERTED_CACHE_GB` (default 20) caps it, the
+least recently used files go first (a load that hits marks its file used), and a write never leaves the disk with
+less than 256 MiB free; what does not fit is not saved, and the load says why. The files are pickles: like any
 cache of ours, the directory must be the user's own.
 """
 from __future__ import annotations
@@ -19,8 +22,10 @@ import functools
 import hashlib
 import json
 import os
+import shutil
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -30,6 +35,9 @@ from ..config import cache_dir
 from ..models.llama import LlamaForCausalLM
 
 FORMAT = 1
+DEFAULT_BUDGET_GB = 20.0
+DISK_RESERVE = 256 << 20  # bytes a write leaves free on the disk
+STALE_PARTIAL_SECONDS = 3600  # a half-written file this old was left by a writer that died
 
 
 def _files(location: str) -> list[Path]:
@@ -81,6 +89,7 @@ def load(path: Path | None) -> LlamaForCausalLM | None:
         if not isinstance(model, LlamaForCausalLM):
             raise TypeError(f"holds a {type(model).__name__}")
         model.from_cache = True
+        os.utime(path)  # used now: the least recently used files are evicted first
     except Exception as e:  # truncated, written by another version, ...: convert again
         print(f"converted-weights cache {path} is unreadable ({type(e).__name__}: {e}); converting again",
               file=sys.stderr)
@@ -89,14 +98,75 @@ def load(path: Path | None) -> LlamaForCausalLM | None:
     return model.eval()
 
 
+def budget() -> int:
+    """The cache's cap in bytes, from INFER_RECIPES_CONVERTED_CACHE_GB (a bad value is named, and the default used)."""
+    raw = os.environ.get("INFER_RECIPES_CONVERTED_CACHE_GB", "")
+    try:
+        gb = float(raw) if raw else DEFAULT_BUDGET_GB
+        if not gb >= 0:
+            raise ValueError
+    except ValueError:
+        print(f"INFER_RECIPES_CONVERTED_CACHE_GB={raw!r} is not a number of GB (>= 0); using {DEFAULT_BUDGET_GB:g}",
+              file=sys.stderr)
+        gb = DEFAULT_BUDGET_GB
+    return int(gb * (1 << 30))
+
+
+def model_bytes(model: torch.nn.Module) -> int:
+    """About what `torch.save` writes for the model: its tensors' storages, each once."""
+    seen = {}
+    for t in [*model.parameters(), *model.buffers()]:
+        storage = t.untyped_storage()
+        seen[storage.data_ptr()] = storage.nbytes()
+    return sum(seen.values())
+
+
+def make_room(folder: Path, need: int, cap: int, free: int, now: float | None = None) -> str | None:
+    """Evicts the least recently used files of `folder` until a file of `need` bytes fits both the cache's cap and
+    the disk's `free` bytes (less the reserve); None when it fits, else why not (nothing is evicted then). Half-written
+    files older than an hour (a writer that died) go first."""
+    now = time.time() if now is None else now
+    entries = []
+    for f in folder.glob("*"):
+        try:
+            st = f.stat()
+        except OSError:
+            continue
+        if f.suffix == ".partial":
+            if now - st.st_mtime > STALE_PARTIAL_SECONDS:
+                f.unlink(missing_ok=True)
+                free += st.st_size
+        elif f.suffix == ".pt":
+            entries.append((st.st_mtime, st.st_size, f))
+    held = sum(size for _, size, _ in entries)
+    if need > cap:
+        return f"the model's {need / 2**30:.2f} GB exceed the cache's cap of {cap / 2**30:.2f} GB " \
+               "(INFER_RECIPES_CONVERTED_CACHE_GB)"
+    if need > free + held - DISK_RESERVE:
+        return f"the disk has {free / 2**30:.2f} GB free and the model needs {need / 2**30:.2f} GB"
+    for _, size, f in sorted(entries, key=lambda e: e[0]):
+        if held + need <= cap and need <= free - DISK_RESERVE:
+            break
+        f.unlink(missing_ok=True)
+        held -= size
+        free += size
+    return None
+
+
 def save(path: Path | None, model: LlamaForCausalLM) -> None:
-    """Writes the converted model (atomically: a reader never sees half a file). Failing to write (a full disk, a
-    read-only cache) costs only the next load's conversion, so it is reported, not raised."""
+    """Writes the converted model (atomically: a reader never sees half a file), first evicting the least recently
+    used files that stand in its way. Not saving (no room, a read-only cache) costs only the next load's
+    conversion, so it is reported, not raised."""
     if path is None:
         return
     tmp = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
+        why = make_room(path.parent, model_bytes(model), budget(), shutil.disk_usage(path.parent).free)
+        if why:
+            print(f"converted weights not cached in {path.parent}: {why}; the next load converts again",
+                  file=sys.stderr)
+            return
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".partial")
         with os.fdopen(fd, "wb") as f:
             torch.save(model, f)
