@@ -59,6 +59,22 @@ def test_prefix_caching_stays_exact_on_an_int8_pool(smollm):
     assert stats["prefix_cache_hits"] > 0 and stats["kv_blocks_free"] == stats["kv_blocks_total"]
 
 
+@pytest.mark.parametrize("dtype", [torch.int8, torch.bfloat16])
+def test_every_pool_tensor_starts_on_a_huge_page_boundary(dtype):
+    """So every block's rows start on a cache line (numpy's own arrays start 16 bytes past a page, which put each
+    64-byte int8 row across two lines), and the pool is zeros of exactly its shape."""
+    from infer_recipes.runner.kv_cache import ALIGN, KVCache
+
+    cache = KVCache(num_layers=2, num_blocks=37, block_size=16, num_kv_heads=3, head_dim=64, dtype=dtype,
+                    device=torch.device("cpu"))
+    tensors = [t for layer in cache.layers for t in layer]
+    assert len(tensors) == (8 if dtype == torch.int8 else 4)
+    for t in tensors:
+        assert t.data_ptr() % ALIGN == 0 and t.is_contiguous() and t.shape[:3] == (37, 3, 16)
+        assert not t.any()
+    assert cache.nbytes() == sum(t.numel() * t.element_size() for t in tensors)
+
+
 def test_the_int8_pool_counts_its_real_bytes_everywhere():
     """A byte per element and a float32 scale per token and head: (D + 4) / 4D of float32's pool, in the pool
     itself, per token, in the planner and in the engine's sizing of the pool from a memory fraction."""
