@@ -15,6 +15,11 @@ this EPYC's 32 MB L3, which keeps lines read more than once against a single sca
 
 compares two of the kernels' instruction sets instead (`use_isa` switched before each call), the second against
 the first: on a CPU with AVX512-BF16, a bfloat16 pool's dot products in bfloat16 against widening it to float32.
+
+    python benchmarks/attention.py --pool int8 --dtypes bfloat16 --batches 1 16 --lens 512
+
+reads an int8 pool (`kv_cache_dtype: int8`: a float32 scale per token and head beside the rows) instead of one in
+the query's dtype; the rate then counts the scales' bytes too.
 """
 from __future__ import annotations
 
@@ -25,7 +30,7 @@ import time
 import torch
 
 from infer_recipes import kernels
-from infer_recipes.layers.attention import _blockwise_decode
+from infer_recipes.layers.attention import _blockwise_decode, quantize_kv
 
 SHAPES = {"smollm2": (9, 3, 64), "qwen0.5b": (14, 2, 64), "qwen1.5b": (12, 2, 128)}  # H, H_kv, D
 BLOCK = 16
@@ -40,6 +45,8 @@ def main() -> None:
     p.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
     p.add_argument("--stream-mb", type=int, default=300, help="MB read before each call, to evict the caches")
     p.add_argument("--isas", nargs=2, metavar=("A", "B"), help="two instruction sets of ours instead of torch and ours")
+    p.add_argument("--pool", choices=["auto", "int8"], default="auto",
+                   help="the pool's dtype: the query's (auto) or int8 with its scales")
     args = p.parse_args()
     if not kernels.available():
         raise SystemExit(f"the native kernels do not run here: {kernels.reason()}")
@@ -59,15 +66,18 @@ def main() -> None:
             for B in args.batches:
                 for L in args.lens:
                     nb = -(-L // BLOCK)
-                    k = torch.randn(nb * B, Hkv, BLOCK, D).to(dtype)
-                    v = torch.randn(nb * B, Hkv, BLOCK, D).to(dtype)
+                    if args.pool == "int8":
+                        (k, ks), (v, vs) = (quantize_kv(torch.randn(nb * B, Hkv, BLOCK, D)) for _ in range(2))
+                    else:
+                        k, v = (torch.randn(nb * B, Hkv, BLOCK, D).to(dtype) for _ in range(2))
+                        ks = vs = None
                     blocks = torch.randperm(nb * B)
                     lens = torch.full((B,), L)
                     mask = (torch.arange(nb * BLOCK)[None] < lens[:, None]).view(B, 1, 1, -1)
                     q = torch.randn(B, H, D).to(dtype)
                     out = torch.empty_like(q)
-                    calls = {"torch": lambda: _blockwise_decode(q, k, v, blocks, mask, D ** -0.5),
-                             "native": lambda: ext.decode_attention(q, k, v, blocks, lens, D ** -0.5, out)}
+                    calls = {"torch": lambda: _blockwise_decode(q, k, v, blocks, mask, D ** -0.5, ks, vs),
+                             "native": lambda: ext.decode_attention(q, k, v, blocks, lens, D ** -0.5, out, ks, vs)}
                     if args.isas:  # the same call, the instruction set switched before it
                         calls = dict.fromkeys(args.isas, calls["native"])
                     times = {n: [] for n in calls}
@@ -80,8 +90,10 @@ def main() -> None:
                             f()
                             times[n].append(time.perf_counter() - start)
                     t, nt = (statistics.median(times[n]) for n in names)
-                    gbs = 2 * k.element_size() * B * L * Hkv * D / nt / 1e9
-                    print(f"| {name} | {str(dtype)[6:]} | {B} | {L} | {t * 1e6:.0f} | {nt * 1e6:.0f} | {t / nt:.2f}x "
+                    row_bytes = k.element_size() * D + (4 if ks is not None else 0)
+                    gbs = 2 * row_bytes * B * L * Hkv / nt / 1e9
+                    kind = ("int8 pool, " if ks is not None else "") + str(dtype)[6:]
+                    print(f"| {name} | {kind} | {B} | {L} | {t * 1e6:.0f} | {nt * 1e6:.0f} | {t / nt:.2f}x "
                           f"| {gbs:.1f} |", flush=True)
 
 

@@ -279,7 +279,8 @@ def test_decode_attention_reads_paged_blocks_in_place(H, Hkv, D, dtype, bs, atte
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_decode_attention_reads_an_int8_pool_in_place(H, Hkv, D, dtype, attention_isa):
     """An int8 pool (a float32 scale per token and head) against the torch path over the same pool, which
-    dequantizes the blocks it gathers, whole and split-K; and the kernel refuses a pool without its scales."""
+    dequantizes the blocks it gathers, whole and split-K; a bfloat16 query within a bfloat16 step of the float32
+    query's result; and the kernel refuses a pool without its scales."""
     from infer_recipes.layers.attention import _blockwise_decode, quantize_kv
 
     g = torch.Generator().manual_seed(H * D + 1)
@@ -299,6 +300,14 @@ def test_decode_attention_reads_an_int8_pool_in_place(H, Hkv, D, dtype, attentio
         kernels.native().decode_attention(q, k_cache, v_cache, blocks.view(-1), lens, D ** -0.5, out, k_scale,
                                           v_scale, splits)
         assert torch.allclose(out.double(), ref, atol=tol, rtol=tol), f"splits={splits}"
+    if dtype == torch.bfloat16:
+        # a bfloat16 query's integer dot products (AVX512-VNNI: q in two int8 levels, the value weights in 16 bits)
+        # against the float32 path with the same query: within one bfloat16 step of each output and 1e-4 of the
+        # largest (measured: 4e-5 of it beyond the step, where outputs near 0 come from cancelling values)
+        exact = torch.empty(q.shape)
+        kernels.native().decode_attention(q.float(), k_cache, v_cache, blocks.view(-1), lens, D ** -0.5, exact,
+                                          k_scale, v_scale)
+        assert ((out.float() - exact).abs() <= exact.abs() * 2 ** -8 + 1e-4 * exact.abs().max()).all()
     with pytest.raises(RuntimeError, match="needs its scales"):
         kernels.native().decode_attention(q, k_cache, v_cache, blocks.view(-1), lens, D ** -0.5, out)
 

@@ -16,6 +16,14 @@
 // rounded to bfloat16 and two keys' rows interleaved, so one instruction adds 32 products and no row is widened
 // to float32 first (scores_bf16, values_bf16). The rounded weights move an output by about one bfloat16 step, the
 // precision a bfloat16 model's output has anyway.
+//
+// attention_avx512.cpp compiles it with IR_VNNI_DOT (AVX512-VNNI, on every CPU our AVX-512 kernels run on): there
+// an int8 pool read by a bfloat16 query takes integer dot products, 64 products an instruction, instead of widening
+// every key and value to float32 (which left the int8 pool no faster than a bfloat16 one at batch 16: arithmetic,
+// not its halved bytes, set its time). Scores: q in two int8 levels (q / s = hi + lo / 254, s = max|q| / 127: 14
+// bits, finer than q's own bfloat16), sixteen keys' rows transposed so each lane is one key (scores_vnni). Values:
+// the chunk's weights as 16-bit fractions of their largest, in two bytes, four keys' rows interleaved so each lane
+// is one element (values_vnni). A float32 query keeps the float32 path (exact to float32 rounding).
 #pragma once
 #include <cmath>
 #include <cstring>
@@ -212,6 +220,175 @@ inline void scores_bf16_n(int64_t ng, const uint16_t (*qb)[MAX_D], const uint16_
 }
 #endif
 
+#ifdef IR_VNNI_DOT
+// t[c] := the c-th 32-bit word of the rows t[0..15] (a 16 x 16 transpose of 32-bit words)
+inline void transpose16(__m512i (&t)[16]) {
+  __m512i u[16];
+  for (int i = 0; i < 16; i += 2) {
+    u[i] = _mm512_unpacklo_epi32(t[i], t[i + 1]);
+    u[i + 1] = _mm512_unpackhi_epi32(t[i], t[i + 1]);
+  }
+  // v[4R + k]'s 128-bit lane L: word 4L + k of rows 4R..4R+3
+  __m512i v[16];
+  for (int R = 0; R < 4; ++R) {
+    const __m512i *lo = u + 4 * R, *hi = u + 4 * R + 2;
+    v[4 * R] = _mm512_unpacklo_epi64(lo[0], hi[0]);
+    v[4 * R + 1] = _mm512_unpackhi_epi64(lo[0], hi[0]);
+    v[4 * R + 2] = _mm512_unpacklo_epi64(lo[1], hi[1]);
+    v[4 * R + 3] = _mm512_unpackhi_epi64(lo[1], hi[1]);
+  }
+  for (int k = 0; k < 4; ++k) {  // the 128-bit lanes of v[k], v[4 + k], v[8 + k], v[12 + k] transposed
+    const __m512i a = _mm512_shuffle_i32x4(v[k], v[4 + k], 0x44), b = _mm512_shuffle_i32x4(v[k], v[4 + k], 0xEE);
+    const __m512i c = _mm512_shuffle_i32x4(v[8 + k], v[12 + k], 0x44), d = _mm512_shuffle_i32x4(v[8 + k], v[12 + k], 0xEE);
+    t[k] = _mm512_shuffle_i32x4(a, c, 0x88);
+    t[4 + k] = _mm512_shuffle_i32x4(a, c, 0xDD);
+    t[8 + k] = _mm512_shuffle_i32x4(b, d, 0x88);
+    t[12 + k] = _mm512_shuffle_i32x4(b, d, 0xDD);
+  }
+}
+
+// a query head in two int8 levels: q ~ s (hi + lo / 254), with 128 times each level's sum (the unsigned keys' offset)
+struct QuantizedQuery {
+  alignas(64) int8_t hi[MAX_G][MAX_D], lo[MAX_G][MAX_D];
+  float s[MAX_G];  // s / 254
+  int32_t hi_sum[MAX_G], lo_sum[MAX_G];
+};
+
+inline void quantize_query(const float (*qf)[MAX_D], int64_t G, int64_t D, QuantizedQuery& qq) {
+  for (int64_t g = 0; g < G; ++g) {
+    __m512 m = _mm512_setzero_ps();
+    for (int64_t d = 0; d < D; d += 16) m = _mm512_max_ps(m, _mm512_abs_ps(_mm512_loadu_ps(qf[g] + d)));
+    const float amax = _mm512_reduce_max_ps(m), s = amax > 0 ? amax / 127 : 1.0f;
+    const __m512 inv = _mm512_set1_ps(1.0f / s);
+    __m512i hs = _mm512_setzero_si512(), ls = _mm512_setzero_si512();
+    for (int64_t d = 0; d < D; d += 16) {
+      const __m512 x = _mm512_mul_ps(_mm512_loadu_ps(qf[g] + d), inv);
+      const __m512i h = _mm512_cvtps_epi32(x);  // [-127, 127]
+      const __m512i l = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_sub_ps(x, _mm512_cvtepi32_ps(h)), _mm512_set1_ps(254)));
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(qq.hi[g] + d), _mm512_cvtsepi32_epi8(h));
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(qq.lo[g] + d), _mm512_cvtsepi32_epi8(l));
+      hs = _mm512_add_epi32(hs, h);
+      ls = _mm512_add_epi32(ls, l);
+    }
+    qq.s[g] = s / 254;
+    qq.hi_sum[g] = 128 * _mm512_reduce_add_epi32(hs);
+    qq.lo_sum[g] = 128 * _mm512_reduce_add_epi32(ls);
+  }
+}
+
+// scores() for an int8 pool with AVX512-VNNI: sc[i][j] = q_i . k_j * ks[j] for NG query heads (from g0 of qq) and
+// the n (<= 16) keys kp, D a multiple of 64. The keys as unsigned bytes (k + 128, exact: the pool holds -127..127),
+// sixteen rows transposed so one VNNI instruction adds four products for each of the sixteen keys; the offset
+// comes off as 128 times q's sum.
+template <int NG>
+inline void scores_vnni(const QuantizedQuery& qq, int64_t g0, const int8_t* const* kp, const float* ks, int64_t n,
+                        int64_t D, float (*sc)[16]) {
+  __m512i ah[NG], al[NG];
+  for (int i = 0; i < NG; ++i) ah[i] = al[i] = _mm512_setzero_si512();
+  const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80));
+  for (int64_t d0 = 0; d0 < D; d0 += 64) {
+    __m512i t[16];
+    for (int r = 0; r < 16; ++r)  // rows past the last key: any row (their lanes are dropped after)
+      t[r] = _mm512_xor_si512(_mm512_loadu_si512(kp[r < n ? r : n - 1] + d0), flip);
+    transpose16(t);
+    for (int c = 0; c < 16; ++c)
+      for (int i = 0; i < NG; ++i) {
+        int32_t h, l;
+        std::memcpy(&h, qq.hi[g0 + i] + d0 + 4 * c, 4);
+        std::memcpy(&l, qq.lo[g0 + i] + d0 + 4 * c, 4);
+        ah[i] = _mm512_dpbusd_epi32(ah[i], t[c], _mm512_set1_epi32(h));
+        al[i] = _mm512_dpbusd_epi32(al[i], t[c], _mm512_set1_epi32(l));
+      }
+  }
+  const __m512 scale = _mm512_loadu_ps(ks);
+  for (int i = 0; i < NG; ++i) {
+    const __m512 h = _mm512_cvtepi32_ps(_mm512_sub_epi32(ah[i], _mm512_set1_epi32(qq.hi_sum[g0 + i])));
+    const __m512 l = _mm512_cvtepi32_ps(_mm512_sub_epi32(al[i], _mm512_set1_epi32(qq.lo_sum[g0 + i])));
+    const __m512 dot = _mm512_fmadd_ps(h, _mm512_set1_ps(254), l);
+    _mm512_storeu_ps(sc[i], _mm512_mul_ps(_mm512_mul_ps(dot, _mm512_set1_ps(qq.s[g0 + i])), scale));
+  }
+}
+
+inline void scores_vnni_n(int64_t ng, const QuantizedQuery& qq, int64_t g0, const int8_t* const* kp,
+                          const float* ks, int64_t n, int64_t D, float (*sc)[16]) {
+  switch (ng) {
+    case 1: return scores_vnni<1>(qq, g0, kp, ks, n, D, sc);
+    case 2: return scores_vnni<2>(qq, g0, kp, ks, n, D, sc);
+    case 3: return scores_vnni<3>(qq, g0, kp, ks, n, D, sc);
+    default: return scores_vnni<GB>(qq, g0, kp, ks, n, D, sc);
+  }
+}
+
+// a chunk's value weights (>= 0, 16 a head) as 16-bit fractions of their largest w = ws (hi 256 + lo)
+inline void quantize_weights(const float* pv, uint8_t* hi, uint8_t* lo, float& ws) {
+  const __m512 w = _mm512_loadu_ps(pv);
+  const float wmax = _mm512_reduce_max_ps(w);
+  ws = wmax / 65535;
+  const __m512i q = wmax > 0 ? _mm512_cvtps_epi32(_mm512_mul_ps(w, _mm512_set1_ps(65535 / wmax)))
+                             : _mm512_setzero_si512();
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(hi), _mm512_cvtepi32_epi8(_mm512_srli_epi32(q, 8)));
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(lo), _mm512_cvtepi32_epi8(_mm512_and_si512(q, _mm512_set1_epi32(255))));
+}
+
+// values() for an int8 pool with AVX512-VNNI: acc[i] += ws_i sum_j (hi_ij 256 + lo_ij) v_j for NG heads, n a
+// multiple of 4 (the caller repeats the last row, weight 0). Four rows' bytes interleaved so each 32-bit lane
+// holds one element of four keys; acc is kept in the order that leaves (per 64 elements, a 4 x 4 transpose of
+// groups of 4), which unpermute_vnni() restores once the keys are read. 16 keys at most: the sums stay in int32.
+template <int NG>
+inline void values_vnni(float (*acc)[MAX_D], const uint8_t (*hi)[16], const uint8_t (*lo)[16], const float* ws,
+                        const int8_t* const* vp, int64_t n, int64_t D) {
+  for (int64_t d0 = 0; d0 < D; d0 += 64) {
+    __m512i rh[NG][4], rl[NG][4];
+    for (int i = 0; i < NG; ++i)
+      for (int c = 0; c < 4; ++c) rh[i][c] = rl[i][c] = _mm512_setzero_si512();
+    for (int64_t j = 0; j < n; j += 4) {
+      const __m512i a0 = _mm512_loadu_si512(vp[j] + d0), a1 = _mm512_loadu_si512(vp[j + 1] + d0);
+      const __m512i a2 = _mm512_loadu_si512(vp[j + 2] + d0), a3 = _mm512_loadu_si512(vp[j + 3] + d0);
+      const __m512i t0 = _mm512_unpacklo_epi8(a0, a1), t1 = _mm512_unpackhi_epi8(a0, a1);
+      const __m512i t2 = _mm512_unpacklo_epi8(a2, a3), t3 = _mm512_unpackhi_epi8(a2, a3);
+      const __m512i u[4] = {_mm512_unpacklo_epi16(t0, t2), _mm512_unpackhi_epi16(t0, t2),
+                            _mm512_unpacklo_epi16(t1, t3), _mm512_unpackhi_epi16(t1, t3)};
+      for (int i = 0; i < NG; ++i) {
+        int32_t h, l;
+        std::memcpy(&h, hi[i] + j, 4);
+        std::memcpy(&l, lo[i] + j, 4);
+        const __m512i wh = _mm512_set1_epi32(h), wl = _mm512_set1_epi32(l);
+        for (int c = 0; c < 4; ++c) {
+          rh[i][c] = _mm512_dpbusd_epi32(rh[i][c], wh, u[c]);
+          rl[i][c] = _mm512_dpbusd_epi32(rl[i][c], wl, u[c]);
+        }
+      }
+    }
+    for (int i = 0; i < NG; ++i)
+      for (int c = 0; c < 4; ++c) {
+        const __m512 x = _mm512_cvtepi32_ps(_mm512_add_epi32(_mm512_slli_epi32(rh[i][c], 8), rl[i][c]));
+        float* a = acc[i] + d0 + 16 * c;
+        _mm512_storeu_ps(a, _mm512_fmadd_ps(x, _mm512_set1_ps(ws[i]), _mm512_loadu_ps(a)));
+      }
+  }
+}
+
+inline void values_vnni_n(int64_t ng, float (*acc)[MAX_D], const uint8_t (*hi)[16], const uint8_t (*lo)[16],
+                          const float* ws, const int8_t* const* vp, int64_t n, int64_t D) {
+  if (ng == 1) return values_vnni<1>(acc, hi, lo, ws, vp, n, D);
+  return values_vnni<2>(acc, hi, lo, ws, vp, n, D);
+}
+
+// acc back from values_vnni's order: element 16 L + 4 c + m of each 64 lies at 16 c + 4 L + m
+inline void unpermute_vnni(float* acc, int64_t D) {
+  for (int64_t d = 0; d < D; d += 64) {
+    const __m512 s0 = _mm512_loadu_ps(acc + d), s1 = _mm512_loadu_ps(acc + d + 16);
+    const __m512 s2 = _mm512_loadu_ps(acc + d + 32), s3 = _mm512_loadu_ps(acc + d + 48);
+    const __m512 a = _mm512_shuffle_f32x4(s0, s1, 0x44), b = _mm512_shuffle_f32x4(s0, s1, 0xEE);
+    const __m512 c = _mm512_shuffle_f32x4(s2, s3, 0x44), e = _mm512_shuffle_f32x4(s2, s3, 0xEE);
+    _mm512_storeu_ps(acc + d, _mm512_shuffle_f32x4(a, c, 0x88));
+    _mm512_storeu_ps(acc + d + 16, _mm512_shuffle_f32x4(a, c, 0xDD));
+    _mm512_storeu_ps(acc + d + 32, _mm512_shuffle_f32x4(b, e, 0x88));
+    _mm512_storeu_ps(acc + d + 48, _mm512_shuffle_f32x4(b, e, 0xDD));
+  }
+}
+#endif
+
 template <typename V, typename C>
 inline void values_n(int64_t ng, float (*acc)[MAX_D], const float (*pv)[V::N], const C* const* vp, int64_t n,
                      int64_t D) {
@@ -250,6 +427,16 @@ void attend(const AttentionArgs& a, int64_t b, int64_t h, int64_t p0, int64_t p1
     st.m[g] = -INFINITY;
     st.l[g] = 0.0f;
   }
+#ifdef IR_VNNI_DOT
+  // an int8 pool read by a bfloat16 query on a CPU with AVX512-VNNI: integer dot products (scores_vnni,
+  // values_vnni)
+  constexpr bool pool8 = std::is_same_v<C, int8_t> && std::is_same_v<T, uint16_t>;
+  const bool vnni = pool8 && D % 64 == 0;
+  QuantizedQuery qq;
+  alignas(64) uint8_t wh[pool8 ? MAX_G : 1][16], wl[pool8 ? MAX_G : 1][16];
+  float ws[MAX_G];
+  if (vnni) quantize_query(qf, G, D, qq);
+#endif
   const C* kp[L];
   const C* vp[L];
 #ifdef IR_BF16_DOT
@@ -268,9 +455,14 @@ void attend(const AttentionArgs& a, int64_t b, int64_t h, int64_t p0, int64_t p1
     const int64_t n = p1 - c0 < L ? p1 - c0 : L;
     // the next chunk's rows asked for now, into L2: a block's rows for one head are a few KB, and the hardware
     // prefetcher stops at each (cold from memory, as in a decode step that streamed the weights before, this reads
-    // K and V as fast as torch's own sum over the same blocks)
+    // K and V as fast as torch's own sum over the same blocks). An int8 pool's scales first: a line holds a block's,
+    // and without them each chunk waited on two lines from memory (a batch-16 call over 512 keys 1.4x slower)
     for (int64_t j = 0, p = c0 + n; j < L && p < p1; ++j, ++p) {
       const int64_t row = (table[p / bs] * a.Hkv + h) * bs + p % bs;
+      if (a.k_scale && (j == 0 || p % bs == 0)) {
+        __builtin_prefetch(a.k_scale + row, 0, 1);
+        __builtin_prefetch(a.v_scale + row, 0, 1);
+      }
       for (int64_t byte = 0; byte < row_bytes; byte += 64) {
         __builtin_prefetch(reinterpret_cast<const char*>(kc + row * D) + byte, 0, 1);
         __builtin_prefetch(reinterpret_cast<const char*>(vc + row * D) + byte, 0, 1);
@@ -291,6 +483,13 @@ void attend(const AttentionArgs& a, int64_t b, int64_t h, int64_t p0, int64_t p1
     if (dot)
       for (int64_t g0 = 0; g0 < G; g0 += GB)
         scores_bf16_n(G - g0 < GB ? G - g0 : GB, qb + g0, kp16, a.scale, n, D, sc + g0);
+    else
+#endif
+#ifdef IR_VNNI_DOT
+    if (vnni)
+      for (int64_t g0 = 0; g0 < G; g0 += GB)
+        scores_vnni_n(G - g0 < GB ? G - g0 : GB, qq, g0, reinterpret_cast<const int8_t* const*>(kp), ks, n, D,
+                      sc + g0);
     else
 #endif
     for (int64_t g0 = 0; g0 < G; g0 += GB) scores_n<V>(G - g0 < GB ? G - g0 : GB, qf + g0, kp, ks, n, D, sc + g0);
@@ -318,11 +517,26 @@ void attend(const AttentionArgs& a, int64_t b, int64_t h, int64_t p0, int64_t p1
       continue;
     }
 #endif
+#ifdef IR_VNNI_DOT
+    if (vnni) {
+      for (int64_t g = 0; g < G; ++g) quantize_weights(pv[g], wh[g], wl[g], ws[g]);
+      const int8_t** vp8 = reinterpret_cast<const int8_t**>(vp);
+      const int64_t n4 = (n + 3) / 4 * 4;
+      for (int64_t j = n; j < n4; ++j) vp8[j] = vp8[n - 1];  // rows to make up four: weight 0
+      for (int64_t g0 = 0; g0 < G; g0 += 2)
+        values_vnni_n(G - g0 < 2 ? G - g0 : 2, st.acc + g0, wh + g0, wl + g0, ws + g0, vp8, n4, D);
+      continue;
+    }
+#endif
     for (int64_t g0 = 0; g0 < G; g0 += GB) values_n<V>(G - g0 < GB ? G - g0 : GB, st.acc + g0, pv + g0, vp, n, D);
   }
 #ifdef IR_BF16_DOT
   if (dot)
     for (int64_t g = 0; g < G; ++g) unpermute(st.acc[g], D);
+#endif
+#ifdef IR_VNNI_DOT
+  if (vnni)
+    for (int64_t g = 0; g < G; ++g) unpermute_vnni(st.acc[g], D);
 #endif
 }
 
