@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 import os
+import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -25,6 +26,26 @@ def cache_dir() -> Path:
     """Where our caches live (assembled models, converted weights, built kernels): $INFER_RECIPES_CACHE, by default
     ~/.cache/infer-recipes."""
     return Path(os.environ.get("INFER_RECIPES_CACHE") or Path.home() / ".cache" / "infer-recipes")
+
+
+STALE_PARTIAL_SECONDS = 3600  # a half-written cache file untouched this long was left by a writer that died
+
+
+def remove_stale_partials(folder: Path, prefix: str = "", now: float | None = None) -> int:
+    """Removes `folder`'s `prefix*.partial` files (our caches' half-written files) that no one has written for an
+    hour: a killed writer's leftovers, up to a model's size each. Returns the bytes freed. A live writer's file is
+    younger, and kept."""
+    now = time.time() if now is None else now
+    freed = 0
+    for f in folder.glob(f"{prefix}*.partial"):
+        try:
+            st = f.stat()
+            if now - st.st_mtime > STALE_PARTIAL_SECONDS:
+                f.unlink()
+                freed += st.st_size
+        except OSError:
+            continue
+    return freed
 
 
 class ConfigError(InferRecipesError, ValueError):

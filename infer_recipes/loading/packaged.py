@@ -17,7 +17,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from ..config import cache_dir
+from ..config import cache_dir, remove_stale_partials
 from ..errors import ModelSourceError
 
 CHUNK = 8 << 20
@@ -127,6 +127,7 @@ def _verified(target: Path, spec: SplitGGUF) -> bool:
 def _assemble(parts: list[Path], target: Path, spec: SplitGGUF, progress: bool) -> None:
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_partials(target.parent, target.name + ".")  # a killed assembly's, as large as the file
         fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=target.name + ".", suffix=".partial")
     except OSError as e:
         raise ModelSourceError(f"cannot write the model cache at {target.parent} ({e.strerror}): set "

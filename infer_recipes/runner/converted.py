@@ -25,19 +25,17 @@ import os
 import shutil
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 
 from .. import kernels
-from ..config import cache_dir
+from ..config import cache_dir, remove_stale_partials
 from ..models.llama import LlamaForCausalLM
 
 FORMAT = 1
 DEFAULT_BUDGET_GB = 20.0
 DISK_RESERVE = 256 << 20  # bytes a write leaves free on the disk
-STALE_PARTIAL_SECONDS = 3600  # a half-written file this old was left by a writer that died
 
 
 def _files(location: str) -> list[Path]:
@@ -123,21 +121,16 @@ def model_bytes(model: torch.nn.Module) -> int:
 
 def make_room(folder: Path, need: int, cap: int, free: int, now: float | None = None) -> str | None:
     """Evicts the least recently used files of `folder` until a file of `need` bytes fits both the cache's cap and
-    the disk's `free` bytes (less the reserve); None when it fits, else why not (nothing is evicted then). Half-written
-    files older than an hour (a writer that died) go first."""
-    now = time.time() if now is None else now
+    the disk's `free` bytes (less the reserve); None when it fits, else why not (nothing is evicted then). A dead
+    writer's half-written files go first (`remove_stale_partials`)."""
+    free += remove_stale_partials(folder, now=now)
     entries = []
-    for f in folder.glob("*"):
+    for f in folder.glob("*.pt"):
         try:
             st = f.stat()
         except OSError:
             continue
-        if f.suffix == ".partial":
-            if now - st.st_mtime > STALE_PARTIAL_SECONDS:
-                f.unlink(missing_ok=True)
-                free += st.st_size
-        elif f.suffix == ".pt":
-            entries.append((st.st_mtime, st.st_size, f))
+        entries.append((st.st_mtime, st.st_size, f))
     held = sum(size for _, size, _ in entries)
     if need > cap:
         return f"the model's {need / 2**30:.2f} GB exceed the cache's cap of {cap / 2**30:.2f} GB " \

@@ -54,6 +54,25 @@ def test_a_corrupt_cache_is_rebuilt(split):
     assert open(spec.path(progress=False), "rb").read() == payload
 
 
+def test_a_killed_assemblys_partial_file_is_removed_a_live_ones_kept(split):
+    """A process killed while assembling leaves `<file>.<random>.partial`, as large as the model: the next assembly
+    removes one no one has written for an hour, and leaves a younger one (another process may be writing it)."""
+    from infer_recipes.config import STALE_PARTIAL_SECONDS, cache_dir
+
+    spec, payload, _ = split
+    folder = cache_dir() / "models"
+    folder.mkdir(parents=True)
+    dead, live, other = (folder / f"{spec.filename}.dead.partial", folder / f"{spec.filename}.live.partial",
+                         folder / "another.gguf.x.partial")
+    for f in (dead, live, other):
+        f.write_bytes(b"x" * 1000)
+    old = time.time() - 2 * STALE_PARTIAL_SECONDS
+    os.utime(dead, (old, old))
+    os.utime(other, (old, old))
+    assert open(spec.path(progress=False), "rb").read() == payload
+    assert not dead.exists() and live.exists() and other.exists()  # another file's leftovers are its own business
+
+
 def test_a_missing_part_names_the_install_line(split):
     spec, _, site = split
     import shutil

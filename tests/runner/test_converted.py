@@ -9,6 +9,7 @@ import torch
 
 from conftest import smollm2_gguf
 from infer_recipes import LLM
+from infer_recipes.config import STALE_PARTIAL_SECONDS
 from infer_recipes.runner import converted
 
 
@@ -100,7 +101,7 @@ def test_what_cannot_fit_evicts_nothing_and_says_why(tmp_path):
 
 
 def test_a_dead_writers_partial_file_is_removed_a_live_ones_kept(tmp_path):
-    now = _files(tmp_path, [("x.pt.1.partial", 10, 2 * converted.STALE_PARTIAL_SECONDS),
+    now = _files(tmp_path, [("x.pt.1.partial", 10, 2 * STALE_PARTIAL_SECONDS),
                             ("y.pt.2.partial", 10, 60)])
     assert converted.make_room(tmp_path, 1, 1000, 1 << 40, now) is None
     assert [f.name for f in tmp_path.iterdir()] == ["y.pt.2.partial"]
