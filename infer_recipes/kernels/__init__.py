@@ -3,7 +3,8 @@ quantized to int8 per block on the fly and integer dot products (AVX-512 VNNI, o
 llama.cpp reaches the memory roof; paged decode attention and the small fused operations of a decoder layer.
 Each kernel is written once over a vector type (`csrc/*_impl.h`; the integer dot products once per set) and
 compiled for AVX-512 and for AVX2 (decode attention over a bfloat16 pool also for AVX-512 with BF16, whose dot
-products take bfloat16 pairs as they are); the extension runs the best set this CPU has (`isa()`).
+products take bfloat16 pairs as they are; over an int8 pool with VNNI, integer dot products); the extension runs
+the best set this CPU has (`isa()`).
 
 The extension is built just in time, at first use, against the installed torch (`torch.utils.cpp_extension`,
 gcc and ninja), and cached under `$INFER_RECIPES_CACHE/kernels/` by a key naming the sources, the torch version
