@@ -8,7 +8,9 @@ the best set this CPU has (`isa()`).
 
 The extension is built just in time, at first use, against the installed torch (`torch.utils.cpp_extension`,
 gcc and ninja), and cached under `$INFER_RECIPES_CACHE/kernels/` by a key naming the sources, the torch version
-and the flags, so every later process only loads it. `native()` returns the module, or None when it cannot run
+and the flags, so every later process only loads it. A build marks its folder used each time it is loaded; a new
+build removes all but the KEEP_BUILDS most recently used others (~10 MB each; one per source change or torch
+version), except one another process is building. `native()` returns the module, or None when it cannot run
 here (a CPU without AVX2, a failed build); `reason()` then says why in one line, and the callers keep
 torch's kernels. The engine's `kernels` switch (native | torch) decides whether the callers ask at all.
 """
@@ -31,6 +33,7 @@ SOURCES = ("ops.cpp", "qgemv_avx512.cpp", "attention_avx512.cpp", "attention_avx
 HEADERS = ("convert.h", "qgemv.h", "attention.h", "elementwise.h", "qgemv_impl.h", "attention_impl.h",
            "elementwise_impl.h", "vec.h", "vec8.h", "vec_math.h")
 CFLAGS = ("-O3", "-std=c++17", "-fopenmp")  # OpenMP: ATen's parallel_for is a header template, serial without it
+KEEP_BUILDS = 4  # other builds kept beside the one in use: a few checkouts or torch versions side by side
 _why: list[str] = []
 
 
@@ -50,7 +53,8 @@ def _build():
     name = f"infer_recipes_kernels_{_key()}"
     where = cache_dir() / "kernels" / name
     where.mkdir(parents=True, exist_ok=True)
-    if not any(where.glob(f"{name}*.so")):
+    fresh = not any(where.glob(f"{name}*.so"))
+    if fresh:
         print("building infer-recipes' CPU kernels (once per torch version, about a minute)...", file=sys.stderr)
     csrc = Path(__file__).parent / "csrc"
     # one build at a time, under a lock the kernel drops when its holder dies: torch's own lock file would be
@@ -58,8 +62,36 @@ def _build():
     with open(where / ".build.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         (where / "lock").unlink(missing_ok=True)
-        return cpp_extension.load(name=name, sources=[str(csrc / s) for s in SOURCES], extra_cflags=list(CFLAGS),
-                                  extra_ldflags=["-fopenmp"], build_directory=str(where), verbose=False)
+        module = cpp_extension.load(name=name, sources=[str(csrc / s) for s in SOURCES], extra_cflags=list(CFLAGS),
+                                    extra_ldflags=["-fopenmp"], build_directory=str(where), verbose=False)
+        os.utime(where)  # used now: what prune() keeps
+    if fresh:
+        prune(where.parent, name)
+    return module
+
+
+def prune(folder: Path, current: str, keep: int = KEEP_BUILDS) -> list[str]:
+    """Removes the builds in `folder` (infer_recipes_kernels_* directories) but `current` and the `keep` most
+    recently used others; a build whose lock another process holds (being built, or loaded mid-build) is left
+    alone. A loaded extension's file stays readable to the processes that have it open. Returns the names
+    removed."""
+    def used(d: Path) -> float:
+        try:
+            return d.stat().st_mtime
+        except OSError:
+            return float("inf")  # gone already, or not ours to judge: never picked
+    others = sorted((d for d in folder.glob("infer_recipes_kernels_*") if d.is_dir() and d.name != current),
+                    key=used, reverse=True)
+    removed = []
+    for d in others[keep:]:
+        try:
+            with open(d / ".build.lock", "a") as lock:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                shutil.rmtree(d)
+            removed.append(d.name)
+        except OSError:  # locked by a live build, or not ours to remove
+            continue
+    return removed
 
 
 @functools.cache
