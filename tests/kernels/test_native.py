@@ -314,14 +314,15 @@ def test_decode_attention_reads_an_int8_pool_in_place(H, Hkv, D, dtype, attentio
 
 @needs_native
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_rotary_writes_an_int8_pool_as_quantize_kv_does(dtype, isa):
+@pytest.mark.parametrize("D", [64, 128])
+def test_rotary_writes_an_int8_pool_as_quantize_kv_does(dtype, D, isa):
     """The rotary kernel's int8 write: bit for bit the int8 rows and scales `quantize_kv` makes of the keys it
     rotated (in place, in the activation dtype: close to the torch rotation) and of the values."""
     from infer_recipes.layers.attention import quantize_kv
     from infer_recipes.layers.rotary import RotaryEmbedding, apply_rotary
 
     g = torch.Generator().manual_seed(7)
-    H, Hkv, D, N, bs = 6, 2, 64, 5, 16
+    H, Hkv, N, bs = 6, 2, 5, 16
     cos, sin = RotaryEmbedding(D, 256, 10000.0)(torch.tensor([0, 17, 3, 200, 31]), dtype)
     qkv = torch.randn(N, (H + 2 * Hkv) * D, generator=g).to(dtype)
     k_ref = apply_rotary(qkv[:, H * D:(H + Hkv) * D].reshape(N, Hkv, D), cos, sin)

@@ -2,6 +2,7 @@
 // its instruction set's pragma and vector header, by elementwise_avx512.cpp and elementwise_avx2.cpp, which each
 // compile it for their set. Rows are whole multiples of V::N lanes (ops.cpp checks).
 #pragma once
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 
@@ -60,6 +61,28 @@ void rope_cache_t(T* qkv, int64_t stride, const T* cos, const T* sin, int64_t H,
 }
 
 template <typename V, typename T>
+void store_int8_t(const T* qkv, int64_t stride, int64_t H, int64_t Hkv, int64_t D, int8_t* kc, int8_t* vc,
+                  float* ks, float* vs, const int64_t* slots, int64_t bs, int64_t t0, int64_t t1) {
+  const typename V::F lo = V::set1(-127.0f), hi = V::set1(127.0f);
+  for (int64_t t = t0; t < t1; ++t) {
+    const int64_t block = slots[t] / bs, off = slots[t] % bs;
+    for (int64_t h = 0; h < 2 * Hkv; ++h) {
+      const T* src = qkv + t * stride + (H + h) * D;
+      const bool key = h < Hkv;
+      const int64_t row = (block * Hkv + (key ? h : h - Hkv)) * bs + off;
+      typename V::F amax = V::zero();
+      for (int64_t d = 0; d < D; d += V::N) amax = V::max(amax, V::abs(V::load(src + d)));
+      const float scale = std::max(V::hmax(amax), 1e-12f) / 127.0f;
+      const typename V::F s = V::set1(scale);
+      int8_t* dst = (key ? kc : vc) + row * D;
+      for (int64_t d = 0; d < D; d += V::N)  // a division, as the reference does: x * (1 / s) rounds differently
+        V::store_i8(dst + d, V::round(V::min(hi, V::max(lo, V::div(V::load(src + d), s)))));
+      (key ? ks : vs)[row] = scale;
+    }
+  }
+}
+
+template <typename V, typename T>
 void silu_mul_t(const T* gu, int64_t I, T* y, int64_t r0, int64_t r1) {
   const typename V::F one = V::set1(1.0f);
   for (int64_t r = r0; r < r1; ++r) {
@@ -99,6 +122,18 @@ void rope_cache(void* qkv, int64_t stride, const void* cos, const void* sin, int
 }
 
 template <typename V>
+void store_int8(const void* qkv, int64_t stride, int64_t H, int64_t Hkv, int64_t D, int8_t* k_cache, int8_t* v_cache,
+                float* k_scale, float* v_scale, const int64_t* slots, int64_t block_size, bool bf16, int64_t t0,
+                int64_t t1) {
+  if (bf16)
+    store_int8_t<V>(static_cast<const uint16_t*>(qkv), stride, H, Hkv, D, k_cache, v_cache, k_scale, v_scale, slots,
+                    block_size, t0, t1);
+  else
+    store_int8_t<V>(static_cast<const float*>(qkv), stride, H, Hkv, D, k_cache, v_cache, k_scale, v_scale, slots,
+                    block_size, t0, t1);
+}
+
+template <typename V>
 void silu_mul(const void* gate_up, int64_t I, bool bf16, void* y, int64_t r0, int64_t r1) {
   if (bf16)
     silu_mul_t<V>(static_cast<const uint16_t*>(gate_up), I, static_cast<uint16_t*>(y), r0, r1);
@@ -110,6 +145,6 @@ void silu_mul(const void* gate_up, int64_t I, bool bf16, void* y, int64_t r0, in
 
 // the table of one instruction set: `const Elementwise elementwise_avx2 = elementwise_table<Vec8>;`
 template <typename V>
-constexpr Elementwise elementwise_table = {rms_norm<V>, rope_cache<V>, silu_mul<V>};
+constexpr Elementwise elementwise_table = {rms_norm<V>, rope_cache<V>, store_int8<V>, silu_mul<V>};
 
 }  // namespace ir

@@ -257,30 +257,6 @@ std::vector<torch::Tensor> rms_norm(const torch::Tensor& x, const c10::optional<
   return {y, sum};
 }
 
-// tokens [t0, t1) of a fused qkv output: their keys and values into an int8 pool, each row (token, head) over its
-// absolute maximum / 127 rounded half to even, as quantize_kv in layers/attention.py does (plain C++: a decode
-// step writes a few rows). T: float or c10::BFloat16
-template <typename T>
-void store_int8(const T* qkv, int64_t stride, int64_t H, int64_t Hkv, int64_t D, int8_t* kc, int8_t* vc, float* ks,
-                float* vs, const int64_t* slots, int64_t bs, int64_t t0, int64_t t1) {
-  for (int64_t t = t0; t < t1; ++t) {
-    const int64_t block = slots[t] / bs, off = slots[t] % bs;
-    for (int64_t h = 0; h < 2 * Hkv; ++h) {
-      const T* src = qkv + t * stride + (H + h) * D;
-      const bool key = h < Hkv;
-      const int64_t row = (block * Hkv + (key ? h : h - Hkv)) * bs + off;
-      float amax = 0.0f;
-      for (int64_t d = 0; d < D; ++d) amax = std::max(amax, std::fabs(static_cast<float>(src[d])));
-      const float scale = std::max(amax, 1e-12f) / 127.0f;
-      int8_t* dst = (key ? kc : vc) + row * D;
-      for (int64_t d = 0; d < D; ++d)
-        dst[d] = static_cast<int8_t>(
-            std::min(127.0f, std::max(-127.0f, std::nearbyint(static_cast<float>(src[d]) / scale))));
-      (key ? ks : vs)[row] = scale;
-    }
-  }
-}
-
 // rotates the q and k heads of a fused qkv output in place and writes k, v to their pool slots
 void rope_cache(torch::Tensor& qkv, const torch::Tensor& cos, const torch::Tensor& sin, int64_t H, int64_t Hkv,
                 torch::Tensor& k_cache, torch::Tensor& v_cache, const torch::Tensor& slots,
@@ -311,15 +287,10 @@ void rope_cache(torch::Tensor& qkv, const torch::Tensor& cos, const torch::Tenso
     // an int8 pool: rotated here, written below
     elementwise().rope_cache(p, stride, cos.data_ptr(), sin.data_ptr(), H, Hkv, D, k_cache.data_ptr(),
                              v_cache.data_ptr(), int8 ? nullptr : sl, k_cache.size(2), bf16, t0, t1);
-    if (!int8) return;
-    auto* kc = k_cache.data_ptr<int8_t>();
-    auto* vc = v_cache.data_ptr<int8_t>();
-    float* ks = k_scale->data_ptr<float>();
-    float* vs = v_scale->data_ptr<float>();
-    if (bf16)
-      store_int8(static_cast<const c10::BFloat16*>(p), stride, H, Hkv, D, kc, vc, ks, vs, sl, k_cache.size(2), t0, t1);
-    else
-      store_int8(static_cast<const float*>(p), stride, H, Hkv, D, kc, vc, ks, vs, sl, k_cache.size(2), t0, t1);
+    if (int8)
+      elementwise().store_int8(p, stride, H, Hkv, D, k_cache.data_ptr<int8_t>(), v_cache.data_ptr<int8_t>(),
+                               k_scale->data_ptr<float>(), v_scale->data_ptr<float>(), sl, k_cache.size(2), bf16, t0,
+                               t1);
   });
 }
 
