@@ -92,7 +92,7 @@ def test_int4_kernel_matches_its_math(N, K, group, isa):
     assert torch.equal(q2, q)
     assert torch.allclose(s2, s, rtol=1e-3) and torch.allclose(z2, z, rtol=1e-3, atol=1e-7)  # float16 scales
     bias = torch.randn(N, generator=g)
-    for M in (1, 2, 3, 5, 6, 7, 11, 16):
+    for M in (1, 2, 3, 5, 6, 7, 11, 16, 19):
         x = torch.randn(M, K, generator=g)
         for dtype in (torch.float32, torch.bfloat16):
             xd = x.to(dtype)
@@ -114,7 +114,7 @@ def test_int8_kernel_matches_its_math(N, K, isa):
     ids = torch.tensor([N - 1, 0, N // 2, N - 1])
     assert torch.equal(layout.int8_rows(packed, N, K, ids), q[ids])
     bias = torch.randn(N, generator=g)
-    for M in (1, 4, 6, 9, 16):
+    for M in (1, 4, 6, 9, 16, 19):
         x = torch.randn(M, K, generator=g) * 3
         ref = _quantized_activations(x, 32)[0] @ (q.double() * s.double()[:, None]).t() + bias.double()
         y = kernels.native().int8_linear(x, packed, s_padded, N, bias)

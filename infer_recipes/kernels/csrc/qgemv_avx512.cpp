@@ -108,7 +108,10 @@ void int8_tile(const QuantizedRows& x, int64_t m0, const uint8_t* w, const float
   store_rows<Vec16>(out, scales, bias, y, bf16, m0, N, n0);
 }
 
-constexpr int MAX_MB = 6;  // activation rows per pass over a tile: the accumulators must stay in registers
+// activation rows per pass over a tile: a batch-16 step in one pass, so a tile's weights are unpacked once, not
+// three times (16 accumulators and 16 sums: the 32 registers). Measured against 6 at 16 rows, cold, per call:
+// int4 1.03-1.13x, int8 1.1-1.25x (/tmp scripts over both builds)
+constexpr int MAX_MB = 16;
 
 void int4_tiles(const QuantizedRows& x, const uint8_t* packed, const uint16_t* sz, int64_t group, int64_t N,
                 const float* bias, void* y, bool bf16_out, int64_t t0, int64_t t1) {
