@@ -9,7 +9,7 @@ the best set this CPU has (`isa()`).
 The extension is built just in time, at first use, against the installed torch (`torch.utils.cpp_extension`,
 gcc and ninja), and cached under `$INFER_RECIPES_CACHE/kernels/` by a key naming the sources, the torch version
 and the flags, so every later process only loads it. A build marks its folder used each time it is loaded; a new
-build removes all but the KEEP_BUILDS most recently used others (~10 MB each; one per source change or torch
+build removes all but the KEEP_BUILDS most recently used others (~2 MB each; one per source change or torch
 version), except one another process is building. `native()` returns the module, or None when it cannot run
 here (a CPU without AVX2, a failed build); `reason()` then says why in one line, and the callers keep
 torch's kernels. The engine's `kernels` switch (native | torch) decides whether the callers ask at all.
